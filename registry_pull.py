@@ -1,0 +1,2036 @@
+"""Pull container images from any OCI / Docker registry, with nothing but Python.
+
+registry_pull authenticates the way the registry asks (anonymous, Bearer token or
+Basic), picks the manifest for linux and this machine's architecture (skipping
+attestations), downloads layers concurrently and resumably into a content-addressed
+store, verifies every byte against its digest and records the image in sqlite3.
+
+    python registry_pull.py library/alpine:latest
+    python registry_pull.py --json --platform linux/arm64 ghcr.io/OWNER/IMAGE:TAG
+
+It needs only the standard library of Python 3.8 or newer: copy this one file to vendor it.
+"""
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 the registry_pull authors.  Licence: MIT (see README.md).
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import dataclasses
+import errno
+import hashlib
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import platform as _platform_mod
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+__all__ = [
+    "pull",
+    "PullResult",
+    "LayerResult",
+    "Reference",
+    "Platform",
+    "parse_reference",
+    "parse_platform",
+    "PullError",
+    "UsageError",
+    "InvalidReference",
+    "AuthError",
+    "NotFound",
+    "NoMatchingPlatform",
+    "IntegrityError",
+    "DigestMismatch",
+    "SizeMismatch",
+    "RegistryError",
+    "StorageError",
+    "UnsupportedError",
+    "Interrupted",
+    "__version__",
+]
+__version__ = "0.1.0"
+
+log = logging.getLogger("registry_pull")
+
+# --------------------------------------------------------------------------- Constants
+
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_DOCKER_SCHEMA1 = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+MANIFEST_TYPES = (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST)
+LAYER_TYPES = (
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+)
+# One request answers with whichever shape the reference points at (OCI-NOTES: media types).
+MANIFEST_ACCEPT = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # what registries must accept and containerd enforces
+CHUNK = 1024 * 1024
+MAX_JOBS = 32
+MAX_REDIRECTS = 5
+TIMEOUT = 60.0  # seconds without a byte before a connection counts as failed
+
+# Retries: each request is tried RETRIES+1 times; waits double from RETRY_BASE up to
+# RETRY_MAX (with jitter), and a Retry-After is honoured up to RETRY_AFTER_MAX.  With the
+# defaults one request gives up after at most about 1+2+4+8+16 = 31 s of waiting
+# (Retry-After: at most 5 x 60 s).
+RETRIES = 5
+RETRY_BASE = 1.0
+RETRY_MAX = 16.0
+RETRY_AFTER_MAX = 60.0
+RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+
+_ANNOTATION_REF_TYPE = "vnd.docker.reference.type"
+_DOCKER_HUB = "docker.io"
+_DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
+
+# --------------------------------------------------------------------------- Errors
+
+
+class PullError(Exception):
+    """Base class for everything registry_pull raises; ``exit_code`` is the CLI's."""
+
+    exit_code = 1
+
+
+class UsageError(PullError):
+    exit_code = 2
+
+
+class InvalidReference(UsageError):
+    """The image reference (or a digest) does not follow the grammar."""
+
+
+class AuthError(PullError):
+    """The registry refused our credentials, or we had none where it wants some."""
+
+    exit_code = 3
+
+
+class NotFound(PullError):
+    exit_code = 4
+
+
+class NoMatchingPlatform(NotFound):
+    def __init__(self, reference, wanted, available):
+        have = ", ".join(available) if available else "none"
+        super().__init__("%s has no image for %s (it has: %s)" % (reference, wanted, have))
+        self.wanted, self.available = wanted, list(available)
+
+
+class IntegrityError(PullError):
+    """Bytes from the registry are not what was promised, or are malformed/hostile."""
+
+    exit_code = 5
+
+
+class DigestMismatch(IntegrityError):
+    def __init__(self, what, digest, actual):
+        super().__init__(
+            "%s %s hashed to %s: the download is corrupt and was discarded" % (what, digest, actual)
+        )
+        self.digest, self.actual = digest, actual
+
+
+class SizeMismatch(IntegrityError):
+    def __init__(self, what, digest, expected, actual):
+        super().__init__(
+            "%s %s: expected %d bytes, the registry sent %s: discarded"
+            % (what, digest, expected, actual)
+        )
+        self.digest, self.expected, self.actual = digest, expected, actual
+
+
+class RegistryError(PullError):
+    """The registry is unreachable, speaks no protocol we know, or keeps failing."""
+
+    exit_code = 6
+
+
+class StorageError(PullError):
+    exit_code = 7
+
+
+class UnsupportedError(PullError):
+    exit_code = 1
+
+
+class Interrupted(PullError):
+    exit_code = 130
+
+
+# --------------------------------------------------------------------------- References
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_PATH_RE = re.compile(r"^%s(?:/%s)*$" % (_COMPONENT, _COMPONENT))
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_HOST_RE = re.compile(
+    r"^(?:(?P<name>[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)"
+    r"|\[(?P<ip6>[0-9A-Fa-f:.]+)\])(?::(?P<port>[0-9]+))?$"
+)
+_DIGEST_RE = re.compile(r"^(?P<algo>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)$")
+_DIGEST_HEX = {"sha256": 64, "sha512": 128}
+
+
+def check_digest(digest, what="digest"):
+    # type: (str, str) -> Tuple[str, str]
+    """Validate ``ALGO:HEX`` strictly (it ends up in file paths); return (algo, hex)."""
+    if not isinstance(digest, str):
+        raise IntegrityError("%s is not a string: %r" % (what, digest))
+    m = _DIGEST_RE.match(digest)
+    if not m:
+        raise IntegrityError("invalid %s %r" % (what, digest[:200]))
+    algo, hexpart = m.group("algo"), m.group("hex")
+    if algo not in _DIGEST_HEX:
+        raise UnsupportedError("unsupported digest algorithm %r in %s %s" % (algo, what, digest[:200]))
+    if len(hexpart) != _DIGEST_HEX[algo] or not re.match(r"^[0-9a-f]+$", hexpart):
+        raise IntegrityError(
+            "invalid %s %r: %s needs %d lowercase hex digits" % (what, digest[:200], algo, _DIGEST_HEX[algo])
+        )
+    return algo, hexpart
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A normalised image reference: ``registry/repository[:tag][@digest]``."""
+
+    registry: str
+    repository: str
+    tag: Optional[str] = None
+    digest: Optional[str] = None
+
+    @property
+    def ref(self):
+        # type: () -> str
+        """What to ask the registry for: the digest when there is one, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def name(self):
+        # type: () -> str
+        return "%s/%s" % (self.registry, self.repository)
+
+    @property
+    def endpoint(self):
+        # type: () -> str
+        """host[:port] to connect to (docker.io is served by registry-1.docker.io)."""
+        return _DOCKER_HUB_ENDPOINT if self.registry == _DOCKER_HUB else self.registry
+
+    def __str__(self):
+        s = self.name
+        if self.tag:
+            s += ":" + self.tag
+        if self.digest:
+            s += "@" + self.digest
+        return s
+
+
+def parse_reference(text):
+    # type: (str) -> Reference
+    """Parse ``[REGISTRY/]PATH[:TAG][@DIGEST]`` the way Docker does; raise InvalidReference."""
+
+    def bad(why):
+        return InvalidReference("invalid reference %r: %s" % (text[:300], why))
+
+    if not isinstance(text, str) or not text:
+        raise bad("empty")
+    if text != text.strip() or any(c.isspace() for c in text):
+        raise bad("contains white space")
+    rest, digest = text, None
+    if "@" in rest:
+        rest, digest = rest.split("@", 1)
+        try:
+            check_digest(digest)
+        except PullError as e:
+            raise bad("digest: %s" % e) from None
+    tag = None
+    slash = rest.rfind("/")
+    colon = rest.rfind(":")
+    if colon > slash:
+        rest, tag = rest[:colon], rest[colon + 1 :]
+        if not _TAG_RE.match(tag):
+            raise bad("tag %r must match [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}" % tag[:200])
+    parts = rest.split("/")
+    registry = _DOCKER_HUB
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        registry = parts[0]
+        parts = parts[1:]
+        m = _HOST_RE.match(registry)
+        if not m:
+            raise bad("registry host %r is not a host name or [IPv6] address" % registry)
+        port = m.group("port")
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536 and port[0] != "0"):
+            raise bad("port %r is not between 1 and 65535" % port)
+        if m.group("ip6"):
+            try:
+                ipaddress.IPv6Address(m.group("ip6"))
+            except ValueError:
+                raise bad("%r is not an IPv6 address" % m.group("ip6")) from None
+        registry = registry.lower()
+        if registry == "index.docker.io":
+            registry = _DOCKER_HUB
+    path = "/".join(parts)
+    if not path:
+        raise bad("no repository name")
+    if path != path.lower() and _PATH_RE.match(path.lower()):
+        raise bad("repository name must be lowercase")
+    if not _PATH_RE.match(path):
+        raise bad("repository name %r has characters outside [a-z0-9._-/]" % path[:200])
+    if registry == _DOCKER_HUB and "/" not in path:
+        path = "library/" + path
+    if len(registry) + 1 + len(path) > 255:
+        raise bad("name is longer than 255 characters")
+    if tag is None and digest is None:
+        tag = "latest"
+    return Reference(registry, path, tag, digest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str = ""
+
+    def normalized(self):
+        # type: () -> Platform
+        # containerd: arm64 == arm64/v8, arm == arm/v7, amd64 == amd64/v1.
+        default = {"arm64": "v8", "arm": "v7", "amd64": "v1"}.get(self.architecture, "")
+        return Platform(self.os, self.architecture, self.variant or default)
+
+    def __str__(self):
+        s = "%s/%s" % (self.os, self.architecture)
+        return s + "/" + self.variant if self.variant else s
+
+
+_MACHINE_ARCH = {
+    "x86_64": ("amd64", ""),
+    "amd64": ("amd64", ""),
+    "aarch64": ("arm64", ""),
+    "arm64": ("arm64", ""),
+    "armv8l": ("arm", "v7"),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "armv5tel": ("arm", "v5"),
+    "i386": ("386", ""),
+    "i486": ("386", ""),
+    "i586": ("386", ""),
+    "i686": ("386", ""),
+    "x86": ("386", ""),
+    "ppc64le": ("ppc64le", ""),
+    "s390x": ("s390x", ""),
+    "riscv64": ("riscv64", ""),
+    "mips64": ("mips64", ""),
+    "loongarch64": ("loong64", ""),
+}
+
+
+def host_platform():
+    # type: () -> Platform
+    machine = _platform_mod.machine().lower()
+    arch, variant = _MACHINE_ARCH.get(machine, (machine, ""))
+    return Platform("linux", arch, variant)
+
+
+def parse_platform(text):
+    # type: (str) -> Platform
+    """``os/arch[/variant]`` as Docker's --platform takes it."""
+    parts = text.split("/") if isinstance(text, str) else []
+    if not 2 <= len(parts) <= 3 or not all(re.match(r"^[a-z0-9_.-]+$", p or "") for p in parts):
+        raise UsageError("invalid platform %r: expected OS/ARCH[/VARIANT], e.g. linux/arm64" % (text,))
+    return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+
+
+def _is_loopback(host):
+    # type: (str) -> bool
+    host = _split_hostport(host)[0]
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_hostport(hostport):
+    # type: (str) -> Tuple[str, Optional[int]]
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        host, rest = hostport[1:end], hostport[end + 1 :]
+        return host, int(rest[1:]) if rest.startswith(":") else None
+    if hostport.count(":") == 1:
+        host, port = hostport.split(":")
+        return host, int(port) if port.isdigit() else None
+    return hostport, None
+
+
+# --------------------------------------------------------------------------- Transport & auth
+
+_AUTH_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(,|$)')
+
+
+def parse_www_authenticate(value):
+    # type: (str) -> List[Tuple[str, Dict[str, str]]]
+    """Split a WWW-Authenticate header into [(scheme, {param: value}), ...] (RFC 7235)."""
+    challenges = []  # type: List[Tuple[str, Dict[str, str]]]
+    if not isinstance(value, str):
+        return challenges
+    pos, n = 0, len(value)
+    while pos < n:
+        m = re.compile(r"[\s,]*([A-Za-z][A-Za-z0-9_.+-]*)").match(value, pos)
+        if not m or not m.group(1):
+            break
+        scheme, pos = m.group(1).lower(), m.end()
+        params = {}  # type: Dict[str, str]
+        while pos < n:
+            pm = _AUTH_PARAM_RE.match(value, pos)
+            if not pm:
+                break
+            key, raw = pm.group(1).lower(), pm.group(2)
+            if raw.startswith('"'):
+                raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+            params[key] = raw
+            pos = pm.end()
+            # A bare token after a comma starts the next challenge, not a parameter.
+            nxt = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*=").match(value, pos)
+            if not nxt:
+                break
+        challenges.append((scheme, params))
+        if pos < n and not value[pos:].strip(" ,"):
+            break
+    return challenges
+
+
+@dataclasses.dataclass
+class Credentials:
+    username: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    identity_token: str = dataclasses.field(default="", repr=False)
+    source: str = ""
+
+    def __bool__(self):
+        return bool(self.username or self.password or self.identity_token)
+
+
+def _b64(text):
+    # type: (str) -> str
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _read_auth_file(path):
+    # type: (str) -> Optional[dict]
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UsageError("cannot read credentials file %s: %s" % (path, e.__class__.__name__)) from None
+    return data if isinstance(data, dict) else None
+
+
+def _auth_keys(registry):
+    # type: (str) -> List[str]
+    if registry == _DOCKER_HUB:
+        return ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
+    return [registry, "https://" + registry, "http://" + registry]
+
+
+def _match_auths(auths, registry):
+    # type: (dict, str) -> Optional[dict]
+    if not isinstance(auths, dict):
+        return None
+    keys = _auth_keys(registry)
+    for key in keys:
+        if isinstance(auths.get(key), dict):
+            return auths[key]
+    for key, entry in auths.items():  # "https://host/v1/" and similar spellings
+        if not isinstance(entry, dict) or not isinstance(key, str):
+            continue
+        host = key.split("://", 1)[-1].split("/", 1)[0].lower()
+        if host in (k.split("://", 1)[-1] for k in keys):
+            return entry
+    return None
+
+
+def _from_auth_entry(entry, source):
+    # type: (dict, str) -> Optional[Credentials]
+    if entry.get("identitytoken"):
+        return Credentials(
+            str(entry.get("username") or ""), identity_token=str(entry["identitytoken"]), source=source
+        )
+    if entry.get("auth"):
+        try:
+            user, _, pw = base64.b64decode(str(entry["auth"])).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError("malformed 'auth' entry in %s" % source) from None
+        return Credentials(user, pw, source=source)
+    if entry.get("username") or entry.get("password"):
+        return Credentials(str(entry.get("username") or ""), str(entry.get("password") or ""), source=source)
+    return None
+
+
+def _run_helper(helper, registry, source):
+    # type: (str, str, str) -> Optional[Credentials]
+    program = "docker-credential-" + helper
+    server = "https://index.docker.io/v1/" if registry == _DOCKER_HUB else registry
+    if not shutil.which(program):
+        raise AuthError("credential helper %s (named in %s) is not on PATH" % (program, source))
+    try:
+        proc = subprocess.run(
+            [program, "get"], input=server.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        raise AuthError("credential helper %s failed: %s" % (program, e.__class__.__name__)) from None
+    if proc.returncode != 0:
+        if b"credentials not found" in (proc.stdout + proc.stderr).lower():
+            return None
+        raise AuthError("credential helper %s exited with status %d" % (program, proc.returncode))
+    try:
+        data = json.loads(proc.stdout.decode("utf-8"))
+        user, secret = str(data.get("Username") or ""), str(data.get("Secret") or "")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise AuthError("credential helper %s printed something other than JSON credentials" % program) from None
+    if user == "<token>":
+        return Credentials("", identity_token=secret, source=program)
+    return Credentials(user, secret, source=program)
+
+
+def find_credentials(registry, env=None):
+    # type: (str, Optional[Dict[str, str]]) -> Optional[Credentials]
+    """The first credentials for ``registry`` from Podman's and Docker's files (README: Credentials)."""
+    env = os.environ if env is None else env
+    home = env.get("HOME") or os.path.expanduser("~")
+    podman = []
+    if env.get("REGISTRY_AUTH_FILE"):
+        podman.append(env["REGISTRY_AUTH_FILE"])
+    if env.get("XDG_RUNTIME_DIR"):
+        podman.append(os.path.join(env["XDG_RUNTIME_DIR"], "containers", "auth.json"))
+    for path in podman:
+        data = _read_auth_file(path)
+        entry = _match_auths(data.get("auths"), registry) if data else None
+        creds = _from_auth_entry(entry, path) if entry else None
+        if creds:
+            return creds
+    docker_dir = env.get("DOCKER_CONFIG") or os.path.join(home, ".docker")
+    path = os.path.join(docker_dir, "config.json")
+    data = _read_auth_file(path)
+    if not data:
+        return None
+    helpers = data.get("credHelpers") if isinstance(data.get("credHelpers"), dict) else {}
+    for key in _auth_keys(registry):
+        if helpers.get(key):
+            return _run_helper(str(helpers[key]), registry, path)
+    entry = _match_auths(data.get("auths"), registry)
+    creds = _from_auth_entry(entry, path) if entry else None
+    if creds:
+        return creds
+    if data.get("credsStore"):
+        return _run_helper(str(data["credsStore"]), registry, path)
+    return None
+
+
+def _registry_error(body):
+    # type: (bytes) -> Tuple[str, str]
+    """(code, message) from a registry's JSON error body, if it has one."""
+    try:
+        err = json.loads(body[:65536].decode("utf-8"))["errors"][0]
+        return str(err.get("code", ""))[:100], str(err.get("message", ""))[:300]
+    except Exception:  # any shape at all: it is only used to word a message
+        return "", ""
+
+
+class _Response:
+    """An HTTP response with its final URL; closes its connection when done."""
+
+    def __init__(self, raw, url):
+        self.raw, self.url = raw, url
+        self.sent_auth = None  # type: Optional[str]
+        self.status = raw.status
+        self.headers = raw.headers
+
+    def header(self, name, default=""):
+        # type: (str, str) -> str
+        return self.raw.headers.get(name, default) or default
+
+    def read(self, limit):
+        # type: (int) -> bytes
+        """The whole body, refusing one longer than ``limit``."""
+        data = self.raw.read(limit + 1)
+        if len(data) > limit:
+            self.close()
+            raise IntegrityError("%s: the answer is larger than %d bytes" % (_redact(self.url), limit))
+        return data
+
+    def close(self):
+        try:
+            self.raw.close()
+        except Exception:
+            pass
+
+
+def _redact(url):
+    # type: (str) -> str
+    """A URL without its query (signed object-storage URLs carry credentials there)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))[:300]
+
+
+def _is_public_address(host):
+    # type: (str) -> Optional[bool]
+    """True/False for an address literal or a resolvable name; None if it does not resolve."""
+    try:
+        addrs = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return None
+        addrs = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
+    return all(a.is_global for a in addrs) if addrs else None
+
+
+class Client:
+    """Talks to one registry: scheme discovery, retries, redirects, challenges, tokens.
+
+    Thread-safe: all download threads share one Client and its token cache.
+    """
+
+    def __init__(self, registry, *, insecure=False, ca_file=None, credentials=None, cancel=None):
+        # type: (str, bool, Optional[str], Optional[Credentials], Optional[threading.Event]) -> None
+        self.registry = registry
+        self.endpoint = _DOCKER_HUB_ENDPOINT if registry == _DOCKER_HUB else registry
+        self.insecure = insecure
+        self.ca_file = ca_file
+        self.credentials = credentials
+        self.cancel = cancel or threading.Event()
+        self.loopback = _is_loopback(self.endpoint)
+        self._scheme = None  # type: Optional[str]
+        self._public = None  # type: Optional[bool]
+        self._lock = threading.Lock()
+        self._token_lock = threading.Lock()  # one token fetch at a time; the others reuse it
+        self._challenge = None  # type: Optional[Tuple[str, Dict[str, str]]]
+        self._tokens = {}  # type: Dict[str, Tuple[str, float]]
+        self._openers = {}  # type: Dict[Tuple[str, bool], urllib.request.OpenerDirector]
+        self.requests = 0
+
+    # -- connections ----------------------------------------------------------------
+
+    def _ssl_context(self, verify):
+        try:
+            import ssl
+        except ImportError:
+            raise RegistryError(
+                "this Python has no ssl module: HTTPS to %s is impossible" % self.endpoint
+            ) from None
+        if not verify:
+            ctx = ssl._create_unverified_context()  # --insecure, by the user's explicit choice
+        else:
+            ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+            if self.ca_file:
+                try:
+                    ctx.load_verify_locations(cafile=self.ca_file)
+                except (OSError, ssl.SSLError) as e:
+                    raise UsageError("cannot load --ca-file %s: %s" % (self.ca_file, e)) from None
+        return ctx
+
+    def _opener(self, scheme, host):
+        # type: (str, str) -> urllib.request.OpenerDirector
+        own = host == self.endpoint
+        verify = not (self.insecure and own)
+        key = (scheme, verify, _is_loopback(host))
+        with self._lock:
+            opener = self._openers.get(key)
+            if opener is None:
+                # As Go's http.ProxyFromEnvironment does: loopback is never proxied.
+                proxies = {} if _is_loopback(host) else None
+                # No redirect or error processors: every status comes back as a response,
+                # and redirects are followed (and checked) by _request_once.
+                handlers = [urllib.request.ProxyHandler(proxies), urllib.request.HTTPHandler()]
+                if scheme == "https":
+                    ctx = self._ssl_context(verify)  # first: without ssl there is no HTTPSHandler either
+                    handlers.append(urllib.request.HTTPSHandler(context=ctx))
+                opener = urllib.request.OpenerDirector()
+                for h in handlers:
+                    opener.add_handler(h)
+                self._openers[key] = opener
+        return opener
+
+    def _open_once(self, method, url, headers, timeout=TIMEOUT):
+        # type: (str, str, Dict[str, str], float) -> _Response
+        parts = urllib.parse.urlsplit(url)
+        req = urllib.request.Request(url, method=method, headers=headers)
+        self.requests += 1
+        raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=timeout)
+        log.debug("%s %s -> %s", method, _redact(url), raw.status)
+        return _Response(raw, url)
+
+    def _base(self):
+        # type: () -> str
+        if self._scheme is None:
+            self._discover_scheme()
+        return "%s://%s" % (self._scheme, self.endpoint)
+
+    def _discover_scheme(self):
+        """HTTPS, except that loopback (or --insecure) registries may speak plain HTTP.
+
+        Loopback is probed over plain HTTP first: an HTTPS server answers that at once
+        (Go's says 400), whereas a plain server handed a TLS hello can wait forever.
+        """
+        if not (self.loopback or self.insecure):
+            self._scheme = "https"
+            return
+        errors = []
+        for scheme in (("http", "https") if self.loopback else ("https", "http")):
+            try:
+                resp = self._open_once("GET", "%s://%s/v2/" % (scheme, self.endpoint), {}, timeout=10.0)
+                resp.close()
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                reason = getattr(e, "reason", e)
+                if _is_cert_error(reason):
+                    raise RegistryError(_tls_message(self.endpoint, reason)) from None
+                errors.append("%s: %s" % (scheme, _reason_text(reason)))
+                continue
+            if scheme == "http" and resp.status == 400:
+                errors.append("http: 400")
+                continue  # an HTTPS server refusing plain HTTP
+            log.debug("%s speaks %s", self.endpoint, scheme)
+            self._scheme = scheme
+            return
+        raise _Retryable("cannot reach %s (%s)" % (self.endpoint, "; ".join(errors)))
+
+    # -- requests with retries, redirects and auth ------------------------------------
+
+    def request(self, method, path, *, headers=None, scope=None, redirect_ok=True):
+        # type: (str, str, Optional[Dict[str, str]], Optional[str], bool) -> _Response
+        """Send a request to the registry, following its redirects and challenges.
+
+        Returns any final response with status < 400 (and 404/416 for callers to interpret);
+        raises AuthError, NotFound, RegistryError otherwise.
+        """
+        attempt = 0
+        auth_retried = False
+        while True:
+            if self.cancel.is_set():
+                raise Interrupted("interrupted")
+            try:
+                resp = self._request_once(method, path, dict(headers or {}), scope, redirect_ok)
+            except _Retryable as e:
+                attempt += 1
+                if attempt > RETRIES:
+                    raise RegistryError(
+                        "%s failed after %d tries: %s" % (self.endpoint, attempt, e.args[0])
+                    ) from None
+                delay = e.retry_after if e.retry_after is not None else _backoff(attempt)
+                log.info("%s; retrying in %.1fs (%d/%d)", e.args[0], delay, attempt, RETRIES)
+                self._sleep(delay)
+                continue
+            if resp.status == 401:
+                challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
+                body = resp.read(65536)
+                resp.close()
+                if not auth_retried and self._accept_challenge(challenges, scope, resp.sent_auth):
+                    auth_retried = True
+                    continue
+                code, msg = _registry_error(body)
+                who = (" as %s" % self.credentials.username) if self.credentials else " anonymously"
+                raise AuthError(
+                    "%s refused access to %s%s (%s)"
+                    % (self.endpoint, path.split("?")[0], who, msg or code or "401 Unauthorized")
+                )
+            if resp.status == 403:
+                code, msg = _registry_error(resp.read(65536))
+                resp.close()
+                raise AuthError("%s denied access to %s (%s)" % (self.endpoint, path, msg or code or "403 Forbidden"))
+            return resp
+
+    def _sleep(self, seconds):
+        if self.cancel.wait(seconds):
+            raise Interrupted("interrupted")
+
+    def _request_once(self, method, path, headers, scope, redirect_ok):
+        # type: (str, str, Dict[str, str], Optional[str], bool) -> _Response
+        url = self._base() + path
+        own_host = True
+        for _ in range(MAX_REDIRECTS + 1):
+            h = dict(headers)
+            if own_host:
+                auth = self._authorization(scope)
+                if auth:
+                    h["Authorization"] = auth
+            try:
+                resp = self._open_once(method, url, h)
+                resp.sent_auth = h.get("Authorization")
+            except urllib.error.URLError as e:
+                reason = getattr(e, "reason", e)
+                if _is_cert_error(reason):
+                    raise RegistryError(_tls_message(urllib.parse.urlsplit(url).netloc, reason)) from None
+                raise _Retryable("cannot reach %s: %s" % (_redact(url), _reason_text(reason))) from None
+            except (OSError, http.client.HTTPException) as e:
+                if _is_cert_error(e):
+                    raise RegistryError(_tls_message(urllib.parse.urlsplit(url).netloc, e)) from None
+                raise _Retryable("cannot reach %s: %s" % (_redact(url), _reason_text(e))) from None
+            if resp.status in (301, 302, 303, 307, 308) and redirect_ok:
+                location = resp.header("Location")
+                resp.close()
+                url, own_host = self._follow(url, location)
+                if method == "HEAD" or resp.status != 303:
+                    continue
+                method = "GET"
+                continue
+            if resp.status in RETRY_STATUSES:
+                retry_after = _retry_after(resp.header("Retry-After"))
+                code, msg = _registry_error(resp.read(65536))
+                resp.close()
+                raise _Retryable(
+                    "%s answered %d %s" % (_redact(url), resp.status, msg or code or resp.raw.reason), retry_after
+                )
+            return resp
+        raise RegistryError("%s redirected more than %d times" % (self.endpoint, MAX_REDIRECTS))
+
+    def _follow(self, url, location):
+        # type: (str, str) -> Tuple[str, bool]
+        """Validate a redirect target: http(s) only; no hop from a public host to a private one."""
+        if not location:
+            raise RegistryError("%s redirected without a Location" % _redact(url))
+        new = urllib.parse.urljoin(url, location)
+        parts = urllib.parse.urlsplit(new)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RegistryError("%s redirected to an unsupported URL %r" % (_redact(url), new[:100]))
+        if parts.scheme == "http" and urllib.parse.urlsplit(url).scheme == "https" and not self.insecure:
+            raise RegistryError("%s redirected from HTTPS to plain HTTP (%s)" % (self.endpoint, _redact(new)))
+        if self._registry_is_public():
+            if _is_public_address(parts.hostname) is False:
+                raise RegistryError(
+                    "%s redirected to a non-public address %s: refused" % (self.endpoint, parts.hostname)
+                )
+        own = parts.netloc.lower() == self.endpoint.lower() and parts.scheme == self._scheme
+        log.debug("redirect to %s", _redact(new))
+        return new, own
+
+    def _registry_is_public(self):
+        # type: () -> bool
+        if self._public is None:
+            self._public = bool(_is_public_address(_split_hostport(self.endpoint)[0]))
+        return self._public
+
+    # -- authentication -----------------------------------------------------------------
+
+    def _authorization(self, scope):
+        # type: (Optional[str]) -> Optional[str]
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        kind, params = challenge
+        if kind == "basic":
+            c = self.credentials
+            return "Basic " + _b64("%s:%s" % (c.username, c.password)) if c else None
+        token = self._token(params, scope)
+        return "Bearer " + token if token else None
+
+    def _accept_challenge(self, challenges, scope, sent_auth):
+        # type: (List[Tuple[str, Dict[str, str]]], Optional[str], Optional[str]) -> bool
+        """Adopt the registry's challenge; True when a retry with new credentials makes sense.
+
+        A 401 to a Bearer token (expired, revoked: ``error="invalid_token"``) renews that
+        token once; threads that were refused the same token share the renewed one.
+        """
+        by_kind = dict((k, p) for k, p in reversed(challenges))
+        if "bearer" in by_kind and by_kind["bearer"].get("realm"):
+            params = by_kind["bearer"]
+            self._challenge = ("bearer", params)
+            rejected = sent_auth[7:] if sent_auth and sent_auth.startswith("Bearer ") else None
+            self._token(params, scope, rejected=rejected)
+            return True
+        if "basic" in by_kind:
+            if not self.credentials or (self._challenge and self._challenge[0] == "basic"):
+                return False
+            self._challenge = ("basic", by_kind["basic"])
+            return True
+        if challenges:
+            raise AuthError(
+                "%s asks for an authentication scheme we do not speak: %s"
+                % (self.endpoint, ", ".join(k for k, _ in challenges))
+            )
+        return False
+
+    def _token(self, params, scope, rejected=None):
+        # type: (Dict[str, str], Optional[str], Optional[str]) -> str
+        scope = scope or params.get("scope") or ""
+        key = "%s|%s|%s" % (params.get("realm"), params.get("service", ""), scope)
+        with self._token_lock:
+            cached = self._tokens.get(key)
+            if cached and cached[0] != rejected and time.time() < cached[1]:
+                return cached[0]
+            token, lifetime = self._fetch_token(params, scope)
+            # Renew ahead of time: a long layer download must not start on a token about to die.
+            margin = min(30.0, lifetime / 5.0)
+            self._tokens[key] = (token, time.time() + lifetime - margin)
+            return token
+
+    def _fetch_token(self, params, scope):
+        # type: (Dict[str, str], str) -> Tuple[str, float]
+        realm = params.get("realm", "")
+        parts = urllib.parse.urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AuthError("%s named an unusable token realm %r" % (self.endpoint, realm[:100]))
+        if parts.scheme == "http" and not (_is_loopback(parts.netloc) or self.insecure):
+            raise AuthError("%s named a plain-HTTP token realm %s: refused" % (self.endpoint, _redact(realm)))
+        query = [("service", params["service"])] if params.get("service") else []
+        if scope:
+            query += [("scope", s) for s in scope.split(" ")]
+        c = self.credentials
+        headers = {}
+        method, body = "GET", None
+        if c and c.identity_token:
+            # Docker's OAuth2 refresh-token grant for identity tokens.
+            method = "POST"
+            form = [("grant_type", "refresh_token"), ("refresh_token", c.identity_token),
+                    ("client_id", "registry_pull")] + query
+            body = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            url = realm
+        else:
+            url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query) if query else realm
+            if c:
+                headers["Authorization"] = "Basic " + _b64("%s:%s" % (c.username, c.password))
+        for attempt in range(RETRIES + 1):
+            req = urllib.request.Request(url, data=body, method=method, headers=headers)
+            try:
+                self.requests += 1
+                raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=TIMEOUT)
+                try:
+                    status, data = raw.status, raw.read(MAX_MANIFEST_BYTES)
+                finally:
+                    raw.close()
+            except urllib.error.URLError as e:
+                reason = getattr(e, "reason", e)
+                if _is_cert_error(reason):
+                    raise RegistryError(_tls_message(parts.netloc, reason)) from None
+                status, data = 0, _reason_text(reason).encode()
+            except (OSError, http.client.HTTPException) as e:
+                if _is_cert_error(e):
+                    raise RegistryError(_tls_message(parts.netloc, e)) from None
+                status, data = 0, _reason_text(e).encode()
+            log.debug("%s %s -> %s", method, _redact(url), status)
+            if status == 200:
+                break
+            if status and status not in RETRY_STATUSES:
+                code, msg = _registry_error(data)
+                who = ("as %s" % c.username) if c and c.username else "anonymously"
+                raise AuthError(
+                    "token service %s refused %s for %s (%d %s)"
+                    % (parts.hostname, who, scope or "access", status, msg or code or "")
+                )
+            if attempt == RETRIES:
+                raise RegistryError("token service %s failed: %s" % (parts.hostname, status or data.decode()))
+            self._sleep(_backoff(attempt + 1))
+        try:
+            answer = json.loads(data.decode("utf-8"))
+            token = answer.get("token") or answer.get("access_token")
+            lifetime = float(answer.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise AuthError("token service %s answered something other than a token" % parts.hostname) from None
+        if not isinstance(token, str) or not token:
+            raise AuthError("token service %s answered without a token" % parts.hostname)
+        log.debug("token for %s valid %ds", scope or "(no scope)", lifetime)
+        return token, max(lifetime, 1.0)
+
+
+class _Retryable(Exception):
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _backoff(attempt):
+    # type: (int) -> float
+    delay = min(RETRY_MAX, RETRY_BASE * (2 ** (attempt - 1)))
+    return delay * (0.5 + random.random() / 2)
+
+
+def _retry_after(value):
+    # type: (str) -> Optional[float]
+    if not value:
+        return None
+    try:
+        return max(0.0, min(RETRY_AFTER_MAX, float(value.strip())))
+    except ValueError:
+        pass
+    try:
+        import email.utils
+
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, min(RETRY_AFTER_MAX, when.timestamp() - time.time()))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _is_cert_error(err):
+    # type: (object) -> bool
+    try:
+        import ssl
+    except ImportError:
+        return False
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return True
+    return isinstance(err, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(err)
+
+
+def _tls_message(host, err):
+    # type: (str, object) -> str
+    detail = getattr(err, "verify_message", None) or str(err)
+    return (
+        "TLS certificate of %s is not trusted (%s): pass --ca-file FILE or set SSL_CERT_FILE, "
+        "or --insecure to skip verification" % (host, detail)
+    )
+
+
+def _reason_text(err):
+    # type: (object) -> str
+    if isinstance(err, socket.timeout):
+        return "timed out"
+    text = getattr(err, "strerror", None) or str(err) or err.__class__.__name__
+    return text[:200]
+
+
+# --------------------------------------------------------------------------- Manifests
+
+
+def _loads_json(data, what):
+    # type: (bytes, str) -> dict
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except RecursionError:  # CPython's decoder guards its recursion: hostile nesting ends here
+        raise IntegrityError("%s is nested too deeply: refused" % what) from None
+    except ValueError as e:
+        raise IntegrityError("%s is not valid JSON: %s" % (what, str(e)[:100])) from None
+    if not isinstance(doc, dict):
+        raise IntegrityError("%s is not a JSON object" % what)
+    return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    platform: Optional[Platform] = None
+    annotations: Optional[dict] = None
+
+    @classmethod
+    def parse(cls, obj, what):
+        # type: (Any, str) -> Descriptor
+        if not isinstance(obj, dict):
+            raise IntegrityError("%s is not a descriptor object" % what)
+        mt, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
+        if not isinstance(mt, str):
+            raise IntegrityError("%s has no mediaType" % what)
+        check_digest(digest, what + " digest")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise IntegrityError("%s has an invalid size %r" % (what, size))
+        plat = None
+        p = obj.get("platform")
+        if isinstance(p, dict):
+            plat = Platform(str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant") or ""))
+        ann = obj.get("annotations") if isinstance(obj.get("annotations"), dict) else None
+        return cls(mt, digest, size, plat, ann)
+
+
+def _media_type(content_type, doc):
+    # type: (str, dict) -> str
+    mt = (content_type or "").split(";")[0].strip().lower()
+    if mt in INDEX_TYPES + MANIFEST_TYPES + MT_DOCKER_SCHEMA1:
+        return mt
+    declared = doc.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if doc.get("schemaVersion") == 1:
+        return MT_DOCKER_SCHEMA1[0]
+    if "manifests" in doc:
+        return MT_OCI_INDEX
+    if "layers" in doc and "config" in doc:
+        return MT_OCI_MANIFEST
+    return mt
+
+
+def _hash(algo, data):
+    # type: (str, bytes) -> str
+    return "%s:%s" % (algo, hashlib.new(algo, data).hexdigest())
+
+
+def _verify_bytes(what, data, digest):
+    # type: (str, bytes, str) -> None
+    algo, _ = check_digest(digest)
+    actual = _hash(algo, data)
+    if actual != digest:
+        raise DigestMismatch(what, digest, actual)
+
+
+def select_platform(index, want, reference):
+    # type: (List[Descriptor], Platform, str) -> Descriptor
+    """The index entry for ``want`` with containerd's normalisation, skipping attestations."""
+    want = want.normalized()
+    candidates = []
+    available = []
+    for d in index:
+        if d.annotations and d.annotations.get(_ANNOTATION_REF_TYPE) == "attestation-manifest":
+            continue
+        if d.platform is None or d.platform.os in ("", "unknown") or d.platform.architecture in ("", "unknown"):
+            continue
+        available.append(str(d.platform))
+        candidates.append(d)
+    # Exact (normalised) match first; then, as containerd does, older variants the host can run.
+    order = [want.variant]
+    if want.architecture == "arm" and want.variant.startswith("v") and want.variant[1:].isdigit():
+        order += ["v%d" % v for v in range(int(want.variant[1:]) - 1, 4, -1)]
+    elif want.architecture == "amd64" and want.variant.startswith("v") and want.variant[1:].isdigit():
+        order += ["v%d" % v for v in range(int(want.variant[1:]) - 1, 0, -1)]
+    for variant in order:
+        for d in candidates:
+            p = d.platform.normalized()  # type: ignore[union-attr]
+            if p.os == want.os and p.architecture == want.architecture and p.variant == variant:
+                if d.media_type not in MANIFEST_TYPES + INDEX_TYPES:
+                    raise UnsupportedError("%s: the %s entry has media type %s" % (reference, want, d.media_type))
+                return d
+    raise NoMatchingPlatform(reference, str(want), sorted(set(available)))
+
+
+# --------------------------------------------------------------------------- Store
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reference TEXT NOT NULL UNIQUE,
+    size_bytes INTEGER NOT NULL,
+    last_used_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    manifest_digest TEXT,
+    index_digest TEXT,
+    platform TEXT
+);
+CREATE TABLE IF NOT EXISTS indexes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    schema_version INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    platform_os TEXT,
+    platform_arch TEXT,
+    platform_variant TEXT,
+    annotations_json TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS manifests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    index_id INTEGER REFERENCES indexes(id) ON DELETE CASCADE,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    schema_version INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    annotations_json TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS configs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    manifest_id INTEGER NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    media_type TEXT NOT NULL,
+    created DATETIME,
+    architecture TEXT,
+    os TEXT,
+    os_variant TEXT,
+    config_env_json TEXT,
+    config_cmd_json TEXT,
+    config_working_dir TEXT,
+    config_entrypoint_json TEXT,
+    config_volumes_json TEXT,
+    config_exposed_ports_json TEXT,
+    config_user TEXT,
+    rootfs_type TEXT,
+    rootfs_diff_ids_json TEXT,
+    history_json TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS layers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    media_type TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,
+    diff_id TEXT,
+    size_bytes INTEGER NOT NULL,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS manifest_layers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    manifest_id INTEGER NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    layer_id INTEGER NOT NULL REFERENCES layers(id) ON DELETE CASCADE,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    position INTEGER,
+    UNIQUE(manifest_id, layer_id)
+);
+CREATE INDEX IF NOT EXISTS idx_indexes_image_id ON indexes(image_id);
+CREATE INDEX IF NOT EXISTS idx_manifests_image_id ON manifests(image_id);
+CREATE INDEX IF NOT EXISTS idx_configs_manifest_id ON configs(manifest_id);
+CREATE INDEX IF NOT EXISTS idx_manifest_layers_manifest_id ON manifest_layers(manifest_id);
+"""
+
+
+def default_home():
+    # type: () -> str
+    if os.environ.get("REGISTRY_PULL_HOME"):
+        return os.environ["REGISTRY_PULL_HOME"]
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "registry_pull")
+
+
+class Store:
+    """``HOME/blobs/ALGO/HEX`` (content-addressed, shared by all images) + ``HOME/oci.db``."""
+
+    def __init__(self, home):
+        # type: (str) -> None
+        self.home = os.path.abspath(home)
+        try:
+            for algo in _DIGEST_HEX:
+                os.makedirs(os.path.join(self.home, "blobs", algo), exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=os.path.join(self.home, "blobs", "sha256"),
+                                                prefix=".probe-", delete=True)
+            probe.close()
+        except OSError as e:
+            raise StorageError("cannot write to the store %s: %s" % (self.home, e.strerror or e)) from None
+
+    def path(self, digest):
+        # type: (str) -> str
+        algo, hexpart = check_digest(digest)
+        return os.path.join(self.home, "blobs", algo, hexpart)
+
+    def has(self, digest, size=None):
+        # type: (str, Optional[int]) -> bool
+        try:
+            st = os.stat(self.path(digest))
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def read(self, digest, limit=MAX_MANIFEST_BYTES):
+        # type: (str, int) -> Optional[bytes]
+        try:
+            with open(self.path(digest), "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            return None
+        return data if len(data) <= limit else None
+
+    def put(self, digest, data):
+        # type: (str, bytes) -> None
+        """Store verified small bytes (manifest, index) atomically under their digest."""
+        _verify_bytes("blob", data, digest)
+        final = self.path(digest)
+        if os.path.exists(final):
+            return
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        except OSError as e:
+            _unlink(tmp)
+            raise StorageError("cannot write %s: %s" % (final, e.strerror or e)) from None
+
+    # -- metadata ---------------------------------------------------------------------
+
+    def connect(self):
+        try:
+            import sqlite3
+        except ImportError:
+            return None
+        try:
+            conn = sqlite3.connect(os.path.join(self.home, "oci.db"), timeout=60, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("PRAGMA foreign_keys = ON")
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                pass  # e.g. a network file system: rollback journal then
+            self._migrate(conn)
+        except sqlite3.Error as e:
+            raise StorageError("cannot open %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
+        return conn
+
+    @staticmethod
+    def _migrate(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version >= _SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < 1:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+            conn.execute("PRAGMA user_version = %d" % _SCHEMA_VERSION)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def record(self, result, index_doc, manifest_doc, config_doc):
+        # type: (PullResult, Optional[dict], dict, dict) -> bool
+        """Write the image's rows in one transaction; False when sqlite3 is unavailable."""
+        conn = self.connect()
+        if conn is None:
+            return False
+        import sqlite3
+
+        now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        dumps = lambda v: None if v is None else json.dumps(v, sort_keys=True)  # noqa: E731
+        cfg = config_doc.get("config") if isinstance(config_doc.get("config"), dict) else {}
+        rootfs = config_doc.get("rootfs") if isinstance(config_doc.get("rootfs"), dict) else {}
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs.get("diff_ids"), list) else []
+        plat = result.platform
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("DELETE FROM images WHERE reference = ?", (result.reference,))
+                image_id = conn.execute(
+                    "INSERT INTO images (reference, size_bytes, last_used_at, created_at, modified_at,"
+                    " manifest_digest, index_digest, platform) VALUES (?,?,?,?,?,?,?,?)",
+                    (result.reference, result.size, now, now, now, result.manifest_digest,
+                     result.index_digest, str(plat)),
+                ).lastrowid
+                index_id = None
+                if index_doc is not None:
+                    index_id = conn.execute(
+                        "INSERT INTO indexes (image_id, schema_version, media_type, platform_os, platform_arch,"
+                        " platform_variant, annotations_json, created_at, modified_at, digest)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (image_id, int(index_doc.get("schemaVersion") or 2), result.index_media_type,
+                         plat.os, plat.architecture, plat.variant or None,
+                         dumps(index_doc.get("annotations")), now, now, result.index_digest),
+                    ).lastrowid
+                manifest_id = conn.execute(
+                    "INSERT INTO manifests (index_id, image_id, schema_version, media_type, annotations_json,"
+                    " created_at, modified_at, digest) VALUES (?,?,?,?,?,?,?,?)",
+                    (index_id, image_id, int(manifest_doc.get("schemaVersion") or 2), result.manifest_media_type,
+                     dumps(manifest_doc.get("annotations")), now, now, result.manifest_digest),
+                ).lastrowid
+                conn.execute(
+                    "INSERT INTO configs (manifest_id, media_type, created, architecture, os, os_variant,"
+                    " config_env_json, config_cmd_json, config_working_dir, config_entrypoint_json,"
+                    " config_volumes_json, config_exposed_ports_json, config_user, rootfs_type,"
+                    " rootfs_diff_ids_json, history_json, created_at, modified_at, digest)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (manifest_id, result.config.media_type, _str_or_none(config_doc.get("created")),
+                     _str_or_none(config_doc.get("architecture")), _str_or_none(config_doc.get("os")),
+                     _str_or_none(config_doc.get("variant")), dumps(cfg.get("Env")), dumps(cfg.get("Cmd")),
+                     _str_or_none(cfg.get("WorkingDir")), dumps(cfg.get("Entrypoint")),
+                     dumps(cfg.get("Volumes")), dumps(cfg.get("ExposedPorts")), _str_or_none(cfg.get("User")),
+                     _str_or_none(rootfs.get("type")), dumps(diff_ids), dumps(config_doc.get("history")),
+                     now, now, result.config.digest),
+                )
+                for pos, layer in enumerate(result.layers):
+                    diff_id = diff_ids[pos] if pos < len(diff_ids) and isinstance(diff_ids[pos], str) else None
+                    conn.execute(
+                        "INSERT OR IGNORE INTO layers (media_type, digest, diff_id, size_bytes, created_at,"
+                        " modified_at) VALUES (?,?,?,?,?,?)",
+                        (layer.media_type, layer.digest, diff_id, layer.size, now, now),
+                    )
+                    layer_id = conn.execute("SELECT id FROM layers WHERE digest = ?", (layer.digest,)).fetchone()[0]
+                    conn.execute(
+                        "INSERT OR IGNORE INTO manifest_layers (manifest_id, layer_id, created_at, modified_at,"
+                        " position) VALUES (?,?,?,?,?)",
+                        (manifest_id, layer_id, now, now, pos),
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise StorageError("cannot record the image in %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
+        finally:
+            conn.close()
+        return True
+
+    def touch(self, reference, manifest_digest):
+        # type: (str, str) -> bool
+        """Mark an unchanged image used now; False when it has no row for this manifest."""
+        conn = self.connect()
+        if conn is None:
+            return False
+        import sqlite3
+
+        try:
+            with conn:
+                cur = conn.execute(
+                    "UPDATE images SET last_used_at = ? WHERE reference = ? AND manifest_digest = ?",
+                    (time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), reference, manifest_digest),
+                )
+                return cur.rowcount == 1
+        except sqlite3.Error as e:
+            raise StorageError("cannot update %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
+        finally:
+            conn.close()
+
+
+def _str_or_none(v):
+    return v if isinstance(v, str) else None
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows: no advisory locks; concurrent processes may download twice
+    _fcntl = None  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------- Downloads
+
+
+class _Downloader:
+    """Fetches blobs into the store: resumable, locked against other processes, verified."""
+
+    def __init__(self, client, store, repository, progress=None):
+        # type: (Client, Store, str, Optional[Callable[[str, int, int], None]]) -> None
+        self.client, self.store, self.repository = client, store, repository
+        self.progress = progress
+        self.fetched_bytes = 0
+        self._count_lock = threading.Lock()
+
+    def fetch(self, desc, what="layer"):
+        # type: (Descriptor, str) -> str
+        """Make sure ``desc`` is in the store; return its path."""
+        final = self.store.path(desc.digest)
+        partial = final + ".partial"
+        while True:
+            if self.store.has(desc.digest):
+                if not self.store.has(desc.digest, desc.size):
+                    raise IntegrityError(
+                        "%s in the store has the wrong size for %s: remove it" % (final, desc.digest)
+                    )
+                self._report(desc, desc.size)
+                return final
+            try:
+                fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise StorageError("cannot create %s: %s" % (partial, e.strerror or e)) from None
+            if _fcntl is not None:
+                _fcntl.flock(fd, _fcntl.LOCK_EX)  # another process downloading it: wait for it
+                try:
+                    same = os.stat(partial).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # it finished (renamed) while we waited: look again
+                    os.close(fd)
+                    continue
+            if self.store.has(desc.digest):
+                _unlink(partial)
+                os.close(fd)
+                continue
+            break
+        f = os.fdopen(fd, "r+b", buffering=0)
+        try:
+            self._download(desc, f, what)
+            os.replace(partial, final)
+        except IntegrityError:
+            _unlink(partial)  # wrong bytes are not worth resuming
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
+                raise StorageError("cannot write %s: %s" % (partial, e.strerror)) from None
+            raise StorageError("cannot write %s: %s" % (partial, e.strerror or e)) from None
+        finally:
+            f.close()  # closing releases the lock
+        return final
+
+    def _report(self, desc, done):
+        if self.progress is not None:
+            self.progress(desc.digest, done, desc.size)
+
+    def _download(self, desc, f, what):
+        algo, _ = check_digest(desc.digest)
+        size = desc.size
+        integrity_tries = 0
+        while True:
+            hasher, have = self._resume_state(f, algo, size)
+            try:
+                self._stream(desc, f, hasher, have, what)
+            except IntegrityError:
+                f.seek(0)
+                f.truncate(0)
+                integrity_tries += 1
+                if integrity_tries > 1:
+                    raise
+                log.info("%s %s failed verification; downloading it again", what, desc.digest)
+                continue
+            return
+
+    @staticmethod
+    def _resume_state(f, algo, size):
+        """Hash what a previous run left in the .partial, so the download can go on from there."""
+        hasher = hashlib.new(algo)
+        have = os.fstat(f.fileno()).st_size
+        if have > size:
+            f.truncate(0)
+            have = 0
+        f.seek(0)
+        left = have
+        while left:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            left -= len(chunk)
+        have -= left
+        f.seek(have)
+        f.truncate(have)
+        return hasher, have
+
+    def _stream(self, desc, f, hasher, have, what):
+        size = desc.size
+        path = "/v2/%s/blobs/%s" % (self.repository, desc.digest)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        failures = 0
+        while True:
+            headers = {"Range": "bytes=%d-" % have} if have else {}
+            resp = self.client.request("GET", path, headers=headers, scope=None)
+            try:
+                if resp.status == 404:
+                    code, msg = _registry_error(resp.read(65536))
+                    raise NotFound("%s %s not found in %s (%s)" % (what, desc.digest, self.repository, code or 404))
+                if resp.status == 416 and have:
+                    # What we have is not a prefix the server knows: start over.
+                    f.seek(0)
+                    f.truncate(0)
+                    hasher, have = hashlib.new(hasher.name), 0
+                    continue
+                if resp.status == 206 and have:
+                    m = re.match(r"^bytes (\d+)-(\d+)/(\d+|\*)$", resp.header("Content-Range").strip())
+                    if m and m.group(3) != "*" and int(m.group(3)) != size:
+                        raise SizeMismatch(what, desc.digest, size, m.group(3))
+                    if not m or int(m.group(1)) != have:
+                        log.info("%s: unusable Content-Range %r; starting over", desc.digest,
+                                 resp.header("Content-Range"))
+                        f.seek(0)
+                        f.truncate(0)
+                        hasher, have = hashlib.new(hasher.name), 0
+                        continue
+                elif resp.status == 200:
+                    length = resp.header("Content-Length").strip()
+                    if length.isdigit() and int(length) != size:
+                        raise SizeMismatch(what, desc.digest, size, length)
+                    if have:
+                        log.info("%s: server ignored Range; starting over", desc.digest)
+                        f.seek(0)
+                        f.truncate(0)
+                        hasher, have = hashlib.new(hasher.name), 0
+                else:
+                    raise RegistryError(
+                        "%s answered %d for %s %s" % (self.client.endpoint, resp.status, what, desc.digest)
+                    )
+                raw = resp.raw
+                while True:
+                    if self.client.cancel.is_set():
+                        raise Interrupted("interrupted")
+                    want = min(CHUNK, size - have + 1)  # one byte more than promised reveals overlong bodies
+                    try:
+                        n = raw.readinto(view[:want])
+                    except (OSError, http.client.HTTPException) as e:
+                        lost = e
+                        break
+                    if not n:
+                        lost = None
+                        break
+                    if have + n > size:
+                        raise SizeMismatch(what, desc.digest, size, "more")
+                    chunk = view[:n]
+                    f.write(chunk)  # OSError here is the disk's: StorageError in fetch()
+                    hasher.update(chunk)
+                    have += n
+                    with self._count_lock:
+                        self.fetched_bytes += n
+                    self._report(desc, have)
+            finally:
+                resp.close()
+            if have < size:
+                failures += 1
+                why = _reason_text(lost) if lost is not None else "body ended early"
+                if failures > RETRIES:
+                    raise RegistryError("%s %s: the connection kept failing at %d of %d bytes (%s)"
+                                        % (what, desc.digest, have, size, why))
+                log.info("%s %s: %s at %d/%d bytes; resuming", what, desc.digest, why, have, size)
+                self.client._sleep(_backoff(failures) / 4)
+                continue
+            break
+        actual = "%s:%s" % (hasher.name, hasher.hexdigest())
+        if actual != desc.digest:
+            raise DigestMismatch(what, desc.digest, actual)
+
+
+# --------------------------------------------------------------------------- Progress
+
+
+class _Bars:
+    """Per-blob progress bars on a terminal (stderr), redrawn at most ten times a second."""
+
+    def __init__(self, stream, descs):
+        self.stream = stream
+        self.order = [d.digest for d in descs]
+        self.size = dict((d.digest, d.size) for d in descs)
+        self.done = dict.fromkeys(self.order, 0)
+        self.start = time.monotonic()
+        self.lock = threading.Lock()
+        self.drawn = 0
+        self.last = 0.0
+
+    def __call__(self, digest, done, total):
+        with self.lock:
+            self.done[digest] = done
+            now = time.monotonic()
+            if now - self.last >= 0.1 or done == total:
+                self.last = now
+                self._draw(now)
+
+    def _draw(self, now):
+        width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 60))
+        elapsed = max(now - self.start, 1e-6)
+        lines = []
+        for digest in self.order:
+            done, total = self.done[digest], self.size[digest]
+            frac = done / total if total else 1.0
+            fill = int(frac * width)
+            lines.append("%s [%s%s] %9s / %9s" % (digest.split(":")[1][:12], "#" * fill, "." * (width - fill),
+                                                   _human(done), _human(total)))
+        got = sum(self.done.values())
+        lines.append("%s / %s  %s/s" % (_human(got), _human(sum(self.size.values())), _human(got / elapsed)))
+        out = ("\x1b[%dA" % self.drawn if self.drawn else "") + "".join("\r\x1b[K" + ln + "\n" for ln in lines)
+        self.drawn = len(lines)
+        self.stream.write(out)
+        self.stream.flush()
+
+
+def _human(n):
+    # type: (float) -> str
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024.0
+    return str(n)
+
+
+# --------------------------------------------------------------------------- Public API
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    digest: str
+    media_type: str
+    size: int
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PullResult:
+    """What a pull produced; ``to_json()`` is the CLI's ``--json``."""
+
+    reference: str
+    manifest_digest: str
+    manifest_media_type: str
+    index_digest: Optional[str]
+    index_media_type: Optional[str]
+    platform: Platform
+    config: LayerResult
+    layers: Tuple[LayerResult, ...]
+    home: str
+    downloaded_bytes: int = 0
+    recorded: bool = True
+
+    @property
+    def size(self):
+        # type: () -> int
+        """The image's real size: config plus layers (what a user downloads once)."""
+        return self.config.size + sum(layer.size for layer in self.layers)
+
+    def to_json(self):
+        # type: () -> dict
+        return {
+            "reference": self.reference,
+            "manifest_digest": self.manifest_digest,
+            "manifest_media_type": self.manifest_media_type,
+            "index_digest": self.index_digest,
+            "platform": str(self.platform),
+            "config_digest": self.config.digest,
+            "config_path": self.config.path,
+            "size": self.size,
+            "downloaded_bytes": self.downloaded_bytes,
+            "home": self.home,
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+        }
+
+
+def pull(
+    reference,
+    *,
+    home=None,
+    platform=None,
+    jobs=4,
+    progress=None,
+    insecure=False,
+    ca_file=None,
+    username=None,
+    password=None,
+    cancel=None,
+):
+    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event]) -> PullResult
+    """Pull ``reference`` into the store at ``home`` and return what was pulled.
+
+    ``platform`` is a Platform or ``"os/arch[/variant]"`` (default: linux/this machine).
+    ``progress(digest, bytes_done, bytes_total)`` is called from download threads.
+    Credentials: ``username``/``password`` if given, else the Podman/Docker files.
+    Raises a PullError subclass on failure; nothing is recorded for a failed pull.
+    """
+    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+    want = platform if isinstance(platform, Platform) else (parse_platform(platform) if platform else host_platform())
+    if not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise UsageError("jobs must be between 1 and %d, not %r" % (MAX_JOBS, jobs))
+    store = Store(home or default_home())
+    if username is not None or password is not None:
+        creds = Credentials(username or "", password or "", source="arguments")  # type: Optional[Credentials]
+    else:
+        creds = find_credentials(ref.registry)
+    client = Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
+    return _Puller(client, store, ref, want, jobs, progress).run()
+
+
+class _Puller:
+    def __init__(self, client, store, ref, want, jobs, progress):
+        self.client, self.store, self.ref, self.want = client, store, ref, want
+        self.jobs, self.progress = jobs, progress
+        self.scope = "repository:%s:pull" % ref.repository
+
+    def _manifest(self, ref_or_digest, what, seen):
+        # type: (str, str, set) -> Tuple[str, str, bytes, dict]
+        """(digest, media type, bytes, document) for a tag or digest; the store answers known digests."""
+        is_digest = ref_or_digest.startswith(tuple(a + ":" for a in _DIGEST_HEX))
+        if ref_or_digest in seen:
+            raise IntegrityError("%s %s refers to itself" % (what, ref_or_digest))
+        seen.add(ref_or_digest)
+        if is_digest:
+            data = self.store.read(ref_or_digest)
+            if data is not None:
+                doc = _loads_json(data, what)
+                return ref_or_digest, _media_type(doc.get("mediaType", ""), doc), data, doc
+        path = "/v2/%s/manifests/%s" % (self.ref.repository, ref_or_digest)
+        headers = {"Accept": MANIFEST_ACCEPT}
+        if not is_digest:
+            # A warm re-pull asks only this: the digest says whether anything changed.
+            resp = self.client.request("HEAD", path, headers=headers, scope=self.scope)
+            resp.close()
+            digest = resp.header("Docker-Content-Digest").strip()
+            if resp.status == 200 and digest:
+                check_digest(digest, "Docker-Content-Digest")
+                data = self.store.read(digest)
+                if data is not None:
+                    doc = _loads_json(data, what)
+                    return digest, _media_type(resp.header("Content-Type"), doc), data, doc
+            elif resp.status == 404:
+                raise NotFound("%s: %s not found (MANIFEST_UNKNOWN)" % (self.ref, what))
+        resp = self.client.request("GET", path, headers=headers, scope=self.scope)
+        try:
+            if resp.status == 404:
+                code, msg = _registry_error(resp.read(65536))
+                raise NotFound("%s: %s not found (%s)" % (self.ref, what, code or msg or "404"))
+            if resp.status != 200:
+                raise RegistryError("%s answered %d for %s" % (self.client.endpoint, resp.status, path))
+            try:
+                data = resp.read(MAX_MANIFEST_BYTES)
+            except IntegrityError:
+                raise IntegrityError("%s %s is larger than %d bytes: refused"
+                                     % (what, ref_or_digest, MAX_MANIFEST_BYTES)) from None
+            except (OSError, http.client.HTTPException) as e:
+                raise RegistryError("reading %s from %s failed: %s" % (what, self.client.endpoint, _reason_text(e))) \
+                    from None
+        finally:
+            resp.close()
+        served = resp.header("Docker-Content-Digest").strip()
+        if is_digest:
+            _verify_bytes(what, data, ref_or_digest)
+            digest = ref_or_digest
+        elif served:
+            algo, _ = check_digest(served, "Docker-Content-Digest")
+            _verify_bytes(what, data, served)
+            digest = served
+        else:
+            digest = _hash("sha256", data)
+        doc = _loads_json(data, what)
+        mt = _media_type(resp.header("Content-Type"), doc)
+        if mt in MT_DOCKER_SCHEMA1:
+            raise UnsupportedError(
+                "%s is a Docker schema 1 manifest, retired since 2019 and not supported; "
+                "push the image again with a current client" % self.ref
+            )
+        self.store.put(digest, data)
+        return digest, mt, data, doc
+
+    def run(self):
+        # type: () -> PullResult
+        ref = self.ref
+        seen = set()  # type: set
+        index_digest = index_mt = index_doc = None
+        digest, mt, data, doc = self._manifest(ref.ref, "manifest", seen)
+        depth = 0
+        while mt in INDEX_TYPES:
+            depth += 1
+            if depth > 4:
+                raise IntegrityError("%s: indexes nested more than 4 deep" % ref)
+            entries = doc.get("manifests")
+            if not isinstance(entries, list):
+                raise IntegrityError("%s: index %s has no manifests list" % (ref, digest))
+            descs = [Descriptor.parse(e, "index entry") for e in entries]
+            if index_digest is None:
+                index_digest, index_mt, index_doc = digest, mt, doc
+            chosen = select_platform(descs, self.want, str(ref))
+            digest, mt, data, doc = self._manifest(chosen.digest, "manifest", seen)
+        if mt not in MANIFEST_TYPES:
+            raise UnsupportedError("%s: unsupported manifest media type %r" % (ref, mt[:100]))
+        if not isinstance(doc.get("layers"), list):
+            raise IntegrityError("%s: manifest %s has no layers list" % (ref, digest))
+        config = Descriptor.parse(doc.get("config"), "config")
+        layers = [Descriptor.parse(x, "layer %d" % i) for i, x in enumerate(doc["layers"])]
+        if config.media_type not in (MT_OCI_CONFIG, MT_DOCKER_CONFIG):
+            raise UnsupportedError(
+                "%s is not a container image (config media type %s): artifacts are not supported"
+                % (ref, config.media_type[:100])
+            )
+        for i, layer in enumerate(layers):
+            if layer.media_type not in LAYER_TYPES:
+                raise UnsupportedError("%s: layer %d has unsupported media type %s" % (ref, i, layer.media_type[:100]))
+
+        downloader = _Downloader(self.client, self.store, ref.repository, self.progress)
+        unique = list(dict((d.digest, d) for d in [config] + layers).values())
+        self._fetch_all(downloader, unique, config)
+
+        config_data = self.store.read(config.digest) or b""
+        config_doc = _loads_json(config_data, "config")
+        diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids") if isinstance(config_doc.get("rootfs"), dict) \
+            else None
+        if isinstance(diff_ids, list) and len(diff_ids) != len(layers):
+            raise IntegrityError("%s: the manifest has %d layers but the config lists %d diff_ids"
+                                 % (ref, len(layers), len(diff_ids)))
+        plat = Platform(str(config_doc.get("os") or self.want.os), str(config_doc.get("architecture") or ""),
+                        str(config_doc.get("variant") or ""))
+        mk = lambda d: LayerResult(d.digest, d.media_type, d.size, self.store.path(d.digest))  # noqa: E731
+        result = PullResult(
+            reference=str(ref), manifest_digest=digest, manifest_media_type=mt, index_digest=index_digest,
+            index_media_type=index_mt, platform=plat, config=mk(config), layers=tuple(mk(d) for d in layers),
+            home=self.store.home, downloaded_bytes=downloader.fetched_bytes,
+        )
+        recorded = self.store.touch(str(ref), digest) or self.store.record(result, index_doc, doc, config_doc)
+        if not recorded and not _have_sqlite():
+            log.warning("this Python has no sqlite3 module: blobs are stored but no metadata was recorded")
+        return dataclasses.replace(result, recorded=recorded)
+
+    def _fetch_all(self, downloader, descs, config):
+        missing = [d for d in descs if not self.store.has(d.digest, d.size)]
+        for d in descs:
+            if d not in missing and self.progress:
+                self.progress(d.digest, d.size, d.size)
+        if not missing:
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(self.jobs, len(missing)))
+        futures = [pool.submit(downloader.fetch, d, "config" if d is config else "layer") for d in missing]
+        try:
+            for fut in concurrent.futures.as_completed(futures):
+                fut.result()  # the first failure stops the pull
+        except BaseException:
+            self.client.cancel.set()
+            for fut in futures:
+                fut.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+
+def _have_sqlite():
+    try:
+        import sqlite3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- Command line
+
+_EXIT_CODES = """exit codes:
+  0    pulled
+  1    anything else (e.g. unsupported manifest or media type)
+  2    usage error or malformed reference
+  3    authentication or authorization refused
+  4    not found: repository, tag, digest, or no image for the platform
+  5    integrity: digest or size mismatch, malformed or hostile content
+  6    registry unreachable or failing after retries (each request is tried %d times,
+       waiting at most ~%ds in all, or %d x Retry-After capped at %ds)
+  7    local storage error (unwritable store, disk full)
+  130  interrupted (Ctrl-C)
+""" % (RETRIES + 1, sum(min(RETRY_MAX, RETRY_BASE * 2 ** i) for i in range(RETRIES)), RETRIES, RETRY_AFTER_MAX)
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="registry_pull",
+        description="Pull a container image from an OCI/Docker registry into a verified local store.",
+        epilog=_EXIT_CODES + "\ncredentials: --username/--password-stdin, else $REGISTRY_AUTH_FILE, "
+        "$XDG_RUNTIME_DIR/containers/auth.json, $DOCKER_CONFIG/config.json (~/.docker/config.json)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("reference", help="image reference, e.g. alpine, library/alpine:3.20, ghcr.io/o/i@sha256:...")
+    p.add_argument("--home", metavar="DIR", help="the store (default $REGISTRY_PULL_HOME, else "
+                   "${XDG_DATA_HOME:-~/.local/share}/registry_pull)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: linux/%s" % host_platform().architecture)
+    p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel blob downloads, 1-%d (default 4)"
+                   % MAX_JOBS)
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP and unverified TLS for this registry (loopback may use HTTP anyway)")
+    p.add_argument("--ca-file", metavar="FILE", help="extra trusted CA bundle (besides SSL_CERT_FILE)")
+    p.add_argument("--username", metavar="USER", help="registry user name (password from --password-stdin)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="say what is happening (-vv: every request)")
+    p.add_argument("--version", action="version", version="registry_pull " + __version__)
+    return p
+
+
+class _ArgParseExit(Exception):
+    def __init__(self, code):
+        self.code = code
+
+
+def main(argv=None):
+    # type: (Optional[List[str]]) -> int
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse prints its own usage message
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("registry_pull: %(message)s"))
+    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
+                                              logging.INFO if args.verbose else logging.WARNING)
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(level)
+    cancel = threading.Event()
+    try:
+        password = None
+        if args.password_stdin:
+            if not args.username:
+                raise UsageError("--password-stdin needs --username")
+            password = sys.stdin.readline().rstrip("\r\n")
+        elif args.username:
+            raise UsageError("--username needs --password-stdin (passwords are never taken as arguments)")
+        ref = parse_reference(args.reference)
+        want = parse_platform(args.platform) if args.platform else host_platform()
+        progress = None
+        if not args.quiet and not args.json and sys.stderr.isatty():
+            progress = _LazyBars(sys.stderr)
+        started = time.monotonic()
+        result = pull(ref, home=args.home, platform=want, jobs=args.jobs, progress=progress,
+                      insecure=args.insecure, ca_file=args.ca_file, username=args.username,
+                      password=password, cancel=cancel)
+        if args.json:
+            sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        elif not args.quiet:
+            sys.stderr.write(
+                "registry_pull: pulled %s (%s) %s, %d layers, %s; downloaded %s in %.1fs\n"
+                % (result.reference, result.platform, result.manifest_digest, len(result.layers),
+                   _human(result.size), _human(result.downloaded_bytes), time.monotonic() - started)
+            )
+        return 0
+    except KeyboardInterrupt:
+        cancel.set()
+        sys.stderr.write("registry_pull: error: interrupted; partial downloads are kept and will resume\n")
+        return 130
+    except PullError as e:
+        cancel.set()
+        msg = str(e).replace("\n", " ")
+        sys.stderr.write("registry_pull: error: %s\n" % msg)
+        return e.exit_code
+    except Exception as e:  # a bug: still one line (the traceback with -v), never a crash dump
+        cancel.set()
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write("registry_pull: error: internal error %s: %s (please report it)\n"
+                         % (e.__class__.__name__, str(e).replace("\n", " ")[:300]))
+        return 1
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+class _LazyBars:
+    """Progress bars that learn blob sizes from the callbacks as downloads start."""
+
+    def __init__(self, stream):
+        self.bars = _Bars(stream, [])
+
+    def __call__(self, digest, done, total):
+        b = self.bars
+        with b.lock:
+            if digest not in b.size:
+                b.order.append(digest)
+                b.size[digest] = total
+                b.done[digest] = 0
+        b(digest, done, total)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1070 @@
+"""Tests for registry_pull: real HTTP on 127.0.0.1, no internet.
+
+    python -m unittest -v test_registry_pull
+
+An in-process registry (http.server in a thread) serves images the tests build and injects
+faults; tests that need the real CNCF Distribution registry and skopeo skip with a reason
+when those programs are absent.
+"""
+
+import base64
+import contextlib
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+
+import registry_pull as rp  # the one place the module is named: a vendored copy can be tested too
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sha256(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def make_layer(files, compress=True):
+    """A layer tar (gzip unless compress=False) holding ``{name: bytes}``; returns (blob, diff_id)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 1700000000
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    blob = gzip.compress(raw, mtime=0) if compress else raw
+    return blob, sha256(raw)
+
+
+OCI = {"index": rp.MT_OCI_INDEX, "manifest": rp.MT_OCI_MANIFEST, "config": rp.MT_OCI_CONFIG,
+       "layer": "application/vnd.oci.image.layer.v1.tar+gzip"}
+DOCKER = {"index": rp.MT_DOCKER_LIST, "manifest": rp.MT_DOCKER_MANIFEST, "config": rp.MT_DOCKER_CONFIG,
+          "layer": "application/vnd.docker.image.rootfs.diff.tar.gzip"}
+
+
+class Image:
+    """An image built in memory: config, layers and manifest bytes."""
+
+    def __init__(self, arch="amd64", variant="", layers=None, types=OCI, env=None):
+        self.types = types
+        layers = layers if layers is not None else [
+            make_layer({"etc/arch": arch.encode(), "bin/tool": os.urandom(3000)}),
+            make_layer({"data/blob": os.urandom(200000)}),  # incompressible: a real-sized body
+        ]
+        self.layers = [blob for blob, _ in layers]
+        config = {
+            "architecture": arch, "os": "linux", "created": "2026-01-01T00:00:00Z",
+            "config": {"Env": env or ["PATH=/usr/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/",
+                       "User": "0", "ExposedPorts": {"80/tcp": {}}},
+            "rootfs": {"type": "layers", "diff_ids": [d for _, d in layers]},
+            "history": [{"created_by": "test"}],
+        }
+        if variant:
+            config["variant"] = variant
+        self.config = json.dumps(config).encode()
+        self.manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": types["manifest"],
+            "config": {"mediaType": types["config"], "digest": sha256(self.config), "size": len(self.config)},
+            "layers": [{"mediaType": types["layer"], "digest": sha256(b), "size": len(b)} for b in self.layers],
+        }).encode()
+        self.digest = sha256(self.manifest)
+        self.arch, self.variant = arch, variant
+
+    @property
+    def size(self):
+        return len(self.config) + sum(len(b) for b in self.layers)
+
+    def blobs(self):
+        return dict((sha256(b), b) for b in [self.config] + self.layers)
+
+
+def make_index(images, types=OCI, attestations=True):
+    manifests = []
+    for img in images:
+        plat = {"os": "linux", "architecture": img.arch}
+        if img.variant:
+            plat["variant"] = img.variant
+        manifests.append({"mediaType": types["manifest"], "digest": img.digest, "size": len(img.manifest),
+                          "platform": plat})
+        if attestations:
+            manifests.append({"mediaType": types["manifest"], "digest": sha256(b"att-" + img.digest.encode()),
+                              "size": 10, "platform": {"os": "unknown", "architecture": "unknown"},
+                              "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                              "vnd.docker.reference.digest": img.digest}})
+    return json.dumps({"schemaVersion": 2, "mediaType": types["index"], "manifests": manifests}).encode()
+
+
+class Registry:
+    """An in-process OCI registry on 127.0.0.1 with auth and fault injection."""
+
+    def __init__(self, auth=None, token_lifetime=300, users=None):
+        self.auth = auth  # None, "basic" or "bearer"
+        self.users = users if users is not None else {"alice": "s3cret"}
+        self.anonymous_tokens = True
+        self.token_lifetime = token_lifetime
+        self.token_answer = "both"  # "token", "access_token" or "both"
+        self.tokens = {}  # token -> expiry
+        self.token_requests = []
+        self.blobs = {}
+        self.manifests = {}  # (repo, ref) -> (media_type, bytes)
+        self.log = []  # (method, path, headers)
+        self.honour_range = True
+        self.head_allowed = True
+        self.redirect_to = None  # base URL blob GETs are redirected to
+        self.fault = None  # callable(handler, method, path) -> True when it answered
+        self.lock = threading.Lock()
+        self.server = None
+
+    # -- content ---------------------------------------------------------------------
+
+    def push(self, repo, tag, image):
+        self.blobs.update(image.blobs())
+        self.manifests[(repo, image.digest)] = (image.types["manifest"], image.manifest)
+        if tag:
+            self.manifests[(repo, tag)] = (image.types["manifest"], image.manifest)
+        return image
+
+    def push_index(self, repo, tag, images, types=OCI, attestations=True):
+        for img in images:
+            self.push(repo, None, img)
+        data = make_index(images, types, attestations)
+        self.manifests[(repo, tag)] = (types["index"], data)
+        self.manifests[(repo, sha256(data))] = (types["index"], data)
+        return sha256(data)
+
+    def requests(self, method=None, kind=None):
+        with self.lock:
+            return [(m, p) for m, p, _ in self.log
+                    if (method is None or m == method) and (kind is None or "/%s/" % kind in p)]
+
+    # -- server ----------------------------------------------------------------------
+
+    def start(self, case):
+        reg = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.handle_any("HEAD")
+
+            def do_GET(self):
+                self.handle_any("GET")
+
+            def do_POST(self):
+                self.handle_any("POST")
+
+            def send(self, status, body=b"", headers=None, head=False):
+                self.send_response(status)
+                headers = dict(headers or {})
+                headers.setdefault("Content-Length", str(len(body)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head and body:
+                    try:
+                        self.wfile.write(body)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+
+            def error(self, status, code, head=False, headers=None):
+                body = json.dumps({"errors": [{"code": code, "message": code.lower()}]}).encode()
+                h = {"Content-Type": "application/json"}
+                h.update(headers or {})
+                self.send(status, body, h, head)
+
+            def handle_any(self, method):
+                path = urllib.parse.urlsplit(self.path).path
+                with reg.lock:
+                    reg.log.append((method, self.path, dict(self.headers)))
+                if method == "POST" and path != "/token":
+                    return self.error(405, "UNSUPPORTED")
+                if reg.fault and reg.fault(self, method, path):
+                    return
+                if path == "/token":
+                    return self.token()
+                if not self.authorized(path):
+                    return
+                if path == "/v2/":
+                    return self.send(200, b"{}", {"Content-Type": "application/json"}, method == "HEAD")
+                m = re.match(r"^/v2/(.+)/(manifests|blobs)/([^/]+)$", path)
+                if not m:
+                    return self.error(404, "NAME_UNKNOWN", method == "HEAD")
+                repo, kind, ref = m.groups()
+                if kind == "manifests":
+                    if method == "HEAD" and not reg.head_allowed:
+                        return self.send(405, head=True)
+                    found = reg.manifests.get((repo, ref))
+                    if not found:
+                        return self.error(404, "MANIFEST_UNKNOWN", method == "HEAD")
+                    mt, data = found
+                    return self.send(200, data, {"Content-Type": mt, "Docker-Content-Digest": sha256(data)},
+                                     method == "HEAD")
+                data = reg.blobs.get(ref)
+                if data is None:
+                    return self.error(404, "BLOB_UNKNOWN", method == "HEAD")
+                if reg.redirect_to and method == "GET":
+                    return self.send(307, headers={"Location": "%s/obj/%s?sig=secret" % (reg.redirect_to, ref)})
+                self.serve_blob(data, method)
+
+            def serve_blob(self, data, method="GET"):
+                rng = self.headers.get("Range")
+                m = re.match(r"^bytes=(\d+)-$", rng or "")
+                if m and reg.honour_range:
+                    start = int(m.group(1))
+                    if start >= len(data):
+                        return self.send(416, headers={"Content-Range": "bytes */%d" % len(data)})
+                    return self.send(206, data[start:], {
+                        "Content-Range": "bytes %d-%d/%d" % (start, len(data) - 1, len(data)),
+                        "Content-Type": "application/octet-stream"}, method == "HEAD")
+                self.send(200, data, {"Content-Type": "application/octet-stream"}, method == "HEAD")
+
+            def token(self):
+                q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                if self.command == "POST":
+                    n = int(self.headers.get("Content-Length") or 0)
+                    q = urllib.parse.parse_qs(self.rfile.read(n).decode())
+                auth = self.headers.get("Authorization", "")
+                with reg.lock:
+                    reg.token_requests.append((self.command, q, auth))
+                if auth.startswith("Basic "):
+                    user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
+                    if reg.users.get(user) != pw:
+                        return self.error(401, "UNAUTHORIZED")
+                elif self.command == "POST":
+                    if q.get("refresh_token") != ["refresh-me"]:
+                        return self.error(401, "UNAUTHORIZED")
+                elif not reg.anonymous_tokens:
+                    return self.error(401, "UNAUTHORIZED")
+                with reg.lock:
+                    tok = "tok-%d" % len(reg.token_requests)
+                    reg.tokens[tok] = time.time() + reg.token_lifetime
+                answer = {"expires_in": reg.token_lifetime}
+                if reg.token_answer in ("token", "both"):
+                    answer["token"] = tok
+                if reg.token_answer in ("access_token", "both"):
+                    answer["access_token"] = tok
+                self.send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
+
+            def authorized(self, path):
+                auth = self.headers.get("Authorization", "")
+                head = self.command == "HEAD"
+                if reg.auth == "basic":
+                    if auth.startswith("Basic "):
+                        user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
+                        if reg.users.get(user) == pw:
+                            return True
+                    self.error(401, "UNAUTHORIZED", head, {"WWW-Authenticate": 'Basic realm="test"'})
+                    return False
+                if reg.auth == "bearer":
+                    tok = auth[7:] if auth.startswith("Bearer ") else None
+                    expiry = reg.tokens.get(tok)
+                    if expiry and time.time() < expiry:
+                        return True
+                    m = re.match(r"^/v2/(.+)/(?:manifests|blobs)/", path)
+                    scope = ',scope="repository:%s:pull"' % m.group(1) if m else ""
+                    err = ',error="invalid_token"' if tok else ""
+                    self.error(401, "UNAUTHORIZED", head, {"WWW-Authenticate": 'Bearer realm="http://%s/token",'
+                               'service="test-registry"%s%s' % (reg.host, scope, err)})
+                    return False
+                return True
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = "127.0.0.1:%d" % self.server.server_address[1]
+        t = threading.Thread(target=self.server.serve_forever, daemon=True)
+        t.start()
+        case.addCleanup(self.stop)
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ObjectStore:
+    """A second server standing in for S3: serves /obj/DIGEST, refuses any Authorization header."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.log = []
+
+    def start(self, case):
+        store = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                store.log.append((self.path, dict(self.headers)))
+                digest = urllib.parse.urlsplit(self.path).path.rsplit("/", 1)[-1]
+                if "Authorization" in self.headers:
+                    body = b"<Error><Code>InvalidArgument</Code>Only one auth mechanism allowed</Error>"
+                    self.send_response(400)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                data = store.registry.blobs[digest]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        case.addCleanup(lambda: (self.server.shutdown(), self.server.server_close()))
+        return self
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.home = tempfile.mkdtemp(prefix="rp-home-")
+        self.addCleanup(lambda: subprocess.call(["rm", "-rf", self.home]))
+        # Fast retries, so fault tests take milliseconds; the real waits are documented in --help.
+        for name, value in (("RETRY_BASE", 0.01), ("RETRY_MAX", 0.05)):
+            old = getattr(rp, name)
+            setattr(rp, name, value)
+            self.addCleanup(setattr, rp, name, old)
+        # No credentials from the developer's own files.
+        env = {"HOME": self.home, "DOCKER_CONFIG": os.path.join(self.home, "no-docker"),
+               "REGISTRY_AUTH_FILE": "", "XDG_RUNTIME_DIR": ""}
+        for k, v in env.items():
+            old = os.environ.get(k)
+            os.environ[k] = v
+            self.addCleanup(self._restore_env, k, old)
+
+    @staticmethod
+    def _restore_env(k, old):
+        if old is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = old
+
+    def registry(self, **kw):
+        return Registry(**kw).start(self)
+
+    def pull(self, reg, ref, **kw):
+        kw.setdefault("home", self.home)
+        kw.setdefault("platform", "linux/amd64")
+        return rp.pull("%s/%s" % (reg.host, ref), **kw)
+
+    def main(self, *argv):
+        """Run the CLI in-process; return (exit code, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = rp.main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    def assertStoreHas(self, image):
+        for digest, data in image.blobs().items():
+            path = os.path.join(self.home, "blobs", "sha256", digest.split(":")[1])
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), data, digest)
+
+    def stray_files(self):
+        found = []
+        for root, _, files in os.walk(os.path.join(self.home, "blobs")):
+            found += [f for f in files if not re.match(r"^[0-9a-f]{64}$", f)]
+        return found
+
+    def image_rows(self):
+        db = os.path.join(self.home, "oci.db")
+        if not os.path.exists(db):
+            return []
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return conn.execute("SELECT reference FROM images").fetchall()
+
+
+# --------------------------------------------------------------------------- references
+
+
+class ReferenceTests(unittest.TestCase):
+    GOOD = [
+        ("alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("library/alpine:3.20", ("docker.io", "library/alpine", "3.20", None)),
+        ("docker.io/alpine", ("docker.io", "library/alpine", "latest", None)),
+        ("index.docker.io/library/alpine:edge", ("docker.io", "library/alpine", "edge", None)),
+        ("user/repo", ("docker.io", "user/repo", "latest", None)),
+        ("ghcr.io/owner/image:v1.2.3", ("ghcr.io", "owner/image", "v1.2.3", None)),
+        ("localhost/foo", ("localhost", "foo", "latest", None)),
+        ("localhost:5000/a/b/c:tag", ("localhost:5000", "a/b/c", "tag", None)),
+        ("127.0.0.1:5000/x", ("127.0.0.1:5000", "x", "latest", None)),
+        ("[::1]:5000/x:y", ("[::1]:5000", "x", "y", None)),
+        ("Registry.Example.COM/a", ("registry.example.com", "a", "latest", None)),
+        ("quay.io/a_b/c__d/e-f--g.h:T_1.x", ("quay.io", "a_b/c__d/e-f--g.h", "T_1.x", None)),
+        ("alpine@sha256:" + "a" * 64, ("docker.io", "library/alpine", None, "sha256:" + "a" * 64)),
+        ("r.io/a:t@sha256:" + "b" * 64, ("r.io", "a", "t", "sha256:" + "b" * 64)),
+        ("r.io/a@sha512:" + "c" * 128, ("r.io", "a", None, "sha512:" + "c" * 128)),
+        ("foo:5000", ("docker.io", "library/foo", "5000", None)),  # one component: a tag, not a port
+    ]
+    BAD = [
+        ("", "empty"),
+        ("Alpine", "lowercase"),
+        ("docker.io/Library/alpine", "lowercase"),
+        ("alpine:", "tag"),
+        ("alpine:-x", "tag"),
+        ("alpine:" + "t" * 129, "tag"),
+        ("a//b", "characters"),
+        ("a/b/", "characters"),
+        ("-a", "characters"),
+        ("a..b", "characters"),
+        ("a b", "white space"),
+        ("r.io:0/a", "port"),
+        ("r.io:65536/a", "port"),
+        ("r.io:99999999999/a", "port"),
+        ("r.io:abc/a", "host"),
+        ("r_io.com/a", "host"),
+        ("[::zz]:5000/a", "IPv6"),
+        ("alpine@sha256:abc", "digest"),
+        ("alpine@sha256:" + "A" * 64, "digest"),
+        ("alpine@sha256:../../x", "digest"),
+        ("alpine@md5:" + "a" * 32, "algorithm"),
+        ("alpine@", "digest"),
+        ("r.io/" + "a" * 255, "255"),
+        ("r.io/", "no repository"),
+    ]
+
+    def test_good(self):
+        for text, want in self.GOOD:
+            with self.subTest(case=text):
+                r = rp.parse_reference(text)
+                self.assertEqual((r.registry, r.repository, r.tag, r.digest), want)
+
+    def test_bad(self):
+        for text, why in self.BAD:
+            with self.subTest(case=text):
+                with self.assertRaises(rp.InvalidReference) as cm:
+                    rp.parse_reference(text)
+                self.assertIn(why, str(cm.exception))
+                self.assertEqual(cm.exception.exit_code, 2)
+
+    def test_str_and_endpoint(self):
+        r = rp.parse_reference("alpine")
+        self.assertEqual(str(r), "docker.io/library/alpine:latest")
+        self.assertEqual(r.endpoint, "registry-1.docker.io")
+        self.assertEqual(rp.parse_reference("localhost:5000/a").endpoint, "localhost:5000")
+
+    def test_digest_wins_over_tag(self):
+        r = rp.parse_reference("r.io/a:t@sha256:" + "b" * 64)
+        self.assertEqual(r.ref, "sha256:" + "b" * 64)
+
+
+class PlatformTests(unittest.TestCase):
+    def entries(self):
+        out = []
+        for arch, variant in (("amd64", ""), ("arm64", "v8"), ("arm", "v7"), ("arm", "v6")):
+            out.append(rp.Descriptor(rp.MT_OCI_MANIFEST, sha256((arch + variant).encode()), 1,
+                                     rp.Platform("linux", arch, variant)))
+        out.insert(0, rp.Descriptor(rp.MT_OCI_MANIFEST, sha256(b"att"), 1, rp.Platform("unknown", "unknown"),
+                                    {"vnd.docker.reference.type": "attestation-manifest"}))
+        return out
+
+    def test_selection(self):
+        cases = [
+            ("linux/amd64", "amd64"), ("linux/arm64", "arm64v8"), ("linux/arm64/v8", "arm64v8"),
+            ("linux/arm", "armv7"), ("linux/arm/v7", "armv7"), ("linux/arm/v6", "armv6"),
+            ("linux/amd64/v1", "amd64"), ("linux/amd64/v3", "amd64"),
+        ]
+        for want, digest_of in cases:
+            with self.subTest(case=want):
+                d = rp.select_platform(self.entries(), rp.parse_platform(want), "img")
+                self.assertEqual(d.digest, sha256(digest_of.encode()))
+
+    def test_no_match_lists_platforms(self):
+        with self.assertRaises(rp.NoMatchingPlatform) as cm:
+            rp.select_platform(self.entries(), rp.parse_platform("linux/s390x"), "img")
+        msg = str(cm.exception)
+        self.assertIn("linux/amd64", msg)
+        self.assertIn("linux/arm/v7", msg)
+        self.assertNotIn("unknown", msg)
+        self.assertEqual(cm.exception.exit_code, 4)
+
+    def test_attestation_never_chosen(self):
+        only_att = self.entries()[:1]
+        with self.assertRaises(rp.NoMatchingPlatform):
+            rp.select_platform(only_att, rp.parse_platform("unknown/unknown"), "img")
+
+    def test_host_platform(self):
+        p = rp.host_platform()
+        self.assertEqual(p.os, "linux")
+        self.assertNotIn(p.architecture, ("x86_64", "aarch64"))
+
+    def test_parse_platform_errors(self):
+        for bad in ("linux", "linux/", "a/b/c/d", "Linux/AMD64", ""):
+            with self.subTest(case=bad):
+                with self.assertRaises(rp.UsageError):
+                    rp.parse_platform(bad)
+
+
+class ChallengeTests(unittest.TestCase):
+    def test_parse(self):
+        cases = [
+            ('Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull"',
+             [("bearer", {"realm": "https://auth.example/token", "service": "reg.example",
+                          "scope": "repository:a/b:pull"})]),
+            ('Basic realm="Registry Realm"', [("basic", {"realm": "Registry Realm"})]),
+            ('Bearer realm="r",scope="repository:a:pull,push"',
+             [("bearer", {"realm": "r", "scope": "repository:a:pull,push"})]),
+            ('Bearer realm="r", error="invalid_token"', [("bearer", {"realm": "r", "error": "invalid_token"})]),
+            ('Basic realm="x", Bearer realm="y",service="s"',
+             [("basic", {"realm": "x"}), ("bearer", {"realm": "y", "service": "s"})]),
+            ('Bearer realm=unquoted,service=svc', [("bearer", {"realm": "unquoted", "service": "svc"})]),
+            ('Bearer realm="a\\"b"', [("bearer", {"realm": 'a"b'})]),
+            ("", []),
+        ]
+        for header, want in cases:
+            with self.subTest(case=header):
+                self.assertEqual(rp.parse_www_authenticate(header), want)
+
+
+# --------------------------------------------------------------------------- pulls
+
+
+class PullTests(Base):
+    def test_oci_index_each_platform(self):
+        reg = self.registry()
+        images = [Image("amd64"), Image("arm64", "v8"), Image("arm", "v7")]
+        index_digest = reg.push_index("multi/app", "1.0", images)
+        for plat, img in (("linux/amd64", images[0]), ("linux/arm64", images[1]), ("linux/arm/v7", images[2])):
+            with self.subTest(case=plat):
+                res = self.pull(reg, "multi/app:1.0", platform=plat)
+                self.assertEqual(res.manifest_digest, img.digest)
+                self.assertEqual(res.index_digest, index_digest)
+                self.assertEqual(res.platform.architecture, img.arch)
+                self.assertStoreHas(img)
+        # Attestation manifests were never requested.
+        self.assertFalse([p for _, p in reg.requests() if "att" in p])
+        for img in images:
+            self.assertEqual(len([p for m, p in reg.requests("GET", "blobs") if img.layers[1] and
+                                  sha256(img.layers[1]) in p]), 1)
+
+    def test_docker_manifest_list(self):
+        reg = self.registry()
+        images = [Image("amd64", types=DOCKER), Image("arm64", "v8", types=DOCKER)]
+        reg.push_index("d/list", "latest", images, types=DOCKER, attestations=False)
+        res = self.pull(reg, "d/list", platform="linux/arm64/v8")
+        self.assertEqual(res.manifest_digest, images[1].digest)
+        self.assertEqual(res.manifest_media_type, rp.MT_DOCKER_MANIFEST)
+        self.assertStoreHas(images[1])
+
+    def test_reference_straight_to_manifest(self):
+        reg = self.registry()
+        img = reg.push("single", "v1", Image("arm64", "v8"))
+        res = self.pull(reg, "single:v1", platform="linux/amd64")  # no index: the manifest is the image
+        self.assertIsNone(res.index_digest)
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertEqual(str(res.platform), "linux/arm64/v8")
+        self.assertEqual(res.size, img.size)
+        self.assertStoreHas(img)
+
+    def test_pull_by_digest_verifies_manifest(self):
+        reg = self.registry()
+        img = reg.push("byd", "v1", Image())
+        res = self.pull(reg, "byd@" + img.digest)
+        self.assertEqual(res.manifest_digest, img.digest)
+        # The registry serves other bytes under that digest: refused.
+        other = Image()
+        reg.manifests[("byd", other.digest)] = (rp.MT_OCI_MANIFEST, img.manifest)
+        reg.blobs.update(other.blobs())
+        with self.assertRaises(rp.DigestMismatch):
+            self.pull(reg, "byd@" + other.digest)
+
+    def test_manifest_digest_header_checked(self):
+        reg = self.registry()
+        img = reg.push("hdr", "v1", Image())
+
+        def lie(h, method, path):
+            if "/manifests/" in path:
+                h.send(200, img.manifest, {"Content-Type": rp.MT_OCI_MANIFEST,
+                                           "Docker-Content-Digest": sha256(b"other")}, method == "HEAD")
+                return True
+        reg.fault = lie
+        with self.assertRaises(rp.DigestMismatch):
+            self.pull(reg, "hdr:v1")
+        self.assertEqual(self.image_rows(), [])
+
+    def test_warm_repull_costs_one_manifest_request(self):
+        reg = self.registry(auth="bearer")
+        reg.push_index("warm/app", "latest", [Image("amd64"), Image("arm64", "v8")])
+        self.pull(reg, "warm/app")
+        reg.log.clear()
+        res = self.pull(reg, "warm/app")
+        registry_requests = [(m, p) for m, p in reg.requests() if p.startswith("/v2/")]
+        manifest_ok = [r for r in registry_requests if "/manifests/" in r[1]]
+        self.assertEqual(reg.requests(kind="blobs"), [])
+        # One HEAD answered 401 (the challenge), one HEAD with the token; nothing else.
+        self.assertEqual(manifest_ok, [("HEAD", "/v2/warm/app/manifests/latest")] * 2)
+        self.assertEqual(res.downloaded_bytes, 0)
+
+    def test_head_405_falls_back_to_get(self):
+        reg = self.registry()
+        reg.head_allowed = False
+        img = reg.push("nohead", "v1", Image())
+        self.pull(reg, "nohead:v1")
+        self.assertStoreHas(img)
+        self.assertIn(("GET", "/v2/nohead/manifests/v1"), reg.requests())
+
+    def test_schema1_refused(self):
+        reg = self.registry()
+        reg.manifests[("old", "v1")] = (rp.MT_DOCKER_SCHEMA1[1], json.dumps(
+            {"schemaVersion": 1, "name": "old", "tag": "v1", "fsLayers": []}).encode())
+        with self.assertRaises(rp.UnsupportedError) as cm:
+            self.pull(reg, "old:v1")
+        self.assertIn("schema 1", str(cm.exception))
+
+    def test_manifest_cap(self):
+        reg = self.registry()
+        big = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_MANIFEST,
+                          "annotations": {"x": "y" * (4 * 1024 * 1024)}}).encode()
+        reg.manifests[("big", "v1")] = (rp.MT_OCI_MANIFEST, big)
+        with self.assertRaises(rp.IntegrityError) as cm:
+            self.pull(reg, "big:v1")
+        self.assertIn("larger than", str(cm.exception))
+
+    def test_database_rows(self):
+        reg = self.registry()
+        images = [Image("amd64"), Image("arm64", "v8")]
+        index_digest = reg.push_index("db/app", "2", images)
+        res = self.pull(reg, "db/app:2")
+        with contextlib.closing(sqlite3.connect(os.path.join(self.home, "oci.db"))) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 1)
+            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            row = conn.execute("SELECT id, reference, size_bytes, manifest_digest, index_digest, platform "
+                               "FROM images").fetchone()
+            self.assertEqual(row[1:], (res.reference, images[0].size, images[0].digest, index_digest,
+                                       "linux/amd64"))
+            idx = conn.execute("SELECT media_type, platform_os, platform_arch, digest FROM indexes "
+                               "WHERE image_id = ?", (row[0],)).fetchone()
+            self.assertEqual(idx, (rp.MT_OCI_INDEX, "linux", "amd64", index_digest))
+            man = conn.execute("SELECT id, media_type, digest FROM manifests WHERE image_id = ?",
+                               (row[0],)).fetchone()
+            self.assertEqual(man[1:], (rp.MT_OCI_MANIFEST, images[0].digest))
+            cfg = conn.execute("SELECT architecture, os, config_env_json, config_cmd_json, rootfs_diff_ids_json,"
+                               " config_exposed_ports_json FROM configs WHERE manifest_id = ?",
+                               (man[0],)).fetchone()
+            self.assertEqual(cfg[:2], ("amd64", "linux"))
+            self.assertEqual(json.loads(cfg[2]), ["PATH=/usr/bin"])
+            self.assertEqual(json.loads(cfg[3]), ["/bin/sh"])
+            self.assertEqual(len(json.loads(cfg[4])), 2)
+            layers = conn.execute("SELECT l.digest, l.size_bytes, l.diff_id FROM manifest_layers ml JOIN layers l "
+                                  "ON l.id = ml.layer_id WHERE ml.manifest_id = ? ORDER BY ml.position",
+                                  (man[0],)).fetchall()
+            self.assertEqual([x[0] for x in layers], [sha256(b) for b in images[0].layers])
+            self.assertEqual([x[2] for x in layers], json.loads(cfg[4]))
+            # Every table has id, created_at and modified_at; foreign keys cascade.
+            for table in ("images", "indexes", "manifests", "configs", "layers", "manifest_layers"):
+                cols = [c[1] for c in conn.execute("PRAGMA table_info(%s)" % table)]
+                self.assertTrue({"id", "created_at", "modified_at"} <= set(cols), table)
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("DELETE FROM images")
+            self.assertEqual(conn.execute("SELECT COUNT(*) FROM manifest_layers").fetchone()[0], 0)
+            # Nothing secret is ever stored.
+            conn.commit()
+        with open(os.path.join(self.home, "oci.db"), "rb") as f:
+            self.assertNotIn(b"tok-", f.read())
+
+    def test_failed_pull_leaves_no_image_row(self):
+        reg = self.registry()
+        img = reg.push("fail/app", "v1", Image())
+        del reg.blobs[sha256(img.layers[1])]
+        with self.assertRaises(rp.NotFound):
+            self.pull(reg, "fail/app:v1")
+        self.assertEqual(self.image_rows(), [])
+
+    def test_progress_callback(self):
+        reg = self.registry()
+        img = reg.push("prog", "v1", Image())
+        seen = {}
+        self.pull(reg, "prog:v1", progress=lambda d, done, total: seen.__setitem__(d, (done, total)))
+        self.assertEqual(seen, dict((d, (len(b), len(b))) for d, b in img.blobs().items()))
+
+    def test_unsupported_layer_media_type(self):
+        reg = self.registry()
+        img = Image()
+        doc = json.loads(img.manifest)
+        doc["layers"][0]["mediaType"] = "application/vnd.cncf.helm.chart.content.v1.tar+gzip"
+        data = json.dumps(doc).encode()
+        reg.blobs.update(img.blobs())
+        reg.manifests[("art", "v1")] = (rp.MT_OCI_MANIFEST, data)
+        with self.assertRaises(rp.UnsupportedError) as cm:
+            self.pull(reg, "art:v1")
+        self.assertIn("helm", str(cm.exception))
+
+
+class AuthTests(Base):
+    def test_bearer_anonymous(self):
+        reg = self.registry(auth="bearer")
+        img = reg.push("b/app", "v1", Image())
+        self.pull(reg, "b/app:v1")
+        self.assertStoreHas(img)
+        # One token for all requests of the pull, scoped to the repository, from the challenge's realm.
+        self.assertEqual(len(reg.token_requests), 1)
+        method, q, auth = reg.token_requests[0]
+        self.assertEqual(q["scope"], ["repository:b/app:pull"])
+        self.assertEqual(q["service"], ["test-registry"])
+        self.assertEqual(auth, "")
+
+    def test_bearer_with_credentials(self):
+        reg = self.registry(auth="bearer")
+        reg.anonymous_tokens = False
+        img = reg.push("b/priv", "v1", Image())
+        self.pull(reg, "b/priv:v1", username="alice", password="s3cret")
+        self.assertStoreHas(img)
+        with self.assertRaises(rp.AuthError) as cm:
+            self.pull(reg, "b/priv:v1", username="alice", password="wrong")
+        self.assertNotIn("wrong", str(cm.exception))
+        self.assertEqual(cm.exception.exit_code, 3)
+
+    def test_basic(self):
+        reg = self.registry(auth="basic")
+        img = reg.push("basic/app", "v1", Image())
+        self.pull(reg, "basic/app:v1", username="alice", password="s3cret")
+        self.assertStoreHas(img)
+        for bad in ({"username": "alice", "password": "nope"}, {}):
+            with self.subTest(case=bad):
+                with self.assertRaises(rp.AuthError) as cm:
+                    self.pull(reg, "basic/app:v1", **bad)
+                self.assertNotIn("nope", str(cm.exception))
+
+    def test_token_expires_during_pull(self):
+        reg = self.registry(auth="bearer", token_lifetime=1)
+        img = reg.push("slow/app", "v1", Image(layers=[make_layer({"f%d" % i: os.urandom(50000)}) for i in range(4)]))
+
+        def slow(h, method, path):
+            if "/blobs/" in path:
+                time.sleep(0.6)  # four blobs one after another outlive a 1-second token
+            return False
+        reg.fault = slow
+        self.pull(reg, "slow/app:v1", jobs=1)
+        self.assertStoreHas(img)
+        self.assertGreaterEqual(len(reg.token_requests), 2)
+
+    def test_invalid_token_retried_once(self):
+        reg = self.registry(auth="bearer")
+        img = reg.push("inv/app", "v1", Image())
+        hit = []
+
+        def revoke(h, method, path):
+            if "/blobs/" in path and not hit:
+                hit.append(path)
+                reg.tokens.clear()  # the registry forgets every token: one 401 invalid_token
+            return False
+        reg.fault = revoke
+        self.pull(reg, "inv/app:v1")
+        self.assertStoreHas(img)
+        self.assertEqual(len(reg.token_requests), 2)
+
+    def test_access_token_only_and_no_expiry(self):
+        reg = self.registry(auth="bearer")
+        reg.token_answer = "access_token"
+        img = reg.push("at/app", "v1", Image())
+        self.pull(reg, "at/app:v1")
+        self.assertStoreHas(img)
+
+    def test_redirect_drops_authorization(self):
+        reg = self.registry(auth="bearer")
+        objects = ObjectStore(reg).start(self)
+        reg.redirect_to = objects.url
+        img = reg.push("redir/app", "v1", Image())
+        self.pull(reg, "redir/app:v1")
+        self.assertStoreHas(img)
+        self.assertEqual(len(objects.log), 3)  # config + two layers, all from the object store
+        for path, headers in objects.log:
+            self.assertNotIn("Authorization", headers)
+
+
+class FaultTests(Base):
+    def big_image(self):
+        return Image(layers=[make_layer({"big": os.urandom(3 * 1024 * 1024)}), make_layer({"x": b"x"})])
+
+    def test_connection_cut_mid_blob_resumes_with_range(self):
+        reg = self.registry()
+        img = reg.push("cut/app", "v1", self.big_image())
+        big = sha256(img.layers[0])
+        cuts = []
+
+        def cut(h, method, path):
+            if path.endswith(big) and len(cuts) < 3:
+                data = reg.blobs[big]
+                start = int((h.headers.get("Range") or "bytes=0-")[6:-1])
+                cuts.append(start)
+                h.send_response(206 if start else 200)
+                h.send_header("Content-Length", str(len(data) - start))
+                if start:
+                    h.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(data) - 1, len(data)))
+                h.end_headers()
+                h.wfile.write(data[start:start + 1024 * 1024])  # a megabyte, then the line drops
+                h.wfile.flush()
+                h.close_connection = True
+                return True
+            return False
+        reg.fault = cut
+        res = self.pull(reg, "cut/app:v1")
+        self.assertStoreHas(img)
+        self.assertEqual(len(cuts), 3)
+        self.assertEqual(cuts[0], 0)
+        self.assertTrue(all(b > a for a, b in zip(cuts, cuts[1:])), cuts)
+        self.assertLess(res.downloaded_bytes, 1.2 * img.size)
+
+    def test_range_ignored_starts_over(self):
+        reg = self.registry()
+        img = reg.push("norange/app", "v1", self.big_image())
+        big = sha256(img.layers[0])
+        # A .partial left by an earlier run: the first megabyte.
+        partial = os.path.join(self.home, "blobs", "sha256", big.split(":")[1] + ".partial")
+        os.makedirs(os.path.dirname(partial))
+        with open(partial, "wb") as f:
+            f.write(img.layers[0][:1024 * 1024])
+        reg.honour_range = False
+        self.pull(reg, "norange/app:v1")
+        self.assertStoreHas(img)
+        self.assertEqual(self.stray_files(), [])
+
+    def test_resume_partial_with_range(self):
+        reg = self.registry()
+        img = reg.push("resume/app", "v1", self.big_image())
+        big = sha256(img.layers[0])
+        partial = os.path.join(self.home, "blobs", "sha256", big.split(":")[1] + ".partial")
+        os.makedirs(os.path.dirname(partial))
+        with open(partial, "wb") as f:
+            f.write(img.layers[0][:2 * 1024 * 1024])
+        res = self.pull(reg, "resume/app:v1")
+        self.assertStoreHas(img)
+        log = [(m, p, hd) for m, p, hd in reg.log if p.endswith(big)]
+        self.assertEqual(len(log), 1)
+        self.assertEqual(log[0][2].get("Range"), "bytes=%d-" % (2 * 1024 * 1024))
+        self.assertEqual(res.downloaded_bytes, img.size - 2 * 1024 * 1024)
+
+    def test_bad_content_range_starts_over(self):
+        reg = self.registry()
+        img = reg.push("badcr/app", "v1", self.big_image())
+        big = sha256(img.layers[0])
+        partial = os.path.join(self.home, "blobs", "sha256", big.split(":")[1] + ".partial")
+        os.makedirs(os.path.dirname(partial))
+        with open(partial, "wb") as f:
+            f.write(img.layers[0][:1000])
+
+        def wrong_range(h, method, path):
+            if path.endswith(big) and h.headers.get("Range"):
+                data = reg.blobs[big]
+                h.send(206, data[10:], {"Content-Range": "bytes 10-%d/%d" % (len(data) - 1, len(data))})
+                return True
+            return False
+        reg.fault = wrong_range
+        self.pull(reg, "badcr/app:v1")
+        self.assertStoreHas(img)
+
+    def test_429_retry_after(self):
+        reg = self.registry()
+        img = reg.push("rate/app", "v1", Image())
+        hits = []
+
+        def limit(h, method, path):
+            if "/blobs/" in path and not hits:
+                hits.append(time.monotonic())
+                h.error(429, "TOOMANYREQUESTS", headers={"Retry-After": "1"})
+                return True
+            return False
+        reg.fault = limit
+        start = time.monotonic()
+        self.pull(reg, "rate/app:v1", jobs=1)
+        self.assertGreaterEqual(time.monotonic() - start, 0.95)  # Retry-After honoured, not the 10 ms backoff
+        self.assertStoreHas(img)
+
+    def test_503_storm_gives_up(self):
+        reg = self.registry()
+        reg.push("storm/app", "v1", Image())
+        reg.fault = lambda h, m, p: h.error(503, "UNAVAILABLE") or True
+        with self.assertRaises(rp.RegistryError) as cm:
+            self.pull(reg, "storm/app:v1")
+        self.assertIn("503", str(cm.exception))
+        self.assertEqual(len(reg.requests(kind="manifests")), rp.RETRIES + 1)
+
+    def test_corrupt_blob(self):
+        reg = self.registry()
+        img = reg.push("corrupt/app", "v1", Image())
+        bad = sha256(img.layers[1])
+        reg.blobs[bad] = bytes([img.layers[1][0] ^ 1]) + img.layers[1][1:]
+        with self.assertRaises(rp.DigestMismatch) as cm:
+            self.pull(reg, "corrupt/app:v1")
+        self.assertEqual(cm.exception.exit_code, 5)
+        self.assertFalse(os.path.exists(os.path.join(self.home, "blobs", "sha256", bad.split(":")[1])))
+        self.assertEqual(self.stray_files(), [])
+        self.assertEqual(self.image_rows(), [])
+
+    def test_overlong_body_stopped(self):
+        reg = self.registry()
+        img = reg.push("long/app", "v1", Image())
+        target = sha256(img.layers[1])
+        sent = []
+
+        def endless(h, method, path):
+            if path.endswith(target):
+                h.send_response(200)
+                h.send_header("Transfer-Encoding", "chunked")
+                h.end_headers()
+                chunk = reg.blobs[target]
+                try:
+                    for _ in range(200):  # 40 MB offered for a 200 kB blob
+                        h.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        sent.append(len(chunk))
+                    h.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                h.close_connection = True
+                return True
+            return False
+        reg.fault = endless
+        with self.assertRaises(rp.SizeMismatch):
+            self.pull(reg, "long/app:v1")
+        self.assertFalse(os.path.exists(os.path.join(self.home, "blobs", "sha256", target.split(":")[1])))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class CliTests(Base):
+    def test_json_output(self):
+        reg = self.registry()
+        img = reg.push("cli/app", "v1", Image())
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--json", reg.host + "/cli/app:v1")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(doc["reference"], reg.host + "/cli/app:v1")
+        self.assertEqual(doc["manifest_digest"], img.digest)
+        self.assertIsNone(doc["index_digest"])
+        self.assertEqual(doc["platform"], "linux/amd64")
+        self.assertEqual(doc["config_digest"], sha256(img.config))
+        self.assertEqual([(x["digest"], x["size"]) for x in doc["layers"]],
+                         [(sha256(b), len(b)) for b in img.layers])
+        for x in doc["layers"]:
+            self.assertTrue(os.path.isfile(x["path"]))
+            self.assertEqual(x["media_type"], OCI["layer"])
+
+    def test_exit_codes(self):
+        reg = self.registry(auth="basic")
+        reg.push("x/app", "v1", Image())
+        open_reg = self.registry()
+        img = open_reg.push_index("y/app", "v1", [Image("arm64", "v8")])
+        corrupt = open_reg.push("z/app", "v1", Image())
+        open_reg.blobs[sha256(corrupt.layers[0])] = b"garbage"
+        readonly = os.path.join(self.home, "ro")
+        os.makedirs(readonly)
+        os.chmod(readonly, 0o555)
+        dead = "127.0.0.1:9"  # discard port: nothing listens
+        cases = [
+            (2, ["Bad/Ref"], "invalid reference"),
+            (2, ["--jobs", "0", open_reg.host + "/y/app:v1"], "jobs"),
+            (2, ["--platform", "linux", open_reg.host + "/y/app:v1"], "platform"),
+            (3, [reg.host + "/x/app:v1"], "refused"),
+            (4, [open_reg.host + "/nope:v1"], "not found"),
+            (4, ["--platform", "linux/amd64", open_reg.host + "/y/app:v1"], "linux/arm64/v8"),
+            (5, [open_reg.host + "/z/app:v1"], "discarded"),
+            (6, [dead + "/a:b"], "127.0.0.1:9"),
+        ]
+        if os.geteuid() != 0:  # root writes anywhere
+            cases.append((7, ["--home", readonly, open_reg.host + "/y/app:v1"], "cannot write"))
+        for code, argv, text in cases:
+            with self.subTest(case=argv):
+                if "--home" not in argv:
+                    argv = ["--home", self.home] + argv
+                got, out, err = self.main(*argv)
+                self.assertEqual(got, code, err)
+                self.assertTrue(err.startswith("registry_pull: error: "), err)
+                self.assertEqual(err.count("\n"), 1, err)
+                self.assertIn(text, err)
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(out, "")
+
+    def test_storage_error_file_as_home(self):
+        path = os.path.join(self.home, "file")
+        open(path, "w").close()
+        code, out, err = self.main("--home", path, "127.0.0.1:9/a:b")
+        self.assertEqual(code, 7, err)
+        self.assertIn("cannot write to the store", err)
+
+    def test_password_stdin(self):
+        reg = self.registry(auth="basic")
+        img = reg.push("pw/app", "v1", Image())
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home, "--platform",
+             "linux/amd64", "-v", "--username", "alice", "--password-stdin", reg.host + "/pw/app:v1"],
+            input=b"s3cret\n", stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn(b"s3cret", proc.stderr + proc.stdout)
+        self.assertStoreHas(img)
+
+    def test_subprocess(self):
+        reg = self.registry(auth="bearer")
+        img = reg.push_index("sub/app", "latest", [Image("amd64"), Image("arm64", "v8")])
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home, "--json",
+             "--platform", "linux/arm64", reg.host + "/sub/app"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        doc = json.loads(proc.stdout)
+        self.assertEqual(doc["index_digest"], img)
+        self.assertEqual(doc["platform"], "linux/arm64/v8")
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
+                               "UPPER/case"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
+
+    def test_help_and_version(self):
+        code, out, err = self.main("--help")
+        self.assertEqual(code, 0)
+        for c in ("0 ", "2 ", "3 ", "4 ", "5 ", "6 ", "7 "):
+            self.assertIn("\n  " + c, out)
+        code, out, err = self.main("--version")
+        self.assertEqual(code, 0)
+        self.assertIn(rp.__version__, out)
+
+    def test_import_is_cheap(self):
+        code = "import sys, registry_pull; print('sqlite3' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, timeout=60)
+        self.assertEqual(out.stdout.strip(), b"False")
+
+    def test_minimal_python_without_ssl_or_sqlite3(self):
+        reg = self.registry()
+        img = reg.push("min/app", "v1", Image())
+        # sys.modules[name] = None makes "import name" fail, as on a Python built without it.
+        code = ("import sys; sys.modules['ssl'] = sys.modules['_ssl'] = None; "
+                "sys.modules['sqlite3'] = sys.modules['_sqlite3'] = None; "
+                "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
+        base = [sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64"]
+        proc = subprocess.run(base + [reg.host + "/min/app:v1"], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(b"no sqlite3 module", proc.stderr)
+        self.assertStoreHas(img)
+        self.assertFalse(os.path.exists(os.path.join(self.home, "oci.db")))
+        proc = subprocess.run(base + ["registry.example.com/a:b"], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 6, proc.stderr)
+        self.assertIn(b"no ssl module", proc.stderr)
+
+if __name__ == "__main__":
+    unittest.main()
