@@ -1066,5 +1066,271 @@ class CliTests(Base):
         self.assertEqual(proc.returncode, 6, proc.stderr)
         self.assertIn(b"no ssl module", proc.stderr)
 
+# --------------------------------------------------------------------------- real servers
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+
+REGISTRY_BIN = shutil.which("docker-registry") or shutil.which("registry")
+SKOPEO = shutil.which("skopeo")
+OPENSSL = shutil.which("openssl")
+HTPASSWD = shutil.which("htpasswd")
+NEED_REAL = "needs the CNCF Distribution registry (Debian: docker-registry) and skopeo; .ci/run installs them"
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def attestation_for(img):
+    """A real buildx-style attestation manifest for ``img`` (in-toto layer, unknown/unknown)."""
+    statement = json.dumps({"_type": "https://in-toto.io/Statement/v0.1", "subject": [
+        {"digest": {"sha256": img.digest.split(":")[1]}}]}).encode()
+    config = json.dumps({"architecture": "unknown", "os": "unknown", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [sha256(statement)]}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_MANIFEST,
+                           "config": {"mediaType": rp.MT_OCI_CONFIG, "digest": sha256(config), "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.in-toto+json", "digest": sha256(statement),
+                                       "size": len(statement)}]}).encode()
+    return manifest, {sha256(config): config, sha256(statement): statement, sha256(manifest): manifest}
+
+
+def write_oci_layout(path, tag, images, with_index=False):
+    """An OCI image layout with ``images`` under ``tag`` (an index with attestations if with_index)."""
+    os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
+    blobs = {}
+    for img in images:
+        blobs.update(img.blobs())
+        blobs[img.digest] = img.manifest
+    if with_index:
+        entries = []
+        for img in images:
+            plat = {"os": "linux", "architecture": img.arch}
+            if img.variant:
+                plat["variant"] = img.variant
+            entries.append({"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest),
+                            "platform": plat})
+            att, att_blobs = attestation_for(img)
+            blobs.update(att_blobs)
+            entries.append({"mediaType": rp.MT_OCI_MANIFEST, "digest": sha256(att), "size": len(att),
+                            "platform": {"os": "unknown", "architecture": "unknown"},
+                            "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                            "vnd.docker.reference.digest": img.digest}})
+        top = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX, "manifests": entries}).encode()
+        blobs[sha256(top)] = top
+        desc = {"mediaType": rp.MT_OCI_INDEX, "digest": sha256(top), "size": len(top)}
+    else:
+        img = images[0]
+        desc = {"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest)}
+    for digest, data in blobs.items():
+        with open(os.path.join(path, "blobs", "sha256", digest.split(":")[1]), "wb") as f:
+            f.write(data)
+    desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    with open(os.path.join(path, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [desc]}, f)
+    return desc["digest"]
+
+
+def make_ca(directory):
+    """A CA and a server certificate for 127.0.0.1/localhost, made with openssl."""
+    def run(*args):
+        subprocess.run(["openssl"] + list(args), check=True, cwd=directory,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(os.path.join(directory, "ca.ext"), "w") as f:
+        f.write("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+                "subjectKeyIdentifier=hash\n")
+    with open(os.path.join(directory, "leaf.ext"), "w") as f:
+        f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
+    run("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.csr", "-subj", "/CN=rp test CA")
+    run("x509", "-req", "-in", "ca.csr", "-signkey", "ca.key", "-out", "ca.pem", "-days", "2", "-extfile", "ca.ext")
+    run("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "leaf.ext")
+    return os.path.join(directory, "ca.pem"), os.path.join(directory, "server.pem"), os.path.join(directory, "server.key")
+
+
+class Distribution:
+    """The real CNCF Distribution registry on 127.0.0.1, with a generated config."""
+
+    def __init__(self, case, tls=None, htpasswd=None, silly_realm=None, proxy_of=None):
+        self.case = case
+        self.dir = tempfile.mkdtemp(prefix="rp-dist-")
+        case.addCleanup(shutil.rmtree, self.dir, True)
+        self.port = free_port()
+        self.host = "127.0.0.1:%d" % self.port
+        self.tls = tls
+        http_cfg = {"addr": self.host}
+        if tls:
+            http_cfg["tls"] = {"certificate": tls[1], "key": tls[2]}
+        config = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
+                  "storage": {"filesystem": {"rootdirectory": os.path.join(self.dir, "data")},
+                              "delete": {"enabled": True}},
+                  "http": http_cfg}
+        if htpasswd:
+            config["auth"] = {"htpasswd": {"realm": "test-realm", "path": htpasswd}}
+        elif silly_realm:
+            config["auth"] = {"silly": {"realm": silly_realm, "service": "test-registry"}}
+        if proxy_of:
+            config["proxy"] = {"remoteurl": proxy_of}
+        path = os.path.join(self.dir, "config.yml")
+        with open(path, "w") as f:
+            json.dump(config, f)  # JSON is YAML
+        self.log = open(os.path.join(self.dir, "log"), "wb")
+        case.addCleanup(self.log.close)
+        # Distribution reads REGISTRY_* variables as config overrides (REGISTRY_AUTH_FILE!).
+        env = dict((k, v) for k, v in os.environ.items() if not k.startswith("REGISTRY_"))
+        self.proc = subprocess.Popen([REGISTRY_BIN, "serve", path], stdout=self.log, stderr=self.log, env=env)
+        case.addCleanup(self.stop)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with contextlib.closing(socket.create_connection(("127.0.0.1", self.port), timeout=1)):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+        with open(os.path.join(self.dir, "log"), "rb") as f:
+            raise RuntimeError("docker-registry did not start: %r" % f.read()[-500:])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def push(self, name, images, tag="v1", with_index=False, docker_format=False, creds=None):
+        layout = tempfile.mkdtemp(prefix="rp-layout-")
+        self.case.addCleanup(shutil.rmtree, layout, True)
+        write_oci_layout(layout, tag, images, with_index)
+        cmd = [SKOPEO, "--insecure-policy", "copy", "-q", "--dest-tls-verify=false"]
+        if with_index:
+            cmd.append("--all")
+        if docker_format:
+            cmd += ["--format", "v2s2"]
+        if creds:
+            cmd += ["--dest-creds", creds]
+        cmd += ["oci:%s:%s" % (layout, tag), "docker://%s/%s:%s" % (self.host, name, tag)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError("skopeo copy failed: %s" % proc.stderr.decode()[-800:])
+
+
+@unittest.skipUnless(REGISTRY_BIN and SKOPEO, NEED_REAL)
+class DistributionTests(Base):
+    def test_anonymous_http_oci_and_docker_types(self):
+        dist = Distribution(self)
+        oci_img, docker_img = Image(), Image()
+        dist.push("oci/app", [oci_img])
+        dist.push("docker/app", [docker_img], docker_format=True)
+        res = rp.pull(dist.host + "/oci/app:v1", home=self.home, platform="linux/amd64")
+        self.assertEqual(res.manifest_digest, oci_img.digest)
+        self.assertEqual(res.manifest_media_type, rp.MT_OCI_MANIFEST)
+        self.assertStoreHas(oci_img)
+        res = rp.pull(dist.host + "/docker/app:v1", home=self.home, platform="linux/amd64")
+        self.assertEqual(res.manifest_media_type, rp.MT_DOCKER_MANIFEST)
+        self.assertEqual([x.digest for x in res.layers], [sha256(b) for b in docker_img.layers])
+        self.assertEqual(res.config.digest, sha256(docker_img.config))
+        self.assertStoreHas(docker_img)
+        # Re-pull by the digest Distribution reports, and a warm re-pull of the tag.
+        again = rp.pull(dist.host + "/docker/app@" + res.manifest_digest, home=self.home)
+        self.assertEqual(again.downloaded_bytes, 0)
+        again = rp.pull(dist.host + "/docker/app:v1", home=self.home, platform="linux/amd64")
+        self.assertEqual(again.downloaded_bytes, 0)
+
+    def test_index_with_attestations_each_platform(self):
+        dist = Distribution(self)
+        images = [Image("amd64"), Image("arm64", "v8"), Image("arm", "v7")]
+        dist.push("multi/app", images, with_index=True)
+        for plat, img in zip(("linux/amd64", "linux/arm64", "linux/arm/v7"), images):
+            with self.subTest(case=plat):
+                code, out, err = self.main("--home", self.home, "--json", "--platform", plat,
+                                           dist.host + "/multi/app:v1")
+                self.assertEqual(code, 0, err)
+                doc = json.loads(out)
+                self.assertEqual(doc["manifest_digest"], img.digest)
+                self.assertIsNotNone(doc["index_digest"])
+                self.assertStoreHas(img)
+        code, out, err = self.main("--home", self.home, "--platform", "linux/s390x", dist.host + "/multi/app:v1")
+        self.assertEqual(code, 4)
+        self.assertIn("linux/arm/v7", err)
+        self.assertNotIn("unknown", err)
+
+    def test_not_found(self):
+        dist = Distribution(self)
+        dist.push("there/app", [Image()])
+        for ref in ("there/app:nope", "missing/app:v1", "there/app@sha256:" + "0" * 64):
+            with self.subTest(case=ref):
+                code, out, err = self.main("--home", self.home, dist.host + "/" + ref)
+                self.assertEqual(code, 4, err)
+
+    @unittest.skipUnless(OPENSSL and HTPASSWD, "needs openssl and htpasswd (apache2-utils)")
+    def test_tls_and_htpasswd(self):
+        certs = tempfile.mkdtemp(prefix="rp-certs-")
+        self.addCleanup(shutil.rmtree, certs, True)
+        tls = make_ca(certs)
+        htpasswd = os.path.join(certs, "htpasswd")
+        subprocess.run([HTPASSWD, "-Bbc", htpasswd, "alice", "s3cret"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dist = Distribution(self, tls=tls, htpasswd=htpasswd)
+        img = Image()
+        dist.push("tls/app", [img], creds="alice:s3cret")
+        ref = dist.host + "/tls/app:v1"
+        # Not trusted: a clear TLS error, exit 6.
+        os.environ["SSL_CERT_FILE"] = os.path.join(certs, "leaf.ext")  # a file with no CA in it
+        self.addCleanup(os.environ.pop, "SSL_CERT_FILE", None)
+        code, out, err = self.main("--home", self.home, ref)
+        self.assertEqual(code, 6, err)
+        self.assertIn("TLS certificate", err)
+        self.assertIn("--ca-file", err)
+        # Trusted through --ca-file; right, wrong and no password.
+        def run(*extra, password=None):
+            argv = [sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
+                    "--platform", "linux/amd64"] + list(extra) + [ref]
+            return subprocess.run(argv, input=(password or "").encode(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=120)
+        proc = run("--ca-file", tls[0], "--username", "alice", "--password-stdin", password="s3cret\n")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertStoreHas(img)
+        proc = run("--ca-file", tls[0], "--username", "alice", "--password-stdin", password="wrong\n")
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        self.assertNotIn(b"wrong", proc.stderr)
+        proc = run("--ca-file", tls[0])
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        # Trusted through SSL_CERT_FILE.
+        shutil.rmtree(os.path.join(self.home, "blobs"))
+        os.environ["SSL_CERT_FILE"] = tls[0]
+        res = rp.pull(ref, home=self.home, platform="linux/amd64", username="alice", password="s3cret")
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertStoreHas(img)
+
+    def test_silly_bearer_tokens_renewed(self):
+        tokens = Registry(token_lifetime=1).start(self)  # only its /token endpoint is used
+        dist = Distribution(self, silly_realm="http://%s/token" % tokens.host)
+        img = Image(layers=[make_layer({"f%d" % i: os.urandom(1000)}) for i in range(4)])
+        dist.push("silly/app", [img])
+        before = len(tokens.token_requests)
+        # A slow consumer (0.4 s per blob) makes the pull outlive its one-second tokens.
+        res = rp.pull(dist.host + "/silly/app:v1", home=self.home, platform="linux/amd64", jobs=1,
+                      progress=lambda d, done, total: time.sleep(0.4) if done == total else None)
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertStoreHas(img)
+        pulls = tokens.token_requests[before:]
+        self.assertGreaterEqual(len(pulls), 2, pulls)
+        for _, q, _ in pulls:
+            self.assertEqual(q["scope"], ["repository:silly/app:pull"])
+            self.assertEqual(q["service"], ["test-registry"])
+
+
 if __name__ == "__main__":
     unittest.main()
