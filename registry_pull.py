@@ -1877,7 +1877,8 @@ class _Puller:
         return dataclasses.replace(result, recorded=recorded)
 
     def _fetch_all(self, downloader, descs, config):
-        missing = [d for d in descs if not self.store.has(d.digest, d.size)]
+        # Largest first: the longest downloads start at once and the pool drains evenly.
+        missing = sorted((d for d in descs if not self.store.has(d.digest, d.size)), key=lambda d: -d.size)
         for d in descs:
             if d not in missing and self.progress:
                 self.progress(d.digest, d.size, d.size)
