@@ -20,8 +20,10 @@ import base64
 import concurrent.futures
 import dataclasses
 import errno
+import gzip
 import hashlib
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -33,12 +35,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +56,9 @@ __all__ = [
     "Platform",
     "parse_reference",
     "parse_platform",
+    "export_oci_layout",
+    "export_docker_archive",
+    "extract_rootfs",
     "PullError",
     "UsageError",
     "InvalidReference",
@@ -1664,6 +1671,472 @@ def _human(n):
     return str(n)
 
 
+# --------------------------------------------------------------------------- Outputs
+
+_REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def _write_atomic(path, data):
+    # type: (str, bytes) -> None
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+class _FileLock:
+    """An exclusive advisory lock on ``path`` (created if missing), for index.json rewrites."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if _fcntl is not None:
+            _fcntl.flock(self.fd, _fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock
+
+
+def _layout_entry(result, name):
+    # type: (PullResult, str) -> dict
+    plat = {"os": result.platform.os, "architecture": result.platform.architecture}
+    if result.platform.variant:
+        plat["variant"] = result.platform.variant
+    return {"mediaType": result.manifest_media_type, "digest": result.manifest_digest,
+            "size": result.manifest_size, "platform": plat, "annotations": {_REF_NAME: name}}
+
+
+def _update_layout_index(directory, entries):
+    # type: (str, List[dict]) -> None
+    """Add ``entries`` to DIR/index.json, replacing those with the same ref.name; atomic, locked."""
+    with _FileLock(os.path.join(directory, "oci-layout")):
+        _write_atomic(os.path.join(directory, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
+        path = os.path.join(directory, "index.json")
+        try:
+            with open(path, "rb") as f:
+                index = json.loads(f.read().decode("utf-8"))
+            manifests = [m for m in index.get("manifests", []) if isinstance(m, dict)]
+        except FileNotFoundError:
+            index, manifests = {}, []
+        except (ValueError, AttributeError):
+            raise StorageError("%s is not a valid OCI index: refusing to overwrite it" % path) from None
+        names = set(e["annotations"][_REF_NAME] for e in entries)
+        manifests = [m for m in manifests if (m.get("annotations") or {}).get(_REF_NAME) not in names]
+        index.update({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests + entries})
+        _write_atomic(path, json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _layout_name_from_store(conn):
+    rows = conn.execute(
+        "SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
+        "JOIN manifests m ON m.image_id = i.id ORDER BY i.reference").fetchall()
+    return rows
+
+
+def write_store_index(store):
+    # type: (Store) -> None
+    """Rewrite HOME/index.json from the database: the store is an OCI image layout of every image."""
+    conn = store.connect()
+    if conn is None:
+        return
+    try:
+        with _FileLock(os.path.join(store.home, "oci-layout")):
+            rows = _layout_name_from_store(conn)
+            manifests = []
+            for reference, digest, media_type, plat in rows:
+                try:
+                    size = os.stat(store.path(digest)).st_size
+                except (OSError, PullError):
+                    continue  # a blob removed by hand: leave the image out rather than lie
+                parts = (plat or "").split("/")
+                platform = {"os": parts[0], "architecture": parts[1] if len(parts) > 1 else ""}
+                if len(parts) > 2:
+                    platform["variant"] = parts[2]
+                manifests.append({"mediaType": media_type, "digest": digest, "size": size,
+                                  "platform": platform, "annotations": {_REF_NAME: reference}})
+            _write_atomic(os.path.join(store.home, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
+            index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests}
+            _write_atomic(os.path.join(store.home, "index.json"),
+                          json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+    except OSError as e:
+        raise StorageError("cannot write %s: %s" % (os.path.join(store.home, "index.json"), e.strerror or e)) \
+            from None
+    finally:
+        conn.close()
+
+
+def _split_layout_arg(text, default_name):
+    # type: (str, str) -> Tuple[str, str]
+    """``DIR[:NAME]`` split at the first colon, as skopeo's oci: transport does."""
+    directory, sep, name = text.partition(":")
+    if not directory:
+        raise UsageError("--oci-layout needs a directory: %r" % text)
+    name = name if sep else default_name
+    if not name or not re.match(r"^[A-Za-z0-9._-]+(?:[:/@+][A-Za-z0-9._-]+)*$", name):
+        raise UsageError("invalid image name %r for --oci-layout (letters, digits, . _ - : / @ +)" % name)
+    return directory, name
+
+
+def export_oci_layout(result, target):
+    # type: (PullResult, str) -> str
+    """Write the pulled image into the OCI layout ``DIR[:NAME]`` (hard links where possible)."""
+    default = parse_reference(result.reference).tag or "latest"
+    directory, name = _split_layout_arg(target, default)
+    try:
+        os.makedirs(os.path.join(directory, "blobs", "sha256"), exist_ok=True)
+        for path in result.blob_paths():
+            algo = os.path.basename(os.path.dirname(path))
+            os.makedirs(os.path.join(directory, "blobs", algo), exist_ok=True)
+            dest = os.path.join(directory, "blobs", algo, os.path.basename(path))
+            if os.path.exists(dest):
+                continue
+            tmp = dest + ".tmp-%d" % os.getpid()
+            _unlink(tmp)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        _update_layout_index(directory, [_layout_entry(result, name)])
+    except OSError as e:
+        raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
+    return directory
+
+
+def _familiar(ref):
+    # type: (Reference) -> str
+    """The name `docker save` writes in RepoTags: docker.io/library/ dropped."""
+    name = ref.name
+    if ref.registry == _DOCKER_HUB:
+        name = ref.repository[len("library/"):] if ref.repository.startswith("library/") else ref.repository
+    return name
+
+
+def export_docker_archive(result, path):
+    # type: (PullResult, str) -> str
+    """Write a `docker save`-format tar (also an OCI layout inside), atomically."""
+    ref = parse_reference(result.reference)
+    tags = ["%s:%s" % (_familiar(ref), ref.tag)] if ref.tag else []
+    blob_name = lambda d: "blobs/%s/%s" % tuple(d.split(":"))  # noqa: E731
+    manifest = [{"Config": blob_name(result.config.digest), "RepoTags": tags,
+                 "Layers": [blob_name(layer.digest) for layer in result.layers]}]
+    entry = _layout_entry(result, ref.tag or "latest")
+    if tags:
+        entry["annotations"]["io.containerd.image.name"] = str(ref)
+    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [entry]}
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tar")
+    try:
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            def add_bytes(name, data):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+
+            add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+            add_bytes("index.json", json.dumps(index).encode())
+            add_bytes("manifest.json", json.dumps(manifest).encode())
+            seen = set()
+            for blob in result.blob_paths():
+                arc = "blobs/%s/%s" % (os.path.basename(os.path.dirname(blob)), os.path.basename(blob))
+                if arc in seen:
+                    continue
+                seen.add(arc)
+                info = tar.gettarinfo(blob, arcname=arc)
+                info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
+                with open(blob, "rb") as src:
+                    tar.addfile(info, src)
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink(tmp)
+        raise StorageError("cannot write %s: %s" % (path, e.strerror or e)) from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return path
+
+
+# -- rootfs ------------------------------------------------------------------------------
+
+
+class _HashingReader:
+    """A file-like reader that hashes what passes through (the layer's diff_id)."""
+
+    def __init__(self, raw, algo):
+        self.raw, self.hasher, self.size = raw, hashlib.new(algo), 0
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        self.hasher.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self):
+        while self.read(CHUNK):
+            pass
+        return "%s:%s" % (self.hasher.name, self.hasher.hexdigest())
+
+
+class _ZstdPipe:
+    """zstd decompression through the `zstd` program (Python < 3.14 has no zstd module)."""
+
+    def __init__(self, path):
+        self.proc = subprocess.Popen(["zstd", "-dc", "--", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def read(self, n=-1):
+        return self.proc.stdout.read(n)
+
+    def close(self):
+        self.proc.stdout.close()
+        err = self.proc.stderr.read()
+        self.proc.stderr.close()
+        if self.proc.wait() != 0:
+            raise IntegrityError("zstd could not decompress the layer: %s" % err.decode(errors="replace")[:200])
+
+
+def _open_layer(path, media_type):
+    """The uncompressed tar stream of a layer blob, by its magic bytes (media types lie)."""
+    f = open(path, "rb")
+    magic = f.read(4)
+    f.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f, mode="rb"), f
+    if magic == b"\x28\xb5\x2f\xfd":
+        f.close()
+        try:
+            from compression import zstd  # Python 3.14+
+        except ImportError:
+            zstd = None
+        if zstd is not None:
+            raw = open(path, "rb")
+            return zstd.ZstdFile(raw, mode="rb"), raw
+        if shutil.which("zstd"):
+            pipe = _ZstdPipe(path)
+            return pipe, pipe
+        raise UnsupportedError(
+            "layer %s is zstd-compressed: needs Python 3.14+ (compression.zstd) or the zstd program"
+            % os.path.basename(path)
+        )
+    return f, f
+
+
+def _hostile(layer, why):
+    return IntegrityError("layer %s is hostile: %s; nothing was extracted" % (layer, why))
+
+
+def _clean_name(name, layer):
+    # type: (str, str) -> str
+    """A tar member name as a path relative to the root; refuses absolute names and escapes."""
+    if "\x00" in name:
+        raise _hostile(layer, "a name contains NUL")
+    if name.startswith("/"):
+        raise _hostile(layer, "absolute path %r" % name[:200])
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise _hostile(layer, "%r climbs out of the root" % name[:200])
+            parts.pop()
+            continue
+        parts.append(part)
+    return "/".join(parts)
+
+
+def _resolve(root, rel, layer, follow_last=False):
+    # type: (str, str, str, bool) -> str
+    """ROOT/rel with every symlink in its parents resolved *inside* ROOT (as chroot would)."""
+    parts = [p for p in rel.split("/") if p]
+    last = None if follow_last or not parts else parts.pop()
+    done = []  # type: List[str]
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        current = os.path.join(root, *(done + [part]))
+        if os.path.islink(current):
+            hops += 1
+            if hops > 40:
+                raise _hostile(layer, "too many levels of symbolic links in %r" % rel[:200])
+            target = os.readlink(current)
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        done.append(part)
+    if last is not None:
+        done.append(last)
+    return os.path.join(root, *done) if done else root
+
+
+def _remove(path):
+    if os.path.islink(path) or not os.path.isdir(path):
+        _unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def extract_rootfs(result, target):
+    # type: (PullResult, str) -> str
+    """Extract the layers into ``target``: whole or not at all (built in a sibling, then renamed)."""
+    target = os.path.abspath(target)
+    if os.path.lexists(target) and not (os.path.isdir(target) and not os.listdir(target)):
+        raise UsageError("--rootfs %s exists and is not an empty directory" % target)
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".%s.rootfs-" % os.path.basename(target))
+    except OSError as e:
+        raise StorageError("cannot create %s: %s" % (target, e.strerror or e)) from None
+    try:
+        with open(result.config.path, "rb") as f:
+            config = _loads_json(f.read(), "config")
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(result.layers):
+            raise IntegrityError("config of %s lists %s diff_ids for %d layers"
+                                 % (result.reference, len(diff_ids) if isinstance(diff_ids, list) else "no",
+                                    len(result.layers)))
+        dirs = {}  # type: Dict[str, tarfile.TarInfo]
+        for layer, diff_id in zip(result.layers, diff_ids):
+            check_digest(diff_id, "diff_id")
+            _extract_layer(layer, diff_id, tmp, dirs)
+        # Directory modes and times last: a read-only directory must not stop its children.
+        for path in sorted(dirs, key=len, reverse=True):
+            _apply_meta(path, dirs[path], is_dir=True)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(target):
+            os.rmdir(target)
+        os.rename(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError("cannot extract into %s: %s" % (target, e.strerror or e)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _apply_meta(path, info, is_dir=False):
+    if os.geteuid() == 0:
+        try:
+            os.lchown(path, info.uid, info.gid)
+        except OSError:
+            pass
+    if not info.issym():
+        os.chmod(path, info.mode & 0o7777)
+    try:
+        os.utime(path, (info.mtime, info.mtime), follow_symlinks=not info.issym())
+    except (NotImplementedError, OSError):
+        pass
+
+
+def _extract_layer(layer, diff_id, root, dirs):
+    # type: (LayerResult, str, str, Dict[str, Any]) -> None
+    name = layer.digest
+    stream, closer = _open_layer(layer.path, layer.media_type)
+    algo = diff_id.split(":")[0]
+    reader = _HashingReader(stream, algo)
+    added = set()  # type: set
+    try:
+        try:
+            tar = tarfile.open(fileobj=reader, mode="r|")
+        except tarfile.ReadError as e:
+            raise IntegrityError("layer %s is not a tar archive: %s" % (name, e)) from None
+        try:
+            for info in tar:
+                _extract_member(tar, info, root, name, added, dirs)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise IntegrityError("layer %s is not a valid tar archive: %s" % (name, e)) from None
+        actual = reader.drain()
+    finally:
+        close = getattr(closer, "close", None)
+        if close:
+            close()
+    if actual != diff_id:
+        raise IntegrityError("layer %s uncompressed to %s, but the config says %s (diff_id)" % (name, actual, diff_id))
+
+
+def _extract_member(tar, info, root, layer, added, dirs):
+    rel = _clean_name(info.name, layer)
+    if not rel:
+        return
+    head, base = os.path.split(rel)
+    if base.startswith(".wh."):
+        parent = _resolve(root, head, layer, follow_last=True) if head else root
+        if parent != root and not parent.startswith(root + os.sep):
+            raise _hostile(layer, "whiteout %r resolves outside the root" % info.name[:200])
+        if base == ".wh..wh..opq":
+            # Opaque: what lower layers put in this directory is hidden; this layer's entries stay.
+            if os.path.isdir(parent) and not os.path.islink(parent):
+                for child in os.listdir(parent):
+                    if os.path.join(head, child) not in added:
+                        _remove(os.path.join(parent, child))
+        else:
+            if base[4:] in ("", ".", ".."):
+                raise _hostile(layer, "whiteout %r names no file" % info.name[:200])
+            _remove(os.path.join(parent, base[4:]))
+        return
+    path = _resolve(root, rel, layer)
+    if not path.startswith(root + os.sep):
+        raise _hostile(layer, "%r resolves outside the root" % info.name[:200])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    added.add(rel)
+    if info.isdir():
+        if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
+            _remove(path)
+        os.makedirs(path, exist_ok=True)
+        os.chmod(path, 0o700 | (info.mode & 0o777))  # writable by us until the end
+        dirs[path] = info
+        return
+    if os.path.lexists(path):
+        _remove(path)
+    dirs.pop(path, None)
+    if info.isreg():
+        src = tar.extractfile(info)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+    elif info.issym():
+        os.symlink(info.linkname, path)
+    elif info.islnk():
+        target_rel = _clean_name(info.linkname, layer)
+        target = _resolve(root, target_rel, layer)
+        if not target.startswith(root + os.sep) or not os.path.lexists(target) or \
+                (os.path.isdir(target) and not os.path.islink(target)):
+            raise _hostile(layer, "hard link %r -> %r points at nothing in the image" % (info.name[:100],
+                                                                                      info.linkname[:100]))
+        os.link(target, path, follow_symlinks=False)
+        return  # a hard link shares its target's inode: no metadata of its own
+    elif info.isfifo():
+        os.mkfifo(path, 0o600)
+    elif info.ischr() or info.isblk():
+        if os.geteuid() != 0:
+            log.info("skipping device node %s (only root may create it)", rel)
+            added.discard(rel)
+            return
+        import stat
+
+        kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
+        os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
+    else:
+        log.info("skipping %s: unsupported tar entry type %r", rel, info.type)
+        return
+    _apply_meta(path, info)
+
+
 # --------------------------------------------------------------------------- Public API
 
 
@@ -1688,8 +2161,21 @@ class PullResult:
     config: LayerResult
     layers: Tuple[LayerResult, ...]
     home: str
+    manifest_size: int = 0
     downloaded_bytes: int = 0
     recorded: bool = True
+    outputs: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def manifest_path(self):
+        # type: () -> str
+        algo, hexpart = check_digest(self.manifest_digest)
+        return os.path.join(self.home, "blobs", algo, hexpart)
+
+    def blob_paths(self):
+        # type: () -> List[str]
+        """Every blob of the image in the store: manifest, config, layers."""
+        return [self.manifest_path, self.config.path] + [layer.path for layer in self.layers]
 
     @property
     def size(self):
@@ -1711,6 +2197,7 @@ class PullResult:
             "downloaded_bytes": self.downloaded_bytes,
             "home": self.home,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "outputs": dict(self.outputs),
         }
 
 
@@ -1726,13 +2213,18 @@ def pull(
     username=None,
     password=None,
     cancel=None,
+    oci_layout=None,
+    docker_archive=None,
+    rootfs=None,
 ):
-    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event]) -> PullResult
+    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[str], Optional[str]) -> PullResult
     """Pull ``reference`` into the store at ``home`` and return what was pulled.
 
     ``platform`` is a Platform or ``"os/arch[/variant]"`` (default: linux/this machine).
     ``progress(digest, bytes_done, bytes_total)`` is called from download threads.
     Credentials: ``username``/``password`` if given, else the Podman/Docker files.
+    Outputs, each written only once the image is verified: ``oci_layout`` ("DIR[:NAME]"),
+    ``docker_archive`` (a `docker save` tar) and ``rootfs`` (a directory, whole or absent).
     Raises a PullError subclass on failure; nothing is recorded for a failed pull.
     """
     ref = reference if isinstance(reference, Reference) else parse_reference(reference)
@@ -1744,8 +2236,20 @@ def pull(
         creds = Credentials(username or "", password or "", source="arguments")  # type: Optional[Credentials]
     else:
         creds = find_credentials(ref.registry)
+    if oci_layout is not None:
+        _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
+    if rootfs is not None and os.path.lexists(rootfs) and not (os.path.isdir(rootfs) and not os.listdir(rootfs)):
+        raise UsageError("--rootfs %s exists and is not an empty directory" % rootfs)
     client = Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
-    return _Puller(client, store, ref, want, jobs, progress).run()
+    result = _Puller(client, store, ref, want, jobs, progress).run()
+    outputs = []
+    if oci_layout is not None:
+        outputs.append(("oci_layout", os.path.abspath(export_oci_layout(result, oci_layout))))
+    if docker_archive is not None:
+        outputs.append(("docker_archive", os.path.abspath(export_docker_archive(result, docker_archive))))
+    if rootfs is not None:
+        outputs.append(("rootfs", extract_rootfs(result, rootfs)))
+    return dataclasses.replace(result, outputs=tuple(outputs))
 
 
 class _Puller:
@@ -1869,10 +2373,12 @@ class _Puller:
         result = PullResult(
             reference=str(ref), manifest_digest=digest, manifest_media_type=mt, index_digest=index_digest,
             index_media_type=index_mt, platform=plat, config=mk(config), layers=tuple(mk(d) for d in layers),
-            home=self.store.home, downloaded_bytes=downloader.fetched_bytes,
+            home=self.store.home, manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes,
         )
         recorded = self.store.touch(str(ref), digest) or self.store.record(result, index_doc, doc, config_doc)
-        if not recorded and not _have_sqlite():
+        if recorded:
+            write_store_index(self.store)
+        elif not _have_sqlite():
             log.warning("this Python has no sqlite3 module: blobs are stored but no metadata was recorded")
         return dataclasses.replace(result, recorded=recorded)
 
@@ -1941,6 +2447,10 @@ def _parser():
     p.add_argument("--ca-file", metavar="FILE", help="extra trusted CA bundle (besides SSL_CERT_FILE)")
     p.add_argument("--username", metavar="USER", help="registry user name (password from --password-stdin)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.add_argument("--oci-layout", metavar="DIR[:NAME]", help="also write the image into an OCI image layout "
+                   "(NAME defaults to the tag; an existing layout gains an entry)")
+    p.add_argument("--docker-archive", metavar="FILE", help="also write a `docker save` tar (docker/podman load)")
+    p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="say what is happening (-vv: every request)")
@@ -1984,7 +2494,8 @@ def main(argv=None):
         started = time.monotonic()
         result = pull(ref, home=args.home, platform=want, jobs=args.jobs, progress=progress,
                       insecure=args.insecure, ca_file=args.ca_file, username=args.username,
-                      password=password, cancel=cancel)
+                      password=password, cancel=cancel, oci_layout=args.oci_layout,
+                      docker_archive=args.docker_archive, rootfs=args.rootfs)
         if args.json:
             sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         elif not args.quiet:
