@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import concurrent.futures
 import dataclasses
 import errno
 import gzip
@@ -1136,6 +1135,56 @@ def select_platform(index, want, reference):
     raise NoMatchingPlatform(reference, str(want), sorted(set(available)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated index or image manifest."""
+
+    media_type: str
+    doc: dict
+    manifests: Tuple[Descriptor, ...] = ()  # an index's entries
+    config: Optional[Descriptor] = None
+    layers: Tuple[Descriptor, ...] = ()
+
+    @property
+    def is_index(self):
+        # type: () -> bool
+        return self.media_type in INDEX_TYPES
+
+
+def parse_manifest(data, content_type="", what="manifest"):
+    # type: (bytes, str, str) -> Manifest
+    """Parse untrusted manifest bytes; raise IntegrityError/UnsupportedError for anything off."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise IntegrityError("%s is larger than %d bytes: refused" % (what, MAX_MANIFEST_BYTES))
+    doc = _loads_json(data, what)
+    mt = _media_type(content_type, doc)
+    if mt in MT_DOCKER_SCHEMA1:
+        raise UnsupportedError(
+            "%s is a Docker schema 1 manifest, retired since 2019 and not supported; "
+            "push the image again with a current client" % what
+        )
+    if mt in INDEX_TYPES:
+        entries = doc.get("manifests")
+        if not isinstance(entries, list):
+            raise IntegrityError("%s is an index without a manifests list" % what)
+        return Manifest(mt, doc, manifests=tuple(Descriptor.parse(e, "index entry") for e in entries))
+    if mt not in MANIFEST_TYPES:
+        raise UnsupportedError("%s has unsupported media type %r" % (what, mt[:100]))
+    if not isinstance(doc.get("layers"), list):
+        raise IntegrityError("%s has no layers list" % what)
+    config = Descriptor.parse(doc.get("config"), "config")
+    layers = tuple(Descriptor.parse(x, "layer %d" % i) for i, x in enumerate(doc["layers"]))
+    if config.media_type not in (MT_OCI_CONFIG, MT_DOCKER_CONFIG):
+        raise UnsupportedError(
+            "%s is not a container image (config media type %s): artifacts are not supported"
+            % (what, config.media_type[:100])
+        )
+    for i, layer in enumerate(layers):
+        if layer.media_type not in LAYER_TYPES:
+            raise UnsupportedError("%s: layer %d has unsupported media type %s" % (what, i, layer.media_type[:100]))
+    return Manifest(mt, doc, config=config, layers=layers)
+
+
 # --------------------------------------------------------------------------- Store
 
 _SCHEMA_VERSION = 1
@@ -1688,14 +1737,14 @@ def _write_atomic(path, data):
         raise
 
 
-class _FileLock:
-    """An exclusive advisory lock on ``path`` (created if missing), for index.json rewrites."""
+class _DirLock:
+    """An exclusive advisory lock on a directory (flock on its fd): no lock file is left behind."""
 
     def __init__(self, path):
         self.path = path
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDONLY)
         if _fcntl is not None:
             _fcntl.flock(self.fd, _fcntl.LOCK_EX)
         return self
@@ -1716,7 +1765,7 @@ def _layout_entry(result, name):
 def _update_layout_index(directory, entries):
     # type: (str, List[dict]) -> None
     """Add ``entries`` to DIR/index.json, replacing those with the same ref.name; atomic, locked."""
-    with _FileLock(os.path.join(directory, "oci-layout")):
+    with _DirLock(directory):
         _write_atomic(os.path.join(directory, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
         path = os.path.join(directory, "index.json")
         try:
@@ -1747,7 +1796,7 @@ def write_store_index(store):
     if conn is None:
         return
     try:
-        with _FileLock(os.path.join(store.home, "oci-layout")):
+        with _DirLock(store.home):
             rows = _layout_name_from_store(conn)
             manifests = []
             for reference, digest, media_type, plat in rows:
@@ -2258,18 +2307,18 @@ class _Puller:
         self.jobs, self.progress = jobs, progress
         self.scope = "repository:%s:pull" % ref.repository
 
-    def _manifest(self, ref_or_digest, what, seen):
-        # type: (str, str, set) -> Tuple[str, str, bytes, dict]
-        """(digest, media type, bytes, document) for a tag or digest; the store answers known digests."""
+    def _manifest(self, ref_or_digest, seen):
+        # type: (str, set) -> Tuple[str, bytes, Manifest]
+        """(digest, bytes, parsed) for a tag or digest; the store answers digests it has."""
         is_digest = ref_or_digest.startswith(tuple(a + ":" for a in _DIGEST_HEX))
+        what = "%s@%s" % (self.ref.name, ref_or_digest) if is_digest else str(self.ref)
         if ref_or_digest in seen:
-            raise IntegrityError("%s %s refers to itself" % (what, ref_or_digest))
+            raise IntegrityError("%s refers to itself" % what)
         seen.add(ref_or_digest)
         if is_digest:
             data = self.store.read(ref_or_digest)
             if data is not None:
-                doc = _loads_json(data, what)
-                return ref_or_digest, _media_type(doc.get("mediaType", ""), doc), data, doc
+                return ref_or_digest, data, parse_manifest(data, "", what)
         path = "/v2/%s/manifests/%s" % (self.ref.repository, ref_or_digest)
         headers = {"Accept": MANIFEST_ACCEPT}
         if not is_digest:
@@ -2281,80 +2330,57 @@ class _Puller:
                 check_digest(digest, "Docker-Content-Digest")
                 data = self.store.read(digest)
                 if data is not None:
-                    doc = _loads_json(data, what)
-                    return digest, _media_type(resp.header("Content-Type"), doc), data, doc
+                    return digest, data, parse_manifest(data, resp.header("Content-Type"), what)
             elif resp.status == 404:
-                raise NotFound("%s: %s not found (MANIFEST_UNKNOWN)" % (self.ref, what))
+                raise NotFound("%s: manifest not found (MANIFEST_UNKNOWN)" % what)
         resp = self.client.request("GET", path, headers=headers, scope=self.scope)
         try:
             if resp.status == 404:
                 code, msg = _registry_error(resp.read(65536))
-                raise NotFound("%s: %s not found (%s)" % (self.ref, what, code or msg or "404"))
+                raise NotFound("%s: manifest not found (%s)" % (what, code or msg or "404"))
             if resp.status != 200:
                 raise RegistryError("%s answered %d for %s" % (self.client.endpoint, resp.status, path))
             try:
                 data = resp.read(MAX_MANIFEST_BYTES)
             except IntegrityError:
-                raise IntegrityError("%s %s is larger than %d bytes: refused"
-                                     % (what, ref_or_digest, MAX_MANIFEST_BYTES)) from None
+                raise IntegrityError("manifest of %s is larger than %d bytes: refused"
+                                     % (what, MAX_MANIFEST_BYTES)) from None
             except (OSError, http.client.HTTPException) as e:
-                raise RegistryError("reading %s from %s failed: %s" % (what, self.client.endpoint, _reason_text(e))) \
-                    from None
+                raise RegistryError("reading the manifest of %s from %s failed: %s"
+                                    % (what, self.client.endpoint, _reason_text(e))) from None
         finally:
             resp.close()
         served = resp.header("Docker-Content-Digest").strip()
         if is_digest:
-            _verify_bytes(what, data, ref_or_digest)
+            _verify_bytes("manifest", data, ref_or_digest)
             digest = ref_or_digest
         elif served:
-            algo, _ = check_digest(served, "Docker-Content-Digest")
-            _verify_bytes(what, data, served)
+            check_digest(served, "Docker-Content-Digest")
+            _verify_bytes("manifest", data, served)
             digest = served
         else:
             digest = _hash("sha256", data)
-        doc = _loads_json(data, what)
-        mt = _media_type(resp.header("Content-Type"), doc)
-        if mt in MT_DOCKER_SCHEMA1:
-            raise UnsupportedError(
-                "%s is a Docker schema 1 manifest, retired since 2019 and not supported; "
-                "push the image again with a current client" % self.ref
-            )
+        parsed = parse_manifest(data, resp.header("Content-Type"), what)
         self.store.put(digest, data)
-        return digest, mt, data, doc
+        return digest, data, parsed
 
     def run(self):
         # type: () -> PullResult
         ref = self.ref
         seen = set()  # type: set
-        index_digest = index_mt = index_doc = None
-        digest, mt, data, doc = self._manifest(ref.ref, "manifest", seen)
+        index_digest = index = None
+        digest, data, manifest = self._manifest(ref.ref, seen)
         depth = 0
-        while mt in INDEX_TYPES:
+        while manifest.is_index:
             depth += 1
             if depth > 4:
                 raise IntegrityError("%s: indexes nested more than 4 deep" % ref)
-            entries = doc.get("manifests")
-            if not isinstance(entries, list):
-                raise IntegrityError("%s: index %s has no manifests list" % (ref, digest))
-            descs = [Descriptor.parse(e, "index entry") for e in entries]
-            if index_digest is None:
-                index_digest, index_mt, index_doc = digest, mt, doc
-            chosen = select_platform(descs, self.want, str(ref))
-            digest, mt, data, doc = self._manifest(chosen.digest, "manifest", seen)
-        if mt not in MANIFEST_TYPES:
-            raise UnsupportedError("%s: unsupported manifest media type %r" % (ref, mt[:100]))
-        if not isinstance(doc.get("layers"), list):
-            raise IntegrityError("%s: manifest %s has no layers list" % (ref, digest))
-        config = Descriptor.parse(doc.get("config"), "config")
-        layers = [Descriptor.parse(x, "layer %d" % i) for i, x in enumerate(doc["layers"])]
-        if config.media_type not in (MT_OCI_CONFIG, MT_DOCKER_CONFIG):
-            raise UnsupportedError(
-                "%s is not a container image (config media type %s): artifacts are not supported"
-                % (ref, config.media_type[:100])
-            )
-        for i, layer in enumerate(layers):
-            if layer.media_type not in LAYER_TYPES:
-                raise UnsupportedError("%s: layer %d has unsupported media type %s" % (ref, i, layer.media_type[:100]))
+            if index is None:
+                index_digest, index = digest, manifest
+            chosen = select_platform(list(manifest.manifests), self.want, str(ref))
+            digest, data, manifest = self._manifest(chosen.digest, seen)
+        config, layers = manifest.config, list(manifest.layers)
+        assert config is not None
 
         downloader = _Downloader(self.client, self.store, ref.repository, self.progress)
         unique = list(dict((d.digest, d) for d in [config] + layers).values())
@@ -2371,11 +2397,13 @@ class _Puller:
                         str(config_doc.get("variant") or ""))
         mk = lambda d: LayerResult(d.digest, d.media_type, d.size, self.store.path(d.digest))  # noqa: E731
         result = PullResult(
-            reference=str(ref), manifest_digest=digest, manifest_media_type=mt, index_digest=index_digest,
-            index_media_type=index_mt, platform=plat, config=mk(config), layers=tuple(mk(d) for d in layers),
-            home=self.store.home, manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes,
+            reference=str(ref), manifest_digest=digest, manifest_media_type=manifest.media_type,
+            index_digest=index_digest, index_media_type=index.media_type if index else None, platform=plat,
+            config=mk(config), layers=tuple(mk(d) for d in layers), home=self.store.home,
+            manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes,
         )
-        recorded = self.store.touch(str(ref), digest) or self.store.record(result, index_doc, doc, config_doc)
+        recorded = self.store.touch(str(ref), digest) or \
+            self.store.record(result, index.doc if index else None, manifest.doc, config_doc)
         if recorded:
             write_store_index(self.store)
         elif not _have_sqlite():
@@ -2390,18 +2418,50 @@ class _Puller:
                 self.progress(d.digest, d.size, d.size)
         if not missing:
             return
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(self.jobs, len(missing)))
-        futures = [pool.submit(downloader.fetch, d, "config" if d is config else "layer") for d in missing]
+        # Daemon threads, not a ThreadPoolExecutor: on Ctrl-C the process must exit at once,
+        # not wait for a read blocked on a stalled server (the .partial files stay consistent).
+        todo = list(missing)
+        errors = []  # type: List[BaseException]
+        lock = threading.Lock()
+        finished = threading.Event()
+        running = [min(self.jobs, len(todo))]
+
+        def worker():
+            try:
+                while not self.client.cancel.is_set():
+                    with lock:
+                        if not todo:
+                            return
+                        d = todo.pop(0)
+                    try:
+                        downloader.fetch(d, "config" if d is config else "layer")
+                    except BaseException as e:  # handed to the main thread
+                        with lock:
+                            errors.append(e)
+                        self.client.cancel.set()
+                        return
+            finally:
+                with lock:
+                    running[0] -= 1
+                    if running[0] == 0:
+                        finished.set()
+
+        threads = [threading.Thread(target=worker, name="registry_pull-%d" % i, daemon=True)
+                   for i in range(running[0])]
+        for t in threads:
+            t.start()
         try:
-            for fut in concurrent.futures.as_completed(futures):
-                fut.result()  # the first failure stops the pull
+            while not finished.wait(0.25):
+                pass
         except BaseException:
             self.client.cancel.set()
-            for fut in futures:
-                fut.cancel()
             raise
-        finally:
-            pool.shutdown(wait=True)
+        if errors:
+            # The first real failure, not the Interrupted its siblings raised on seeing it.
+            real = [e for e in errors if not isinstance(e, Interrupted)]
+            raise (real or errors)[0]
+        if self.client.cancel.is_set():
+            raise Interrupted("interrupted")
 
 
 def _have_sqlite():
