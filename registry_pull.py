@@ -1079,9 +1079,12 @@ class Descriptor:
 def _media_type(content_type, doc):
     # type: (str, dict) -> str
     mt = (content_type or "").split(";")[0].strip().lower()
-    if mt in INDEX_TYPES + MANIFEST_TYPES + MT_DOCKER_SCHEMA1:
-        return mt
     declared = doc.get("mediaType")
+    if mt in INDEX_TYPES + MANIFEST_TYPES + MT_DOCKER_SCHEMA1:
+        # The document's own mediaType, when it has one, must agree (OCI image-spec: manifest).
+        if isinstance(declared, str) and declared and declared != mt and mt not in MT_DOCKER_SCHEMA1:
+            raise IntegrityError("the registry served a %s whose mediaType says %s" % (mt, declared[:100]))
+        return mt
     if isinstance(declared, str) and declared:
         return declared
     if doc.get("schemaVersion") == 1:
@@ -1590,8 +1593,6 @@ class _Downloader:
     def _stream(self, desc, f, hasher, have, what):
         size = desc.size
         path = "/v2/%s/blobs/%s" % (self.repository, desc.digest)
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
         failures = 0
         while True:
             headers = {"Range": "bytes=%d-" % have} if have else {}
@@ -1636,16 +1637,18 @@ class _Downloader:
                         raise Interrupted("interrupted")
                     want = min(CHUNK, size - have + 1)  # one byte more than promised reveals overlong bodies
                     try:
-                        n = raw.readinto(view[:want])
+                        # read1: what has arrived, at once; read/readinto would wait for a full
+                        # chunk, and a connection cut would lose what they had buffered.
+                        chunk = raw.read1(want)
                     except (OSError, http.client.HTTPException) as e:
                         lost = e
                         break
+                    n = len(chunk)
                     if not n:
                         lost = None
                         break
                     if have + n > size:
                         raise SizeMismatch(what, desc.digest, size, "more")
-                    chunk = view[:n]
                     f.write(chunk)  # OSError here is the disk's: StorageError in fetch()
                     hasher.update(chunk)
                     have += n

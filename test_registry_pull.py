@@ -1630,5 +1630,371 @@ class OutputToolTests(Base):
                 self.assertEqual(mine[path], theirs[path])
 
 
+# --------------------------------------------------------------------------- faults, interruptions, concurrency
+
+import signal  # noqa: E402
+
+
+def slow_blob(reg, digest, stall=None, chunk=65536, delay=0.02):
+    """A fault that serves ``digest`` slowly (honouring Range); with ``stall`` (an Event) it
+    sends one chunk and then waits on the event, as a stalled server would."""
+    def fault(h, method, path):
+        if not (path.endswith(digest) and method == "GET"):
+            return False
+        data = reg.blobs[digest]
+        m = re.match(r"^bytes=(\d+)-$", h.headers.get("Range") or "")
+        start = int(m.group(1)) if m else 0
+        h.send_response(206 if start else 200)
+        h.send_header("Content-Length", str(len(data) - start))
+        if start:
+            h.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(data) - 1, len(data)))
+        h.end_headers()
+        try:
+            for pos in range(start, len(data), chunk):
+                h.wfile.write(data[pos:pos + chunk])
+                h.wfile.flush()
+                if stall is not None:
+                    stall.wait(60)
+                    break
+                time.sleep(delay)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        h.close_connection = True
+        return True
+    return fault
+
+
+def wait_for(predicate, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+class InterruptionTests(Base):
+    def cli(self, *argv, **kw):
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
+                                 "--platform", "linux/amd64"] + list(argv),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+    def big(self, reg, name):
+        img = reg.push(name, "v1", Image(layers=[make_layer({"big": os.urandom(4 * 1024 * 1024)}),
+                                                  make_layer({"small": b"s"})]))
+        digest = sha256(img.layers[0])
+        return img, digest, os.path.join(self.home, "blobs", "sha256", digest.split(":")[1])
+
+    def test_sigkill_then_resume(self):
+        reg = self.registry()
+        img, digest, final = self.big(reg, "kill/app")
+        reg.fault = slow_blob(reg, digest)
+        proc = self.cli(reg.host + "/kill/app:v1")
+        self.addCleanup(proc.wait)
+        self.assertTrue(wait_for(lambda: os.path.exists(final + ".partial") and
+                                 os.path.getsize(final + ".partial") > 512 * 1024))
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        have = os.path.getsize(final + ".partial")
+        self.assertFalse(os.path.exists(final))
+        self.assertEqual(self.image_rows(), [])
+        reg.fault = None
+        reg.log.clear()
+        res = self.pull(reg, "kill/app:v1")
+        self.assertStoreHas(img)
+        ranges = [hd.get("Range") for m, p, hd in reg.log if p.endswith(digest)]
+        self.assertEqual(len(ranges), 1)
+        self.assertEqual(int(ranges[0][6:-1]), have)  # resumed where the killed process stopped
+        self.assertLess(res.downloaded_bytes, img.size - have + 1)
+
+    def test_sigint_exits_130_promptly(self):
+        reg = self.registry()
+        img, digest, final = self.big(reg, "int/app")
+        stall = threading.Event()
+        self.addCleanup(stall.set)
+        reg.fault = slow_blob(reg, digest, stall=stall)  # one chunk, then silence
+        proc = self.cli(reg.host + "/int/app:v1")
+        self.assertTrue(wait_for(lambda: os.path.exists(final + ".partial") and
+                                 os.path.getsize(final + ".partial") > 0))
+        time.sleep(0.2)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - start
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertLess(elapsed, 3.0)  # not the 60 s read timeout
+        self.assertEqual(err.count(b"\n"), 1, err)
+        self.assertTrue(err.startswith(b"registry_pull: error: interrupted"), err)
+        self.assertFalse(os.path.exists(final))
+        self.assertEqual(self.image_rows(), [])
+        stall.set()
+        reg.fault = None
+        self.pull(reg, "int/app:v1")
+        self.assertStoreHas(img)
+
+    def test_concurrent_processes_share_one_home(self):
+        reg = self.registry(auth="bearer")
+        base = make_layer({"base": os.urandom(1024 * 1024)})
+        a = reg.push("con/a", "v1", Image(layers=[base, make_layer({"a": os.urandom(300000)})]))
+        b = reg.push("con/b", "v1", Image(layers=[base, make_layer({"b": os.urandom(300000)})]))
+        reg.fault = slow_blob(reg, sha256(base[0]), chunk=32768, delay=0.01)  # long enough to overlap
+        for n in (2, 4):
+            with self.subTest(case=n):
+                shutil.rmtree(os.path.join(self.home, "blobs"), ignore_errors=True)
+                for f in ("oci.db", "oci.db-wal", "oci.db-shm", "index.json"):
+                    if os.path.exists(os.path.join(self.home, f)):
+                        os.unlink(os.path.join(self.home, f))
+                reg.log.clear()
+                refs = [reg.host + ("/con/a:v1" if i % 2 == 0 else "/con/b:v1") for i in range(n)]
+                procs = [self.cli(r) for r in refs]
+                for p in procs:
+                    out, err = p.communicate(timeout=120)
+                    self.assertEqual(p.returncode, 0, err)
+                blob_gets = [p for m, p in reg.requests("GET", "blobs")]
+                self.assertEqual(len(blob_gets), len(set(blob_gets)), blob_gets)  # each blob once
+                self.assertStoreHas(a)
+                self.assertStoreHas(b)
+                self.assertEqual(self.stray_files(), [])
+                self.assertEqual(sorted(r for r, in self.image_rows()), sorted(set(refs)))
+                with open(os.path.join(self.home, "index.json")) as f:
+                    names = [m["annotations"]["org.opencontainers.image.ref.name"] for m in json.load(f)["manifests"]]
+                self.assertEqual(sorted(names), sorted(set(refs)))
+
+    def test_file_size_limit_is_a_storage_error(self):
+        reg = self.registry()
+        img, digest, final = self.big(reg, "full/app")
+        code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+                "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
+        proc = subprocess.run([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64",
+                               reg.host + "/full/app:v1"], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 7, proc.stderr)
+        self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
+        self.assertIn(b"File too large", proc.stderr)
+        self.assertFalse(os.path.exists(final))
+        self.assertEqual(self.image_rows(), [])
+        self.pull(reg, "full/app:v1")  # room again: it resumes and completes
+        self.assertStoreHas(img)
+
+    def mount_tmpfs(self, options):
+        path = tempfile.mkdtemp(prefix="rp-mnt-")
+        self.addCleanup(os.rmdir, path)
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            self.skipTest("needs root to mount a tmpfs")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            self.skipTest("cannot mount a tmpfs here: %s" % proc.stderr.decode().strip())
+        self.addCleanup(subprocess.run, ["umount", "-l", path])
+        return path
+
+    def test_disk_full(self):
+        reg = self.registry()
+        img, digest, final = self.big(reg, "enospc/app")
+        home = self.mount_tmpfs("size=2m")
+        code, out, err = self.main("--home", home, "--platform", "linux/amd64", reg.host + "/enospc/app:v1")
+        self.assertEqual(code, 7, err)
+        self.assertIn("No space left", err)
+        self.assertFalse(os.path.exists(os.path.join(home, "blobs", "sha256", digest.split(":")[1])))
+
+    def test_read_only_home_fails_before_any_request(self):
+        reg = self.registry()
+        reg.push("ro/app", "v1", Image())
+        if os.geteuid() == 0:
+            home = self.mount_tmpfs("ro,size=1m")
+        else:
+            home = os.path.join(self.home, "ro")
+            os.makedirs(home)
+            os.chmod(home, 0o555)
+        code, out, err = self.main("--home", os.path.join(home, "store"), reg.host + "/ro/app:v1")
+        self.assertEqual(code, 7, err)
+        self.assertIn("cannot write to the store", err)
+        self.assertEqual(reg.log, [])
+
+
+class HostileInputTests(Base):
+    def serve_manifest(self, reg, name, data, media_type=rp.MT_OCI_MANIFEST):
+        reg.manifests[(name, "v1")] = (media_type, data)
+
+    def test_malformed_manifests(self):
+        reg = self.registry()
+        img = Image()
+        reg.blobs.update(img.blobs())
+        good = json.loads(img.manifest)
+
+        def variant(**changes):
+            doc = json.loads(json.dumps(good))
+            for key, value in changes.items():
+                if key.startswith("layer_"):
+                    doc["layers"][0][key[6:]] = value
+                else:
+                    doc[key] = value
+            return json.dumps(doc).encode()
+
+        cases = [
+            ("not-json", b"{not json", 5),
+            ("array", b"[1, 2]", 5),
+            ("nested", b"[" * 100000 + b"]" * 100000, 5),
+            ("nested-object", b'{"a":' * 50000 + b"1" + b"}" * 50000, 5),
+            ("no-layers", variant(layers="x"), 5),
+            ("size-negative", variant(layer_size=-1), 5),
+            ("size-string", variant(layer_size="12"), 5),
+            ("size-bool", variant(layer_size=True), 5),
+            ("digest-traversal", variant(layer_digest="sha256:../../../../x"), 5),
+            ("digest-upper", variant(layer_digest="sha256:" + "A" * 64), 5),
+            ("digest-short", variant(layer_digest="sha256:abc"), 5),
+            ("digest-algo", variant(layer_digest="md5:" + "a" * 32), 1),
+            ("digest-missing", variant(layer_digest=None), 5),
+            ("media-type-disagrees", variant(mediaType="application/vnd.example.thing+json"), 5),
+            ("not-utf8", b"\xff\xfe{}", 5),
+        ]
+        for name, data, code in cases:
+            with self.subTest(case=name):
+                self.serve_manifest(reg, "bad/" + name, data)
+                got, out, err = self.main("--home", self.home, "--platform", "linux/amd64",
+                                          reg.host + "/bad/%s:v1" % name)
+                self.assertEqual(got, code, err)
+                self.assertEqual(err.count("\n"), 1, err)
+        self.serve_manifest(reg, "bad/unknown-type", variant(mediaType="application/vnd.example.thing+json"),
+                            "application/vnd.example.thing+json")
+        got, out, err = self.main("--home", self.home, reg.host + "/bad/unknown-type:v1")
+        self.assertEqual(got, 1, err)
+        self.assertIn("unsupported media type", err)
+        self.assertEqual(self.stray_files(), [])
+        self.assertEqual(os.listdir(self.home), ["blobs"])  # no image: not even a database
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.home), "x")))
+
+    def test_diff_ids_disagree_with_layers(self):
+        reg = self.registry()
+        img = Image()
+        cfg = json.loads(img.config)
+        cfg["rootfs"]["diff_ids"].append(sha256(b"extra"))
+        img.config = json.dumps(cfg).encode()
+        doc = json.loads(img.manifest)
+        doc["config"].update(digest=sha256(img.config), size=len(img.config))
+        img.manifest = json.dumps(doc).encode()
+        img.digest = sha256(img.manifest)
+        reg.push("diffs/app", "v1", img)
+        with self.assertRaises(rp.IntegrityError) as cm:
+            self.pull(reg, "diffs/app:v1")
+        self.assertIn("diff_ids", str(cm.exception))
+        self.assertEqual(self.image_rows(), [])
+
+    def test_nested_indexes_refused(self):
+        reg = self.registry()
+        img = reg.push("nest/app", None, Image())
+        inner = {"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest),
+                 "platform": {"os": "linux", "architecture": "amd64"}}
+        for depth in range(6):
+            data = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX, "manifests": [inner]}).encode()
+            reg.manifests[("nest/app", sha256(data))] = (rp.MT_OCI_INDEX, data)
+            inner = {"mediaType": rp.MT_OCI_INDEX, "digest": sha256(data), "size": len(data),
+                     "platform": {"os": "linux", "architecture": "amd64"}}
+            if depth == 1:
+                reg.manifests[("nest/app", "two")] = (rp.MT_OCI_INDEX, data)
+        reg.manifests[("nest/app", "six")] = (rp.MT_OCI_INDEX, data)
+        self.assertEqual(self.pull(reg, "nest/app:two").manifest_digest, img.digest)  # nesting is legal
+        with self.assertRaises(rp.IntegrityError) as cm:
+            self.pull(reg, "nest/app:six")
+        self.assertIn("nested", str(cm.exception))
+
+    def test_redirect_to_other_schemes_refused(self):
+        reg = self.registry()
+        reg.push("loc/app", "v1", Image())
+        for location in ("file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:70/x", "//"):
+            with self.subTest(case=location):
+                reg.fault = lambda h, m, p, loc=location: "/blobs/" in p and (
+                    h.send(307, headers={"Location": loc}) or True)
+                with self.assertRaises(rp.RegistryError) as cm:
+                    self.pull(reg, "loc/app:v1")
+                self.assertIn("redirect", str(cm.exception))
+
+    def test_public_registry_redirect_to_private_refused(self):
+        client = rp.Client("registry.example.com")
+        client._public, client._scheme = True, "https"  # as if it resolved to a public address
+        for url in ("https://127.0.0.1/blob", "https://10.1.2.3/blob", "https://169.254.169.254/latest/meta-data",
+                    "https://[::1]/x", "https://192.168.0.10/x", "https://[fd00::1]/x"):
+            with self.subTest(case=url):
+                with self.assertRaises(rp.RegistryError) as cm:
+                    client._follow("https://registry.example.com/v2/a/blobs/x", url)
+                self.assertIn("non-public", str(cm.exception))
+        url, own = client._follow("https://registry.example.com/v2/a/blobs/x", "https://8.8.8.8/x")
+        self.assertFalse(own)  # another host: no Authorization goes there
+        url, own = client._follow("https://registry.example.com/v2/a/blobs/x", "/v2/a/blobs/y")
+        self.assertTrue(own)
+        with self.assertRaises(rp.RegistryError):  # and no downgrade to plain HTTP
+            client._follow("https://registry.example.com/v2/a/blobs/x", "http://8.8.8.8/x")
+
+
+try:
+    import hypothesis
+    from hypothesis import strategies as st
+except ImportError:
+    hypothesis = None
+
+FUZZ_CASES = int(os.environ.get("RP_FUZZ_CASES", "10000"))
+
+
+@unittest.skipUnless(hypothesis, "needs hypothesis (pip install hypothesis); .ci/run installs it")
+class FuzzTests(unittest.TestCase):
+    def fuzz(self, strategy, check):
+        @hypothesis.settings(max_examples=FUZZ_CASES, deadline=None, database=None,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(strategy)
+        def run(value):
+            check(value)
+        run()
+
+    def test_reference_parser(self):
+        alphabet = st.sampled_from(list("abcAZ019._-/:@[]") + ["sha256:", "sha512:", "localhost", "a" * 64, ".."])
+        texts = st.one_of(st.text(max_size=300), st.lists(alphabet, max_size=40).map("".join))
+
+        def check(text):
+            try:
+                r = rp.parse_reference(text)
+            except rp.InvalidReference:
+                return
+            self.assertEqual(rp.parse_reference(str(r)), r)  # normalising is idempotent
+            if r.digest:
+                rp.check_digest(r.digest)
+        self.fuzz(texts, check)
+
+    def test_www_authenticate_parser(self):
+        alphabet = st.sampled_from(['Bearer ', 'Basic ', 'realm=', 'service=', 'scope=', '"', '\\', ',', ' ',
+                                    'a', '=', 'error="invalid_token"', 'x:y,z'])
+        texts = st.one_of(st.text(max_size=300), st.lists(alphabet, max_size=40).map("".join))
+
+        def check(text):
+            for scheme, params in rp.parse_www_authenticate(text):
+                self.assertIsInstance(scheme, str)
+                self.assertTrue(all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()))
+        self.fuzz(texts, check)
+
+    def test_manifest_parser(self):
+        leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20),
+                           st.sampled_from(["sha256:" + "a" * 64, rp.MT_OCI_MANIFEST, rp.MT_OCI_INDEX,
+                                            rp.MT_OCI_CONFIG, "application/vnd.oci.image.layer.v1.tar+gzip"]))
+        keys = st.sampled_from(["schemaVersion", "mediaType", "config", "layers", "manifests", "digest", "size",
+                                "platform", "annotations", "os", "architecture", "variant"])
+        docs = st.recursive(leaves, lambda kids: st.one_of(st.lists(kids, max_size=4),
+                                                           st.dictionaries(keys, kids, max_size=6)), max_leaves=30)
+        blobs = st.one_of(docs.map(lambda d: json.dumps(d).encode()), st.binary(max_size=200))
+        types = st.sampled_from(["", rp.MT_OCI_INDEX, rp.MT_OCI_MANIFEST, rp.MT_DOCKER_LIST,
+                                 rp.MT_DOCKER_SCHEMA1[1], "application/json"])
+
+        def check(args):
+            data, content_type = args
+            try:
+                m = rp.parse_manifest(data, content_type)
+            except rp.PullError:
+                return
+            for d in m.manifests + m.layers + ((m.config,) if m.config else ()):
+                rp.check_digest(d.digest)
+        self.fuzz(st.tuples(blobs, types), check)
+
+
 if __name__ == "__main__":
     unittest.main()
