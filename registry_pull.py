@@ -612,7 +612,8 @@ def _redact(url):
     # type: (str) -> str
     """A URL without its query (signed object-storage URLs carry credentials there)."""
     parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))[:300]
+    host = parts.netloc.rsplit("@", 1)[-1]  # no user:password@
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))[:300]
 
 
 def _is_public_address(host):
@@ -635,16 +636,17 @@ class Client:
     Thread-safe: all download threads share one Client and its token cache.
     """
 
-    def __init__(self, registry, *, insecure=False, ca_file=None, credentials=None, cancel=None):
-        # type: (str, bool, Optional[str], Optional[Credentials], Optional[threading.Event]) -> None
+    def __init__(self, registry, *, insecure=False, ca_file=None, credentials=None, cancel=None, endpoint=None,
+                 scheme=None):
+        # type: (str, bool, Optional[str], Optional[Credentials], Optional[threading.Event], Optional[str], Optional[str]) -> None
         self.registry = registry
-        self.endpoint = _DOCKER_HUB_ENDPOINT if registry == _DOCKER_HUB else registry
+        self.endpoint = endpoint or (_DOCKER_HUB_ENDPOINT if registry == _DOCKER_HUB else registry)
         self.insecure = insecure
         self.ca_file = ca_file
         self.credentials = credentials
         self.cancel = cancel or threading.Event()
         self.loopback = _is_loopback(self.endpoint)
-        self._scheme = None  # type: Optional[str]
+        self._scheme = scheme  # type: Optional[str]
         self._public = None  # type: Optional[bool]
         self._lock = threading.Lock()
         self._token_lock = threading.Lock()  # one token fetch at a time; the others reuse it
@@ -2253,6 +2255,16 @@ class PullResult:
         }
 
 
+def _parse_mirror(text):
+    # type: (str) -> Tuple[str, Optional[str]]
+    """``[http[s]://]host[:port][/]`` -> (host:port, scheme or None to discover)."""
+    parts = urllib.parse.urlsplit(text if "://" in text else "//" + text)
+    if parts.scheme not in ("", "http", "https") or not parts.netloc or parts.path not in ("", "/") or \
+            parts.query or parts.fragment or not _HOST_RE.match(parts.netloc):
+        raise UsageError("invalid mirror %r: expected [http[s]://]HOST[:PORT]" % text)
+    return parts.netloc.lower(), parts.scheme or None
+
+
 def pull(
     reference,
     *,
@@ -2268,8 +2280,9 @@ def pull(
     oci_layout=None,
     docker_archive=None,
     rootfs=None,
+    mirrors=None,
 ):
-    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[str], Optional[str]) -> PullResult
+    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[str], Optional[str], Optional[List[str]]) -> PullResult
     """Pull ``reference`` into the store at ``home`` and return what was pulled.
 
     ``platform`` is a Platform or ``"os/arch[/variant]"`` (default: linux/this machine).
@@ -2277,6 +2290,8 @@ def pull(
     Credentials: ``username``/``password`` if given, else the Podman/Docker files.
     Outputs, each written only once the image is verified: ``oci_layout`` ("DIR[:NAME]"),
     ``docker_archive`` (a `docker save` tar) and ``rootfs`` (a directory, whole or absent).
+    ``mirrors``: URLs tried in order before the registry (default for docker.io:
+    $REGISTRY_PULL_MIRRORS, comma- or space-separated).
     Raises a PullError subclass on failure; nothing is recorded for a failed pull.
     """
     ref = reference if isinstance(reference, Reference) else parse_reference(reference)
@@ -2292,8 +2307,25 @@ def pull(
         _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
     if rootfs is not None and os.path.lexists(rootfs) and not (os.path.isdir(rootfs) and not os.listdir(rootfs)):
         raise UsageError("--rootfs %s exists and is not an empty directory" % rootfs)
-    client = Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
-    result = _Puller(client, store, ref, want, jobs, progress).run()
+    if mirrors is None and ref.registry == _DOCKER_HUB:
+        mirrors = [m for m in re.split(r"[\s,]+", os.environ.get("REGISTRY_PULL_MIRRORS", "")) if m]
+    result = None
+    for mirror in [_parse_mirror(m) for m in mirrors or ()]:
+        # As Docker's registry-mirrors: each mirror in turn, then the registry itself. A mirror
+        # gets its own credentials, never the upstream's.
+        host, scheme = mirror
+        mirror_client = Client(ref.registry, insecure=insecure, ca_file=ca_file, cancel=cancel, endpoint=host,
+                               scheme=scheme, credentials=find_credentials(host))
+        try:
+            result = _Puller(mirror_client, store, ref, want, jobs, progress).run()
+            break
+        except (RegistryError, NotFound, AuthError, IntegrityError, UnsupportedError) as e:
+            if cancel is not None and cancel.is_set():
+                raise
+            log.warning("mirror %s failed (%s); trying the next", host, e)
+    if result is None:
+        client = Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
+        result = _Puller(client, store, ref, want, jobs, progress).run()
     outputs = []
     if oci_layout is not None:
         outputs.append(("oci_layout", os.path.abspath(export_oci_layout(result, oci_layout))))
@@ -2507,6 +2539,9 @@ def _parser():
                    % MAX_JOBS)
     p.add_argument("--insecure", action="store_true",
                    help="allow plain HTTP and unverified TLS for this registry (loopback may use HTTP anyway)")
+    p.add_argument("--mirror", metavar="URL", action="append",
+                   help="a mirror to try before the registry (repeatable, in order); for docker.io the "
+                   "default is $REGISTRY_PULL_MIRRORS")
     p.add_argument("--ca-file", metavar="FILE", help="extra trusted CA bundle (besides SSL_CERT_FILE)")
     p.add_argument("--username", metavar="USER", help="registry user name (password from --password-stdin)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
@@ -2558,7 +2593,7 @@ def main(argv=None):
         result = pull(ref, home=args.home, platform=want, jobs=args.jobs, progress=progress,
                       insecure=args.insecure, ca_file=args.ca_file, username=args.username,
                       password=password, cancel=cancel, oci_layout=args.oci_layout,
-                      docker_archive=args.docker_archive, rootfs=args.rootfs)
+                      docker_archive=args.docker_archive, rootfs=args.rootfs, mirrors=args.mirror)
         if args.json:
             sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         elif not args.quiet:

@@ -125,6 +125,10 @@ class Registry:
         self.honour_range = True
         self.head_allowed = True
         self.redirect_to = None  # base URL blob GETs are redirected to
+        self.redirect_hops = 1  # 2: the object store redirects once more
+        self.v2_wants_auth = False  # 401 on /v2/ while repositories are anonymous (seen on GHCR-like setups)
+        self.challenge_prefix = ""  # e.g. 'Basic realm="x", ' before the Bearer challenge
+        self.send_expires_in = True
         self.fault = None  # callable(handler, method, path) -> True when it answered
         self.lock = threading.Lock()
         self.server = None
@@ -203,6 +207,9 @@ class Registry:
                 if not self.authorized(path):
                     return
                 if path == "/v2/":
+                    if reg.v2_wants_auth and "Authorization" not in self.headers:
+                        return self.error(401, "UNAUTHORIZED", method == "HEAD", {"WWW-Authenticate":
+                                          'Bearer realm="http://%s/token",service="test-registry"' % reg.host})
                     return self.send(200, b"{}", {"Content-Type": "application/json"}, method == "HEAD")
                 m = re.match(r"^/v2/(.+)/(manifests|blobs)/([^/]+)$", path)
                 if not m:
@@ -221,7 +228,8 @@ class Registry:
                 if data is None:
                     return self.error(404, "BLOB_UNKNOWN", method == "HEAD")
                 if reg.redirect_to and method == "GET":
-                    return self.send(307, headers={"Location": "%s/obj/%s?sig=secret" % (reg.redirect_to, ref)})
+                    hop = "hop" if reg.redirect_hops == 2 else "obj"
+                    return self.send(307, headers={"Location": "%s/%s/%s?sig=secret" % (reg.redirect_to, hop, ref)})
                 self.serve_blob(data, method)
 
             def serve_blob(self, data, method="GET"):
@@ -256,7 +264,7 @@ class Registry:
                 with reg.lock:
                     tok = "tok-%d" % len(reg.token_requests)
                     reg.tokens[tok] = time.time() + reg.token_lifetime
-                answer = {"expires_in": reg.token_lifetime}
+                answer = {"expires_in": reg.token_lifetime} if reg.send_expires_in else {}
                 if reg.token_answer in ("token", "both"):
                     answer["token"] = tok
                 if reg.token_answer in ("access_token", "both"):
@@ -281,8 +289,8 @@ class Registry:
                     m = re.match(r"^/v2/(.+)/(?:manifests|blobs)/", path)
                     scope = ',scope="repository:%s:pull"' % m.group(1) if m else ""
                     err = ',error="invalid_token"' if tok else ""
-                    self.error(401, "UNAUTHORIZED", head, {"WWW-Authenticate": 'Bearer realm="http://%s/token",'
-                               'service="test-registry"%s%s' % (reg.host, scope, err)})
+                    self.error(401, "UNAUTHORIZED", head, {"WWW-Authenticate": reg.challenge_prefix +
+                               'Bearer realm="http://%s/token",service="test-registry"%s%s' % (reg.host, scope, err)})
                     return False
                 return True
 
@@ -318,6 +326,12 @@ class ObjectStore:
             def do_GET(self):
                 store.log.append((self.path, dict(self.headers)))
                 digest = urllib.parse.urlsplit(self.path).path.rsplit("/", 1)[-1]
+                if self.path.startswith("/hop/"):  # a CDN edge sending us on to the origin
+                    self.send_response(302)
+                    self.send_header("Location", "/obj/%s?sig=again" % digest)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if "Authorization" in self.headers:
                     body = b"<Error><Code>InvalidArgument</Code>Only one auth mechanism allowed</Error>"
                     self.send_response(400)
@@ -1145,7 +1159,7 @@ def make_ca(directory):
                 "subjectKeyIdentifier=hash\n")
     with open(os.path.join(directory, "leaf.ext"), "w") as f:
         f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.invalid\n"
                 "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n")
     run("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.csr", "-subj", "/CN=rp test CA")
     run("x509", "-req", "-in", "ca.csr", "-signkey", "ca.key", "-out", "ca.pem", "-days", "2", "-extfile", "ca.ext")
@@ -1994,6 +2008,356 @@ class FuzzTests(unittest.TestCase):
             for d in m.manifests + m.layers + ((m.config,) if m.config else ()):
                 rp.check_digest(d.digest)
         self.fuzz(st.tuples(blobs, types), check)
+
+
+# --------------------------------------------------------------------------- registries and credentials
+
+
+class CredentialTests(Base):
+    def write_json(self, path, doc):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        return path
+
+    def basic_registry(self):
+        reg = self.registry(auth="basic")
+        return reg, reg.push("cred/app", "v1", Image())
+
+    def test_each_file_source(self):
+        auth = base64.b64encode(b"alice:s3cret").decode()
+        cases = {
+            "REGISTRY_AUTH_FILE": lambda host: ("REGISTRY_AUTH_FILE", self.write_json(
+                os.path.join(self.home, "podman-auth.json"), {"auths": {host: {"auth": auth}}})),
+            "XDG_RUNTIME_DIR": lambda host: ("XDG_RUNTIME_DIR", os.path.dirname(os.path.dirname(self.write_json(
+                os.path.join(self.home, "run", "containers", "auth.json"), {"auths": {host: {"auth": auth}}})))),
+            "docker-auth": lambda host: ("DOCKER_CONFIG", os.path.dirname(self.write_json(
+                os.path.join(self.home, "docker1", "config.json"), {"auths": {host: {"auth": auth}}}))),
+            "docker-https-key": lambda host: ("DOCKER_CONFIG", os.path.dirname(self.write_json(
+                os.path.join(self.home, "docker2", "config.json"), {"auths": {"https://" + host: {"auth": auth}}}))),
+            "docker-user-pass": lambda host: ("DOCKER_CONFIG", os.path.dirname(self.write_json(
+                os.path.join(self.home, "docker3", "config.json"),
+                {"auths": {host: {"username": "alice", "password": "s3cret"}}}))),
+        }
+        for name, make in cases.items():
+            with self.subTest(case=name):
+                reg, img = self.basic_registry()
+                var, value = make(reg.host)
+                old = os.environ.get(var)
+                os.environ[var] = value
+                try:
+                    code, out, err = self.main("--home", self.home, "-vv", "--platform", "linux/amd64",
+                                               reg.host + "/cred/app:v1")
+                finally:
+                    self._restore_env(var, old)
+                self.assertEqual(code, 0, err)
+                self.assertNotIn("s3cret", err)
+                self.assertNotIn(auth, err)
+                self.assertStoreHas(img)
+        with open(os.path.join(self.home, "oci.db"), "rb") as f:
+            db = f.read()
+        self.assertNotIn(b"s3cret", db)
+        self.assertNotIn(auth.encode(), db)
+
+    def test_first_match_wins(self):
+        reg, img = self.basic_registry()
+        good = base64.b64encode(b"alice:s3cret").decode()
+        bad = base64.b64encode(b"alice:wrong").decode()
+        os.environ["REGISTRY_AUTH_FILE"] = self.write_json(os.path.join(self.home, "a.json"),
+                                                           {"auths": {reg.host: {"auth": good}}})
+        os.environ["DOCKER_CONFIG"] = os.path.dirname(self.write_json(
+            os.path.join(self.home, "d", "config.json"), {"auths": {reg.host: {"auth": bad}}}))
+        self.pull(reg, "cred/app:v1")
+        self.assertStoreHas(img)
+        creds = rp.find_credentials(reg.host)
+        self.assertEqual(creds.source, os.environ["REGISTRY_AUTH_FILE"])
+        self.assertNotIn("s3cret", repr(creds))
+
+    def test_docker_hub_keys(self):
+        auth = base64.b64encode(b"hubuser:hubpass").decode()
+        for key in ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "https://index.docker.io/v1"):
+            with self.subTest(case=key):
+                path = self.write_json(os.path.join(self.home, "hub", key.replace("/", "_"), "config.json"),
+                                       {"auths": {key: {"auth": auth}}})
+                creds = rp.find_credentials("docker.io", env={"DOCKER_CONFIG": os.path.dirname(path),
+                                                              "HOME": self.home})
+                self.assertEqual((creds.username, creds.password), ("hubuser", "hubpass"))
+                self.assertIsNone(rp.find_credentials("ghcr.io", env={"DOCKER_CONFIG": os.path.dirname(path),
+                                                                      "HOME": self.home}))
+
+    def helper(self, name, body):
+        bindir = os.path.join(self.home, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        path = os.path.join(bindir, "docker-credential-" + name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + body)
+        os.chmod(path, 0o755)
+        old = os.environ["PATH"]
+        os.environ["PATH"] = bindir + os.pathsep + old
+        self.addCleanup(os.environ.__setitem__, "PATH", old)
+
+    def test_cred_helpers_and_store(self):
+        for key in ("credHelpers", "credsStore"):
+            with self.subTest(case=key):
+                reg, img = self.basic_registry()
+                seen = os.path.join(self.home, "helper-%s.stdin" % key)
+                self.helper("fake" + key.lower(), '[ "$1" = get ] || exit 1\ncat > %s\n'
+                            'echo \'{"ServerURL":"x","Username":"alice","Secret":"s3cret"}\'\n' % seen)
+                conf = {"credHelpers": {reg.host: "fake" + key.lower()}} if key == "credHelpers" else \
+                    {"credsStore": "fake" + key.lower()}
+                os.environ["DOCKER_CONFIG"] = os.path.dirname(self.write_json(
+                    os.path.join(self.home, key, "config.json"), conf))
+                code, out, err = self.main("--home", self.home, "-vv", "--platform", "linux/amd64",
+                                           reg.host + "/cred/app:v1")
+                self.assertEqual(code, 0, err)
+                self.assertNotIn("s3cret", err)
+                with open(seen) as f:
+                    self.assertEqual(f.read(), reg.host)  # the server on stdin
+                self.assertStoreHas(img)
+
+    def test_missing_helper_named(self):
+        reg, img = self.basic_registry()
+        os.environ["DOCKER_CONFIG"] = os.path.dirname(self.write_json(
+            os.path.join(self.home, "missing", "config.json"), {"credsStore": "nosuchthing"}))
+        code, out, err = self.main("--home", self.home, reg.host + "/cred/app:v1")
+        self.assertEqual(code, 3, err)
+        self.assertIn("docker-credential-nosuchthing", err)
+
+    def test_identity_token_oauth2_grant(self):
+        reg = self.registry(auth="bearer")
+        reg.anonymous_tokens = False
+        img = reg.push("idt/app", "v1", Image())
+        os.environ["DOCKER_CONFIG"] = os.path.dirname(self.write_json(
+            os.path.join(self.home, "idt", "config.json"),
+            {"auths": {reg.host: {"auth": base64.b64encode(b"alice:").decode(), "identitytoken": "refresh-me"}}}))
+        self.pull(reg, "idt/app:v1")
+        self.assertStoreHas(img)
+        method, form, auth = reg.token_requests[0]
+        self.assertEqual(method, "POST")
+        self.assertEqual(form["grant_type"], ["refresh_token"])
+        self.assertEqual(form["scope"], ["repository:idt/app:pull"])
+        self.assertEqual(auth, "")  # the refresh token goes in the form, not in a Basic header
+
+
+class QuirkTests(Base):
+    def test_missing_expires_in_means_60s(self):
+        reg = self.registry(auth="bearer")
+        reg.send_expires_in = False
+        img = reg.push("q/noexp", "v1", Image(layers=[make_layer({"f%d" % i: b"x"}) for i in range(5)]))
+        self.pull(reg, "q/noexp:v1", jobs=1)
+        self.assertStoreHas(img)
+        self.assertEqual(len(reg.token_requests), 1)  # cached, not fetched per request
+        client = rp.Client(reg.host)
+        token, lifetime = client._fetch_token({"realm": "http://%s/token" % reg.host}, "repository:q/noexp:pull")
+        self.assertEqual(lifetime, 60.0)
+
+    def test_several_challenges_in_one_header(self):
+        reg = self.registry(auth="bearer")
+        reg.challenge_prefix = 'Basic realm="Registry, with a comma", '
+        img = reg.push("q/multi", "v1", Image())
+        self.pull(reg, "q/multi:v1")
+        self.assertStoreHas(img)
+        self.assertEqual(len(reg.token_requests), 1)
+
+    def test_blob_redirected_twice(self):
+        reg = self.registry(auth="bearer")
+        objects = ObjectStore(reg).start(self)
+        reg.redirect_to, reg.redirect_hops = objects.url, 2
+        img = reg.push("q/hops", "v1", Image())
+        self.pull(reg, "q/hops:v1")
+        self.assertStoreHas(img)
+        self.assertEqual(len(objects.log), 6)  # two hops for each of three blobs
+        self.assertFalse([h for _, h in objects.log if "Authorization" in h])
+
+    def test_401_on_v2_but_anonymous_repository(self):
+        reg = self.registry()
+        reg.v2_wants_auth = True
+        img = reg.push("q/anon", "v1", Image())
+        self.pull(reg, "q/anon:v1")
+        self.assertStoreHas(img)
+
+
+class ForwardProxy:
+    """An HTTP proxy on 127.0.0.1: forwards absolute-URI requests and tunnels CONNECT, for the
+    made-up host names in ``routes`` (name:port -> 127.0.0.1:port)."""
+
+    def __init__(self, routes, allow_connect=True):
+        self.routes, self.allow_connect, self.log = routes, allow_connect, []
+
+    def start(self, case):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_CONNECT(self):
+                proxy.log.append(("CONNECT", self.path))
+                backend = proxy.routes.get(self.path)
+                if not backend or not proxy.allow_connect:
+                    self.send_response(405 if backend else 502)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                upstream = socket.create_connection(backend.split(":"))
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self.close_connection = True
+                sockets = [self.connection, upstream]
+
+                def pipe(a, b):
+                    try:
+                        while True:
+                            data = a.recv(65536)
+                            if not data:
+                                break
+                            b.sendall(data)
+                    except OSError:
+                        pass
+                    finally:
+                        for s in sockets:
+                            try:
+                                s.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                t = threading.Thread(target=pipe, args=(upstream, self.connection), daemon=True)
+                t.start()
+                pipe(self.connection, upstream)
+                t.join(5)
+                upstream.close()
+
+            def forward(self):
+                parts = urllib.parse.urlsplit(self.path)
+                proxy.log.append((self.command, self.path))
+                backend = proxy.routes.get(parts.netloc)
+                if parts.scheme != "http" or not backend:
+                    self.send_response(502)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                import http.client as hc
+                conn = hc.HTTPConnection(*backend.split(":"), timeout=30)
+                headers = dict((k, v) for k, v in self.headers.items() if k.lower() not in ("proxy-connection",))
+                conn.request(self.command, parts.path + ("?" + parts.query if parts.query else ""), headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                conn.close()
+
+            do_GET = do_HEAD = forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        case.addCleanup(lambda: (self.server.shutdown(), self.server.server_close()))
+        return self
+
+
+class ProxyTests(Base):
+    def env(self, **values):
+        for k, v in values.items():
+            for name in (k, k.lower()):
+                old = os.environ.get(name)
+                os.environ[name] = v
+                self.addCleanup(self._restore_env, name, old)
+
+    def test_http_proxy_and_no_proxy(self):
+        reg = self.registry(auth="bearer")
+        img = reg.push("px/app", "v1", Image())
+        port = reg.host.split(":")[1]
+        name = "registry.invalid:" + port  # never resolved by us: only the proxy knows where it is
+        proxy = ForwardProxy({name: reg.host}, allow_connect=False).start(self)
+        reg_realm_host = reg.host
+        self.env(HTTP_PROXY=proxy.url, HTTPS_PROXY=proxy.url, NO_PROXY="")
+        res = rp.pull(name + "/px/app:v1", home=self.home, platform="linux/amd64", insecure=True)
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertStoreHas(img)
+        through = [p for m, p in proxy.log if m != "CONNECT"]
+        self.assertTrue([p for p in through if "/blobs/" in p])
+        self.assertTrue(all(p.startswith("http://" + name) for p in through), through)
+        self.assertIn(reg_realm_host, [h for _, _, hd in reg.log for h in [hd.get("Host")]])
+        # NO_PROXY: the same pull goes straight to the registry (the name resolved by a stub).
+        proxy.log.clear()
+        shutil.rmtree(os.path.join(self.home, "blobs"))
+        self.env(NO_PROXY="registry.invalid")
+        real = socket.getaddrinfo
+
+        def stub(host, *args, **kw):
+            return real("127.0.0.1" if host == "registry.invalid" else host, *args, **kw)
+        socket.getaddrinfo = stub
+        self.addCleanup(setattr, socket, "getaddrinfo", real)
+        self.pull(reg, "px/app:v1")  # warm-up of nothing: loopback is never proxied
+        shutil.rmtree(os.path.join(self.home, "blobs"))
+        res = rp.pull(name + "/px/app:v1", home=self.home, platform="linux/amd64", insecure=True)
+        self.assertStoreHas(img)
+        self.assertEqual(proxy.log, [])
+
+    @unittest.skipUnless(REGISTRY_BIN and SKOPEO and OPENSSL, NEED_REAL)
+    def test_https_proxy_connect_to_tls_registry(self):
+        certs = tempfile.mkdtemp(prefix="rp-certs-")
+        self.addCleanup(shutil.rmtree, certs, True)
+        tls = make_ca(certs)
+        dist = Distribution(self, tls=tls)
+        img = Image()
+        dist.push("tlsproxy/app", [img])
+        name = "registry.invalid:%d" % dist.port
+        proxy = ForwardProxy({name: dist.host}).start(self)
+        self.env(HTTPS_PROXY=proxy.url, NO_PROXY="")
+        res = rp.pull(name + "/tlsproxy/app:v1", home=self.home, platform="linux/amd64", ca_file=tls[0])
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertStoreHas(img)
+        self.assertIn(("CONNECT", name), proxy.log)
+
+
+@unittest.skipUnless(REGISTRY_BIN and SKOPEO, NEED_REAL)
+class MirrorTests(Base):
+    def test_pull_through_cache_and_dead_mirror(self):
+        upstream = Distribution(self)
+        img = Image()
+        upstream.push("lib/app", [img])
+        mirror = Distribution(self, proxy_of="http://" + upstream.host)
+        dead = "http://127.0.0.1:%d" % free_port()
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--mirror", dead,
+                                   "--mirror", "http://" + mirror.host, upstream.host + "/lib/app:v1")
+        self.assertEqual(code, 0, err)
+        self.assertIn("mirror 127.0.0.1", err)  # the dead one was tried and said so
+        self.assertStoreHas(img)
+        cached = os.path.join(mirror.dir, "data", "docker", "registry", "v2", "blobs", "sha256")
+        layer = sha256(img.layers[1]).split(":")[1]
+        self.assertTrue(os.path.exists(os.path.join(cached, layer[:2], layer, "data")),
+                        "the mirror served (and cached) the layer")
+        # Only dead mirrors: the registry itself.
+        shutil.rmtree(os.path.join(self.home, "blobs"))
+        res = rp.pull(upstream.host + "/lib/app:v1", home=self.home, platform="linux/amd64", mirrors=[dead])
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertStoreHas(img)
+
+    def test_docker_hub_mirrors_from_environment(self):
+        upstream = Distribution(self)
+        img = Image()
+        upstream.push("library/alpine", [img], tag="3.20")
+        mirror = Distribution(self, proxy_of="http://" + upstream.host)
+        os.environ["REGISTRY_PULL_MIRRORS"] = "http://%s" % mirror.host
+        self.addCleanup(os.environ.pop, "REGISTRY_PULL_MIRRORS", None)
+        res = rp.pull("alpine:3.20", home=self.home, platform="linux/amd64")  # docker.io, via the mirror only
+        self.assertEqual(res.reference, "docker.io/library/alpine:3.20")
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertStoreHas(img)
+
+    def test_bad_mirror_url(self):
+        code, out, err = self.main("--home", self.home, "--mirror", "ftp://x/y", "alpine")
+        self.assertEqual(code, 2, err)
+        self.assertIn("invalid mirror", err)
 
 
 if __name__ == "__main__":
