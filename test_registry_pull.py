@@ -1047,6 +1047,42 @@ class CliTests(Base):
         self.assertEqual(proc.returncode, 2)
         self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
 
+    def test_progress_bars_only_on_a_terminal(self):
+        import pty
+        reg = self.registry()
+        img = reg.push("bars/app", "v1", Image())
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
+                                 "--platform", "linux/amd64", reg.host + "/bars/app:v1"],
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0)
+        screen = b"".join(chunks).decode()
+        for blob in [img.config] + img.layers:
+            self.assertIn(sha256(blob)[7:19], screen)  # a bar per blob, named by its digest
+        self.assertIn("/s", screen)  # the rate
+        self.assertIn("[" + "#" * 10, screen)
+        self.assertIn("registry_pull: pulled", screen)  # the one-line summary
+        # Not a terminal: no bars, just the summary; -q: nothing at all.
+        shutil.rmtree(os.path.join(self.home, "blobs"))
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/bars/app:v1")
+        self.assertEqual(code, 0)
+        self.assertNotIn("\x1b[", err)
+        self.assertEqual(err.count("\n"), 1)
+        code, out, err = self.main("-q", "--home", self.home, "--platform", "linux/amd64", reg.host + "/bars/app:v1")
+        self.assertEqual((code, out, err), (0, "", ""))
+
     def test_help_and_version(self):
         code, out, err = self.main("--help")
         self.assertEqual(code, 0)
@@ -1359,6 +1395,8 @@ def tar_layer(entries, compress="gzip"):
         for name, kind, payload, mode in entries:
             info = tarfile.TarInfo(name)
             info.mode, info.mtime = mode, 1600000000 + len(name)
+            if name.startswith("owned"):
+                info.uid, info.gid = 1234, 5678
             data = None
             if kind == "file":
                 data = payload
@@ -1407,7 +1445,7 @@ ROOTFS_LAYERS = [
      ("bin/hard", "link", "bin/tool", 0o4755), ("s1", "symlink", "s2", 0o777),
      ("s2", "symlink", "bin/tool", 0o777), ("abs", "symlink", "/etc/passwd", 0o777),
      ("ro", "dir", None, 0o555), ("ro/f", "file", b"in a read-only dir", 0o444),
-     ("fifo", "fifo", None, 0o644)],
+     ("fifo", "fifo", None, 0o644), ("owned", "file", b"mine", 0o640)],
     [("a/.wh.x", "file", b"", 0o644), ("c/.wh..wh..opq", "file", b"", 0o644), ("c/2", "file", b"c2", 0o644),
      ("lib/libfoo.so", "file", b"foo", 0o755), ("b/z", "file", b"z2", 0o640)],
     [("a/.wh.y", "file", b"", 0o644), ("a/x", "file", b"x3", 0o644), ("b/w", "file", b"w3", 0o644),
@@ -1423,6 +1461,8 @@ def snapshot(root):
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
             st = os.lstat(path)
+            if os.geteuid() == 0:  # ownership is restored only by root
+                out["owner:" + rel] = (st.st_uid, st.st_gid)
             import stat as st_mod
             if st_mod.S_ISLNK(st.st_mode):
                 out[rel] = ("symlink", os.readlink(path))
@@ -1467,6 +1507,8 @@ class OutputTests(Base):
         self.assertEqual(snap["fifo"], ("fifo", "0o644"))
         self.assertEqual(snap["a/x"][3], 1600000000 + len("a/x"))
         self.assertEqual(os.listdir(os.path.dirname(target)), ["rootfs"])  # no temp sibling left
+        if os.geteuid() == 0:
+            self.assertEqual(snap["owner:owned"], (1234, 5678))
 
     def test_rootfs_refuses_existing_nonempty_dir(self):
         reg = self.registry()
