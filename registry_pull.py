@@ -601,6 +601,16 @@ class _Response:
             raise IntegrityError("%s: the answer is larger than %d bytes" % (_redact(self.url), limit))
         return data
 
+    def excerpt(self, limit=65536):
+        # type: (int) -> bytes
+        """The start of an error body (to word a message), then closed; never raises."""
+        try:
+            return self.raw.read(limit)
+        except (OSError, http.client.HTTPException):
+            return b""
+        finally:
+            self.close()
+
     def close(self):
         try:
             self.raw.close()
@@ -653,7 +663,6 @@ class Client:
         self._challenge = None  # type: Optional[Tuple[str, Dict[str, str]]]
         self._tokens = {}  # type: Dict[str, Tuple[str, float]]
         self._openers = {}  # type: Dict[Tuple[str, bool], urllib.request.OpenerDirector]
-        self.requests = 0
 
     # -- connections ----------------------------------------------------------------
 
@@ -701,7 +710,6 @@ class Client:
         # type: (str, str, Dict[str, str], float) -> _Response
         parts = urllib.parse.urlsplit(url)
         req = urllib.request.Request(url, method=method, headers=headers)
-        self.requests += 1
         raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=timeout)
         log.debug("%s %s -> %s", method, _redact(url), raw.status)
         return _Response(raw, url)
@@ -768,8 +776,7 @@ class Client:
                 continue
             if resp.status == 401:
                 challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
-                body = resp.read(65536)
-                resp.close()
+                body = resp.excerpt()
                 if not auth_retried and self._accept_challenge(challenges, scope, resp.sent_auth):
                     auth_retried = True
                     continue
@@ -780,8 +787,7 @@ class Client:
                     % (self.endpoint, path.split("?")[0], who, msg or code or "401 Unauthorized")
                 )
             if resp.status == 403:
-                code, msg = _registry_error(resp.read(65536))
-                resp.close()
+                code, msg = _registry_error(resp.excerpt())
                 raise AuthError("%s denied access to %s (%s)" % (self.endpoint, path, msg or code or "403 Forbidden"))
             return resp
 
@@ -821,8 +827,7 @@ class Client:
                 continue
             if resp.status in RETRY_STATUSES:
                 retry_after = _retry_after(resp.header("Retry-After"))
-                code, msg = _registry_error(resp.read(65536))
-                resp.close()
+                code, msg = _registry_error(resp.excerpt())
                 raise _Retryable(
                     "%s answered %d %s" % (_redact(url), resp.status, msg or code or resp.raw.reason), retry_after
                 )
@@ -938,7 +943,6 @@ class Client:
         for attempt in range(RETRIES + 1):
             req = urllib.request.Request(url, data=body, method=method, headers=headers)
             try:
-                self.requests += 1
                 raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=TIMEOUT)
                 try:
                     status, data = raw.status, raw.read(MAX_MANIFEST_BYTES)
@@ -1601,7 +1605,7 @@ class _Downloader:
             resp = self.client.request("GET", path, headers=headers, scope=None)
             try:
                 if resp.status == 404:
-                    code, msg = _registry_error(resp.read(65536))
+                    code, msg = _registry_error(resp.excerpt())
                     raise NotFound("%s %s not found in %s (%s)" % (what, desc.digest, self.repository, code or 404))
                 if resp.status == 416 and have:
                     # What we have is not a prefix the server knows: start over.
@@ -1965,7 +1969,7 @@ def _open_layer(path, media_type):
     if magic == b"\x28\xb5\x2f\xfd":
         f.close()
         try:
-            from compression import zstd  # Python 3.14+
+            from compression import zstd  # novermin (Python 3.14+, guarded by the ImportError below)
         except ImportError:
             zstd = None
         if zstd is not None:
@@ -2371,7 +2375,7 @@ class _Puller:
         resp = self.client.request("GET", path, headers=headers, scope=self.scope)
         try:
             if resp.status == 404:
-                code, msg = _registry_error(resp.read(65536))
+                code, msg = _registry_error(resp.excerpt())
                 raise NotFound("%s: manifest not found (%s)" % (what, code or msg or "404"))
             if resp.status != 200:
                 raise RegistryError("%s answered %d for %s" % (self.client.endpoint, resp.status, path))

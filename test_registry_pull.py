@@ -108,6 +108,23 @@ def make_index(images, types=OCI, attestations=True):
     return json.dumps({"schemaVersion": 2, "mediaType": types["index"], "manifests": manifests}).encode()
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(case, handler):
+    """Start ``handler`` on 127.0.0.1:0 in a thread (as CPython's test_httpservers does); stop at cleanup."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    case.addCleanup(server.server_close)
+    case.addCleanup(server.shutdown)
+    return server, "127.0.0.1:%d" % server.server_address[1]
+
+
 class Registry:
     """An in-process OCI registry on 127.0.0.1 with auth and fault injection."""
 
@@ -160,12 +177,7 @@ class Registry:
     def start(self, case):
         reg = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_HEAD(self):
                 self.handle_any("HEAD")
 
@@ -294,17 +306,8 @@ class Registry:
                     return False
                 return True
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.host = "127.0.0.1:%d" % self.server.server_address[1]
-        t = threading.Thread(target=self.server.serve_forever, daemon=True)
-        t.start()
-        case.addCleanup(self.stop)
+        self.server, self.host = serve(case, Handler)
         return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class ObjectStore:
@@ -317,12 +320,7 @@ class ObjectStore:
     def start(self, case):
         store = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 store.log.append((self.path, dict(self.headers)))
                 digest = urllib.parse.urlsplit(self.path).path.rsplit("/", 1)[-1]
@@ -345,11 +343,8 @@ class ObjectStore:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        case.addCleanup(lambda: (self.server.shutdown(), self.server.server_close()))
+        self.server, host = serve(case, Handler)
+        self.url = "http://" + host
         return self
 
 
@@ -2229,12 +2224,7 @@ class ForwardProxy:
     def start(self, case):
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_CONNECT(self):
                 proxy.log.append(("CONNECT", self.path))
                 backend = proxy.routes.get(self.path)
@@ -2297,11 +2287,8 @@ class ForwardProxy:
 
             do_GET = do_HEAD = forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        case.addCleanup(lambda: (self.server.shutdown(), self.server.server_close()))
+        self.server, host = serve(case, Handler)
+        self.url = "http://" + host
         return self
 
 
