@@ -135,6 +135,7 @@ class Registry:
         self.token_lifetime = token_lifetime
         self.token_answer = "both"  # "token", "access_token" or "both"
         self.tokens = {}  # token -> expiry
+        self.refused_tokens = []  # (method, path) of requests whose token was expired or unknown
         self.token_requests = []
         self.blobs = {}
         self.manifests = {}  # (repo, ref) -> (media_type, bytes)
@@ -298,6 +299,8 @@ class Registry:
                     expiry = reg.tokens.get(tok)
                     if expiry and time.time() < expiry:
                         return True
+                    if tok:
+                        reg.refused_tokens.append((self.command, path))
                     m = re.match(r"^/v2/(.+)/(?:manifests|blobs)/", path)
                     scope = ',scope="repository:%s:pull"' % m.group(1) if m else ""
                     err = ',error="invalid_token"' if tok else ""
@@ -758,17 +761,28 @@ class AuthTests(Base):
                     self.pull(reg, "basic/app:v1", **bad)
                 self.assertNotIn("nope", str(cm.exception))
 
-    def test_token_expires_during_pull(self):
+    def test_token_renewed_before_it_expires(self):
         reg = self.registry(auth="bearer", token_lifetime=1)
         img = reg.push("slow/app", "v1", Image(layers=[make_layer({"f%d" % i: os.urandom(50000)}) for i in range(4)]))
+        # A slow consumer (0.5 s per blob, one at a time) makes the pull outlive its 1-second tokens.
+        self.pull(reg, "slow/app:v1", jobs=1, progress=lambda d, done, total: done == total and time.sleep(0.5))
+        self.assertStoreHas(img)
+        self.assertGreaterEqual(len(reg.token_requests), 2)
+        self.assertEqual(reg.refused_tokens, [])  # renewed ahead of time: no request met an expired token
+
+    def test_token_expiring_in_flight_is_renewed_on_401(self):
+        reg = self.registry(auth="bearer", token_lifetime=1)
+        img = reg.push("slow2/app", "v1", Image(layers=[make_layer({"f%d" % i: os.urandom(50000)})
+                                                        for i in range(4)]))
 
         def slow(h, method, path):
             if "/blobs/" in path:
-                time.sleep(0.6)  # four blobs one after another outlive a 1-second token
+                time.sleep(0.6)  # the token dies between sending the request and the server checking it
             return False
         reg.fault = slow
-        self.pull(reg, "slow/app:v1", jobs=1)
+        self.pull(reg, "slow2/app:v1", jobs=1)
         self.assertStoreHas(img)
+        self.assertTrue(reg.refused_tokens)
         self.assertGreaterEqual(len(reg.token_requests), 2)
 
     def test_invalid_token_retried_once(self):
