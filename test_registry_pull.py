@@ -1673,6 +1673,26 @@ class OutputToolTests(Base):
                                "oci:%s:x" % dest], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 0, proc.stderr)
 
+    @unittest.skipUnless(shutil.which("podman"), "needs podman (Debian: podman); .ci/run installs it")
+    def test_podman_loads_docker_archive(self):
+        reg = self.registry()
+        img = reg.push("pod/app", "v2", Image())
+        archive = os.path.join(self.home, "image.tar")
+        self.pull(reg, "pod/app:v2", docker_archive=archive)
+        store = tempfile.mkdtemp(prefix="rp-podman-")
+        self.addCleanup(shutil.rmtree, store, True)
+        base = ["podman", "--root", os.path.join(store, "root"), "--runroot", os.path.join(store, "run"),
+                "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none"]
+        proc = subprocess.run(base + ["load", "-i", archive], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120)
+        if proc.returncode != 0 and b"newuidmap" in proc.stderr + proc.stdout:
+            self.skipTest("podman cannot run here without root: %s" % proc.stderr.decode()[-200:])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(("Loaded image: %s/pod/app:v2" % reg.host).encode(), proc.stdout)
+        proc = subprocess.run(base + ["image", "inspect", "--format", "{{.Id}}", reg.host + "/pod/app:v2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.stdout.decode().strip(), sha256(img.config)[7:])
+
     @unittest.skipUnless(UMOCI, "needs umoci (Debian: umoci); .ci/run installs it")
     def test_rootfs_matches_umoci(self):
         reg = self.registry()
