@@ -49,12 +49,23 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "pull",
+    "main",
     "PullResult",
     "LayerResult",
     "Reference",
     "Platform",
     "parse_reference",
     "parse_platform",
+    "host_platform",
+    "default_home",
+    "check_digest",
+    "parse_manifest",
+    "Manifest",
+    "Descriptor",
+    "select_platform",
+    "parse_www_authenticate",
+    "find_credentials",
+    "Credentials",
     "export_oci_layout",
     "export_docker_archive",
     "extract_rootfs",
@@ -640,10 +651,10 @@ def _is_public_address(host):
     return all(a.is_global for a in addrs) if addrs else None
 
 
-class Client:
+class _Client:
     """Talks to one registry: scheme discovery, retries, redirects, challenges, tokens.
 
-    Thread-safe: all download threads share one Client and its token cache.
+    Thread-safe: all download threads share one _Client and its token cache.
     """
 
     def __init__(self, registry, *, insecure=False, ca_file=None, credentials=None, cancel=None, endpoint=None,
@@ -1288,7 +1299,7 @@ def default_home():
     return os.path.join(data, "registry_pull")
 
 
-class Store:
+class _Store:
     """``HOME/blobs/ALGO/HEX`` (content-addressed, shared by all images) + ``HOME/oci.db``."""
 
     def __init__(self, home):
@@ -1327,7 +1338,7 @@ class Store:
 
     def put(self, digest, data):
         # type: (str, bytes) -> None
-        """Store verified small bytes (manifest, index) atomically under their digest."""
+        """_Store verified small bytes (manifest, index) atomically under their digest."""
         _verify_bytes("blob", data, digest)
         final = self.path(digest)
         if os.path.exists(final):
@@ -1501,7 +1512,7 @@ class _Downloader:
     """Fetches blobs into the store: resumable, locked against other processes, verified."""
 
     def __init__(self, client, store, repository, progress=None):
-        # type: (Client, Store, str, Optional[Callable[[str, int, int], None]]) -> None
+        # type: (_Client, _Store, str, Optional[Callable[[str, int, int], None]]) -> None
         self.client, self.store, self.repository = client, store, repository
         self.progress = progress
         self.fetched_bytes = 0
@@ -1798,8 +1809,8 @@ def _layout_name_from_store(conn):
     return rows
 
 
-def write_store_index(store):
-    # type: (Store) -> None
+def _write_store_index(store):
+    # type: (_Store) -> None
     """Rewrite HOME/index.json from the database: the store is an OCI image layout of every image."""
     conn = store.connect()
     if conn is None:
@@ -2188,7 +2199,12 @@ def _extract_member(tar, info, root, layer, added, dirs):
         import stat
 
         kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
-        os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
+        try:
+            os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
+        except PermissionError:  # root without CAP_MKNOD (a container): as rootless tools do
+            log.warning("skipping device node %s: this process may not create device nodes", rel)
+            added.discard(rel)
+            return
     else:
         log.info("skipping %s: unsupported tar entry type %r", rel, info.type)
         return
@@ -2302,7 +2318,7 @@ def pull(
     want = platform if isinstance(platform, Platform) else (parse_platform(platform) if platform else host_platform())
     if not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
         raise UsageError("jobs must be between 1 and %d, not %r" % (MAX_JOBS, jobs))
-    store = Store(home or default_home())
+    store = _Store(home or default_home())
     if username is not None or password is not None:
         creds = Credentials(username or "", password or "", source="arguments")  # type: Optional[Credentials]
     else:
@@ -2318,7 +2334,7 @@ def pull(
         # As Docker's registry-mirrors: each mirror in turn, then the registry itself. A mirror
         # gets its own credentials, never the upstream's.
         host, scheme = mirror
-        mirror_client = Client(ref.registry, insecure=insecure, ca_file=ca_file, cancel=cancel, endpoint=host,
+        mirror_client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, cancel=cancel, endpoint=host,
                                scheme=scheme, credentials=find_credentials(host))
         try:
             result = _Puller(mirror_client, store, ref, want, jobs, progress).run()
@@ -2328,7 +2344,7 @@ def pull(
                 raise
             log.warning("mirror %s failed (%s); trying the next", host, e)
     if result is None:
-        client = Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
+        client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
         result = _Puller(client, store, ref, want, jobs, progress).run()
     outputs = []
     if oci_layout is not None:
@@ -2444,7 +2460,7 @@ class _Puller:
         recorded = self.store.touch(str(ref), digest) or \
             self.store.record(result, index.doc if index else None, manifest.doc, config_doc)
         if recorded:
-            write_store_index(self.store)
+            _write_store_index(self.store)
         elif not _have_sqlite():
             log.warning("this Python has no sqlite3 module: blobs are stored but no metadata was recorded")
         return dataclasses.replace(result, recorded=recorded)

@@ -1022,6 +1022,20 @@ class CliTests(Base):
                 self.assertNotIn("Traceback", err)
                 self.assertEqual(out, "")
 
+    def test_default_home_from_environment(self):
+        reg = self.registry()
+        img = reg.push("envhome/app", "v1", Image())
+        home = os.path.join(self.home, "from-env")
+        os.environ["REGISTRY_PULL_HOME"] = home
+        self.addCleanup(os.environ.pop, "REGISTRY_PULL_HOME", None)
+        code, out, err = self.main("--json", "--platform", "linux/amd64", reg.host + "/envhome/app:v1")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["home"], home)
+        del os.environ["REGISTRY_PULL_HOME"]
+        self.addCleanup(self._restore_env, "XDG_DATA_HOME", os.environ.get("XDG_DATA_HOME"))
+        os.environ["XDG_DATA_HOME"] = os.path.join(self.home, "xdg")
+        self.assertEqual(rp.default_home(), os.path.join(self.home, "xdg", "registry_pull"))
+
     def test_storage_error_file_as_home(self):
         path = os.path.join(self.home, "file")
         open(path, "w").close()
@@ -1418,6 +1432,8 @@ def tar_layer(entries, compress="gzip"):
                 info.type, info.linkname = tarfile.LNKTYPE, payload
             elif kind == "fifo":
                 info.type = tarfile.FIFOTYPE
+            elif kind == "chr":
+                info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     raw = buf.getvalue()
     if compress == "gzip":
@@ -1518,6 +1534,47 @@ class OutputTests(Base):
         self.assertEqual(os.listdir(os.path.dirname(target)), ["rootfs"])  # no temp sibling left
         if os.geteuid() == 0:
             self.assertEqual(snap["owner:owned"], (1234, 5678))
+
+    def test_device_nodes_only_when_allowed(self):
+        reg = self.registry()
+        reg.push("dev/app", "v1", layered_image([("dev", "dir", None, 0o755), ("dev/null", "chr", None, 0o666),
+                                                 ("dev/keep", "file", b"k", 0o644)]))
+        probe = os.path.join(self.home, "probe-node")
+        try:
+            os.mknod(probe, 0o600 | 0o020000, os.makedev(1, 3))
+            can_mknod = True
+        except (PermissionError, OSError):
+            can_mknod = False
+        target = os.path.join(self.home, "rootfs")
+        self.pull(reg, "dev/app:v1", rootfs=target)
+        self.assertTrue(os.path.isfile(os.path.join(target, "dev", "keep")))
+        node = os.path.join(target, "dev", "null")
+        if can_mknod:
+            import stat
+            st = os.lstat(node)
+            self.assertTrue(stat.S_ISCHR(st.st_mode))
+            self.assertEqual((os.major(st.st_rdev), os.minor(st.st_rdev)), (1, 3))
+        else:
+            self.assertFalse(os.path.lexists(node))  # skipped, not an error
+
+    def test_zstd_without_a_decoder_is_a_clear_error(self):
+        if ZSTD is None:
+            self.skipTest("needs the zstd program to make a zstd layer")
+        reg = self.registry()
+        reg.push("zst/app", "v1", layered_image([("f", "file", b"z", 0o644)], compress="zstd"))
+        real = shutil.which
+        rp.shutil.which = lambda name, *a, **kw: None if name == "zstd" else real(name, *a, **kw)
+        self.addCleanup(setattr, rp.shutil, "which", real)
+        try:
+            import compression.zstd  # noqa: F401
+            self.skipTest("this Python decodes zstd itself")
+        except ImportError:
+            pass
+        with self.assertRaises(rp.UnsupportedError) as cm:
+            self.pull(reg, "zst/app:v1", rootfs=os.path.join(self.home, "rootfs"))
+        self.assertIn("compression.zstd", str(cm.exception))
+        self.assertIn("zstd program", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.home, "rootfs")))
 
     def test_rootfs_refuses_existing_nonempty_dir(self):
         reg = self.registry()
@@ -1998,7 +2055,7 @@ class HostileInputTests(Base):
                 self.assertIn("redirect", str(cm.exception))
 
     def test_public_registry_redirect_to_private_refused(self):
-        client = rp.Client("registry.example.com")
+        client = rp._Client("registry.example.com")
         client._public, client._scheme = True, "https"  # as if it resolved to a public address
         for url in ("https://127.0.0.1/blob", "https://10.1.2.3/blob", "https://169.254.169.254/latest/meta-data",
                     "https://[::1]/x", "https://192.168.0.10/x", "https://[fd00::1]/x"):
@@ -2218,7 +2275,7 @@ class QuirkTests(Base):
         self.pull(reg, "q/noexp:v1", jobs=1)
         self.assertStoreHas(img)
         self.assertEqual(len(reg.token_requests), 1)  # cached, not fetched per request
-        client = rp.Client(reg.host)
+        client = rp._Client(reg.host)
         token, lifetime = client._fetch_token({"realm": "http://%s/token" % reg.host}, "repository:q/noexp:pull")
         self.assertEqual(lifetime, 60.0)
 
