@@ -2084,7 +2084,7 @@ def extract_rootfs(result, target):
             _extract_layer(layer, diff_id, tmp, dirs)
         # Directory modes and times last: a read-only directory must not stop its children.
         for path in sorted(dirs, key=len, reverse=True):
-            _apply_meta(path, dirs[path], is_dir=True)
+            _apply_meta(path, dirs[path])
         os.chmod(tmp, 0o755)
         if os.path.isdir(target):
             os.rmdir(target)
@@ -2098,8 +2098,13 @@ def extract_rootfs(result, target):
     return target
 
 
-def _apply_meta(path, info, is_dir=False):
-    if os.geteuid() == 0:
+def _is_root():
+    # type: () -> bool
+    return getattr(os, "geteuid", lambda: -1)() == 0  # Windows has no geteuid
+
+
+def _apply_meta(path, info):
+    if _is_root():
         try:
             os.lchown(path, info.uid, info.gid)
         except OSError:
@@ -2192,7 +2197,7 @@ def _extract_member(tar, info, root, layer, added, dirs):
     elif info.isfifo():
         os.mkfifo(path, 0o600)
     elif info.ischr() or info.isblk():
-        if os.geteuid() != 0:
+        if not _is_root():
             log.info("skipping device node %s (only root may create it)", rel)
             added.discard(rel)
             return
@@ -2450,6 +2455,9 @@ class _Puller:
                                  % (ref, len(layers), len(diff_ids)))
         plat = Platform(str(config_doc.get("os") or self.want.os), str(config_doc.get("architecture") or ""),
                         str(config_doc.get("variant") or ""))
+        if index is None and (plat.os, plat.architecture) != (self.want.os, self.want.architecture):
+            # A reference straight to a manifest is pulled as it is, as docker does, but said.
+            log.warning("%s is an image for %s, not %s", ref, plat, self.want)
         mk = lambda d: LayerResult(d.digest, d.media_type, d.size, self.store.path(d.digest))  # noqa: E731
         result = PullResult(
             reference=str(ref), manifest_digest=digest, manifest_media_type=manifest.media_type,

@@ -585,7 +585,9 @@ class PullTests(Base):
     def test_reference_straight_to_manifest(self):
         reg = self.registry()
         img = reg.push("single", "v1", Image("arm64", "v8"))
-        res = self.pull(reg, "single:v1", platform="linux/amd64")  # no index: the manifest is the image
+        with self.assertLogs("registry_pull", "WARNING") as logs:
+            res = self.pull(reg, "single:v1", platform="linux/amd64")  # no index: the manifest is the image
+        self.assertIn("is an image for linux/arm64/v8, not linux/amd64", logs.output[0])
         self.assertIsNone(res.index_digest)
         self.assertEqual(res.manifest_digest, img.digest)
         self.assertEqual(str(res.platform), "linux/arm64/v8")
