@@ -1574,6 +1574,7 @@ class _Downloader:
         integrity_tries = 0
         while True:
             hasher, have = self._resume_state(f, algo, size)
+            self._report(desc, have)  # a download begins (a blob already present reports only its end)
             try:
                 self._stream(desc, f, hasher, have, what)
             except IntegrityError:
@@ -1693,13 +1694,18 @@ class _Downloader:
 
 
 class _Bars:
-    """Per-blob progress bars on a terminal (stderr), redrawn at most ten times a second."""
+    """Per-blob progress bars on a terminal (stderr), redrawn at most ten times a second.
 
-    def __init__(self, stream, descs):
+    Blobs are learnt from the callbacks as their downloads start; each line shows bytes,
+    total and that blob's rate, and a last line the whole pull's.
+    """
+
+    def __init__(self, stream):
         self.stream = stream
-        self.order = [d.digest for d in descs]
-        self.size = dict((d.digest, d.size) for d in descs)
-        self.done = dict.fromkeys(self.order, 0)
+        self.order = []  # type: List[str]
+        self.size = {}  # type: Dict[str, int]
+        self.done = {}  # type: Dict[str, int]
+        self.began = {}  # type: Dict[str, Tuple[float, float]]  # first callback, latest callback
         self.start = time.monotonic()
         self.lock = threading.Lock()
         self.drawn = 0
@@ -1707,24 +1713,31 @@ class _Bars:
 
     def __call__(self, digest, done, total):
         with self.lock:
-            self.done[digest] = done
             now = time.monotonic()
+            if digest not in self.size:
+                self.order.append(digest)
+                self.size[digest] = total
+                self.began[digest] = (now, now) if done < total else (-1.0, -1.0)  # -1: already present
+            self.done[digest] = done
+            if self.began[digest][0] >= 0:
+                self.began[digest] = (self.began[digest][0], now)
             if now - self.last >= 0.1 or done == total:
                 self.last = now
                 self._draw(now)
 
     def _draw(self, now):
-        width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 60))
-        elapsed = max(now - self.start, 1e-6)
+        width = max(10, min(30, shutil.get_terminal_size((80, 20)).columns - 62))
         lines = []
         for digest in self.order:
             done, total = self.done[digest], self.size[digest]
-            frac = done / total if total else 1.0
-            fill = int(frac * width)
-            lines.append("%s [%s%s] %9s / %9s" % (digest.split(":")[1][:12], "#" * fill, "." * (width - fill),
-                                                   _human(done), _human(total)))
+            fill = int((done / total if total else 1.0) * width)
+            first, latest = self.began[digest]
+            rate = "present" if first < 0 else "%s/s" % _human(done / max(latest - first, 1e-3))
+            lines.append("%s [%s%s] %9s / %9s %11s" % (digest.split(":")[1][:12], "#" * fill, "." * (width - fill),
+                                                        _human(done), _human(total), rate))
         got = sum(self.done.values())
-        lines.append("%s / %s  %s/s" % (_human(got), _human(sum(self.size.values())), _human(got / elapsed)))
+        lines.append("%s / %s  %s/s" % (_human(got), _human(sum(self.size.values())),
+                                        _human(got / max(now - self.start, 1e-3))))
         out = ("\x1b[%dA" % self.drawn if self.drawn else "") + "".join("\r\x1b[K" + ln + "\n" for ln in lines)
         self.drawn = len(lines)
         self.stream.write(out)
@@ -2616,7 +2629,7 @@ def main(argv=None):
         want = parse_platform(args.platform) if args.platform else host_platform()
         progress = None
         if not args.quiet and not args.json and sys.stderr.isatty():
-            progress = _LazyBars(sys.stderr)
+            progress = _Bars(sys.stderr)
         started = time.monotonic()
         result = pull(ref, home=args.home, platform=want, jobs=args.jobs, progress=progress,
                       insecure=args.insecure, ca_file=args.ca_file, username=args.username,
@@ -2652,22 +2665,6 @@ def main(argv=None):
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
-
-
-class _LazyBars:
-    """Progress bars that learn blob sizes from the callbacks as downloads start."""
-
-    def __init__(self, stream):
-        self.bars = _Bars(stream, [])
-
-    def __call__(self, digest, done, total):
-        b = self.bars
-        with b.lock:
-            if digest not in b.size:
-                b.order.append(digest)
-                b.size[digest] = total
-                b.done[digest] = 0
-        b(digest, done, total)
 
 
 if __name__ == "__main__":
