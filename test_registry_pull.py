@@ -764,10 +764,11 @@ class AuthTests(Base):
                 self.assertNotIn("nope", str(cm.exception))
 
     def test_token_renewed_before_it_expires(self):
-        reg = self.registry(auth="bearer", token_lifetime=1)
+        reg = self.registry(auth="bearer", token_lifetime=2)
         img = reg.push("slow/app", "v1", Image(layers=[make_layer({"f%d" % i: os.urandom(50000)}) for i in range(4)]))
-        # A slow consumer (0.5 s per blob, one at a time) makes the pull outlive its 1-second tokens.
-        self.pull(reg, "slow/app:v1", jobs=1, progress=lambda d, done, total: done == total and time.sleep(0.5))
+        # A slow consumer (0.7 s per blob, one at a time) makes the pull outlive its 2-second tokens;
+        # renewal comes 0.4 s (a fifth of the lifetime) before expiry, ample slack on a loaded machine.
+        self.pull(reg, "slow/app:v1", jobs=1, progress=lambda d, done, total: done == total and time.sleep(0.7))
         self.assertStoreHas(img)
         self.assertGreaterEqual(len(reg.token_requests), 2)
         self.assertEqual(reg.refused_tokens, [])  # renewed ahead of time: no request met an expired token
