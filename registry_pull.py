@@ -832,9 +832,8 @@ class _Client:
                 location = resp.header("Location")
                 resp.close()
                 url, own_host = self._follow(url, location)
-                if method == "HEAD" or resp.status != 303:
-                    continue
-                method = "GET"
+                if resp.status == 303 and method != "HEAD":
+                    method = "GET"  # See Other: fetch the named resource
                 continue
             if resp.status in RETRY_STATUSES:
                 retry_after = _retry_after(resp.header("Retry-After"))
@@ -853,7 +852,7 @@ class _Client:
         new = urllib.parse.urljoin(url, location)
         parts = urllib.parse.urlsplit(new)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise RegistryError("%s redirected to an unsupported URL %r" % (_redact(url), new[:100]))
+            raise RegistryError("%s redirected to an unsupported URL %s" % (_redact(url), _redact(new)[:100]))
         if parts.scheme == "http" and urllib.parse.urlsplit(url).scheme == "https" and not self.insecure:
             raise RegistryError("%s redirected from HTTPS to plain HTTP (%s)" % (self.endpoint, _redact(new)))
         if self._registry_is_public():
