@@ -45,7 +45,7 @@ import zlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+    from typing import Any, Callable, Dict, List, Optional, Tuple
 
 __all__ = [
     "pull",
@@ -1814,13 +1814,6 @@ def _update_layout_index(directory, entries):
         _write_atomic(path, json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def _layout_name_from_store(conn):
-    rows = conn.execute(
-        "SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
-        "JOIN manifests m ON m.image_id = i.id ORDER BY i.reference").fetchall()
-    return rows
-
-
 def _write_store_index(store):
     # type: (_Store) -> None
     """Rewrite HOME/index.json from the database: the store is an OCI image layout of every image."""
@@ -1829,7 +1822,9 @@ def _write_store_index(store):
         return
     try:
         with _DirLock(store.home):
-            rows = _layout_name_from_store(conn)
+            rows = conn.execute(
+                "SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
+                "JOIN manifests m ON m.image_id = i.id ORDER BY i.reference").fetchall()
             manifests = []
             for reference, digest, media_type, plat in rows:
                 try:
@@ -2594,11 +2589,6 @@ def _parser():
     p.add_argument("-v", "--verbose", action="count", default=0, help="say what is happening (-vv: every request)")
     p.add_argument("--version", action="version", version="registry_pull " + __version__)
     return p
-
-
-class _ArgParseExit(Exception):
-    def __init__(self, code):
-        self.code = code
 
 
 def main(argv=None):
