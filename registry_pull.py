@@ -38,7 +38,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
@@ -745,11 +744,8 @@ class _Client:
             try:
                 resp = self._open_once("GET", "%s://%s/v2/" % (scheme, self.endpoint), {}, timeout=10.0)
                 resp.close()
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", e)
-                if _is_cert_error(reason):
-                    raise RegistryError(_tls_message(self.endpoint, reason)) from None
-                errors.append("%s: %s" % (scheme, _reason_text(reason)))
+            except (OSError, http.client.HTTPException) as e:
+                errors.append("%s: %s" % (scheme, _network_failure(e, self.endpoint)))
                 continue
             if scheme == "http" and resp.status == 400:
                 errors.append("http: 400")
@@ -819,15 +815,9 @@ class _Client:
             try:
                 resp = self._open_once(method, url, h)
                 resp.sent_auth = h.get("Authorization")
-            except urllib.error.URLError as e:
-                reason = getattr(e, "reason", e)
-                if _is_cert_error(reason):
-                    raise RegistryError(_tls_message(urllib.parse.urlsplit(url).netloc, reason)) from None
-                raise _Retryable("cannot reach %s: %s" % (_redact(url), _reason_text(reason))) from None
-            except (OSError, http.client.HTTPException) as e:
-                if _is_cert_error(e):
-                    raise RegistryError(_tls_message(urllib.parse.urlsplit(url).netloc, e)) from None
-                raise _Retryable("cannot reach %s: %s" % (_redact(url), _reason_text(e))) from None
+            except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+                why = _network_failure(e, urllib.parse.urlsplit(url).netloc)
+                raise _Retryable("cannot reach %s: %s" % (_redact(url), why)) from None
             if resp.status in (301, 302, 303, 307, 308) and redirect_ok:
                 location = resp.header("Location")
                 resp.close()
@@ -958,15 +948,8 @@ class _Client:
                     status, data = raw.status, raw.read(MAX_MANIFEST_BYTES)
                 finally:
                     raw.close()
-            except urllib.error.URLError as e:
-                reason = getattr(e, "reason", e)
-                if _is_cert_error(reason):
-                    raise RegistryError(_tls_message(parts.netloc, reason)) from None
-                status, data = 0, _reason_text(reason).encode()
             except (OSError, http.client.HTTPException) as e:
-                if _is_cert_error(e):
-                    raise RegistryError(_tls_message(parts.netloc, e)) from None
-                status, data = 0, _reason_text(e).encode()
+                status, data = 0, _network_failure(e, parts.netloc).encode()
             log.debug("%s %s -> %s", method, _redact(url), status)
             if status == 200:
                 break
@@ -1019,6 +1002,15 @@ def _retry_after(value):
         return max(0.0, min(RETRY_AFTER_MAX, when.timestamp() - time.time()))
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+
+
+def _network_failure(err, host):
+    # type: (BaseException, str) -> str
+    """Why a request to ``host`` failed, in words; an untrusted certificate is final."""
+    reason = getattr(err, "reason", err)  # URLError wraps the socket or ssl error
+    if _is_cert_error(reason):
+        raise RegistryError(_tls_message(host, reason)) from None
+    return _reason_text(reason)
 
 
 def _is_cert_error(err):
@@ -1785,20 +1777,35 @@ class _DirLock:
         os.close(self.fd)  # releases the lock
 
 
-def _layout_entry(result, name):
+def _layout_entry(media_type, digest, size, platform, name):
+    # type: (str, str, int, Platform, str) -> dict
+    plat = {"os": platform.os, "architecture": platform.architecture}
+    if platform.variant:
+        plat["variant"] = platform.variant
+    return {"mediaType": media_type, "digest": digest, "size": size, "platform": plat,
+            "annotations": {_REF_NAME: name}}
+
+
+def _result_entry(result, name):
     # type: (PullResult, str) -> dict
-    plat = {"os": result.platform.os, "architecture": result.platform.architecture}
-    if result.platform.variant:
-        plat["variant"] = result.platform.variant
-    return {"mediaType": result.manifest_media_type, "digest": result.manifest_digest,
-            "size": result.manifest_size, "platform": plat, "annotations": {_REF_NAME: name}}
+    return _layout_entry(result.manifest_media_type, result.manifest_digest, result.manifest_size,
+                         result.platform, name)
+
+
+def _write_layout(directory, index):
+    # type: (str, dict) -> None
+    """The oci-layout marker and index.json of a layout, each replaced atomically (lock held)."""
+    marker = os.path.join(directory, "oci-layout")
+    if not os.path.exists(marker):
+        _write_atomic(marker, b'{"imageLayoutVersion":"1.0.0"}')
+    index.update({"schemaVersion": 2, "mediaType": MT_OCI_INDEX})
+    _write_atomic(os.path.join(directory, "index.json"), json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def _update_layout_index(directory, entries):
     # type: (str, List[dict]) -> None
     """Add ``entries`` to DIR/index.json, replacing those with the same ref.name; atomic, locked."""
     with _DirLock(directory):
-        _write_atomic(os.path.join(directory, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
         path = os.path.join(directory, "index.json")
         try:
             with open(path, "rb") as f:
@@ -1810,8 +1817,8 @@ def _update_layout_index(directory, entries):
             raise StorageError("%s is not a valid OCI index: refusing to overwrite it" % path) from None
         names = set(e["annotations"][_REF_NAME] for e in entries)
         manifests = [m for m in manifests if (m.get("annotations") or {}).get(_REF_NAME) not in names]
-        index.update({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests + entries})
-        _write_atomic(path, json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+        index["manifests"] = manifests + entries
+        _write_layout(directory, index)
 
 
 def _write_store_index(store):
@@ -1831,16 +1838,9 @@ def _write_store_index(store):
                     size = os.stat(store.path(digest)).st_size
                 except (OSError, PullError):
                     continue  # a blob removed by hand: leave the image out rather than lie
-                parts = (plat or "").split("/")
-                platform = {"os": parts[0], "architecture": parts[1] if len(parts) > 1 else ""}
-                if len(parts) > 2:
-                    platform["variant"] = parts[2]
-                manifests.append({"mediaType": media_type, "digest": digest, "size": size,
-                                  "platform": platform, "annotations": {_REF_NAME: reference}})
-            _write_atomic(os.path.join(store.home, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
-            index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests}
-            _write_atomic(os.path.join(store.home, "index.json"),
-                          json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+                parts = ((plat or "") + "//").split("/")  # as recorded: os/arch[/variant]
+                manifests.append(_layout_entry(media_type, digest, size, Platform(*parts[:3]), reference))
+            _write_layout(store.home, {"manifests": manifests})
     except OSError as e:
         raise StorageError("cannot write %s: %s" % (os.path.join(store.home, "index.json"), e.strerror or e)) \
             from None
@@ -1880,7 +1880,7 @@ def export_oci_layout(result, target):
             except OSError:
                 shutil.copyfile(path, tmp)
             os.replace(tmp, dest)
-        _update_layout_index(directory, [_layout_entry(result, name)])
+        _update_layout_index(directory, [_result_entry(result, name)])
     except OSError as e:
         raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
     return directory
@@ -1903,7 +1903,7 @@ def export_docker_archive(result, path):
     blob_name = lambda d: "blobs/%s/%s" % tuple(d.split(":"))  # noqa: E731
     manifest = [{"Config": blob_name(result.config.digest), "RepoTags": tags,
                  "Layers": [blob_name(layer.digest) for layer in result.layers]}]
-    entry = _layout_entry(result, ref.tag or "latest")
+    entry = _result_entry(result, ref.tag or "latest")
     if tags:
         entry["annotations"]["io.containerd.image.name"] = str(ref)
     index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [entry]}
@@ -2065,12 +2065,17 @@ def _remove(path):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _check_rootfs_target(target):
+    # type: (str) -> None
+    if os.path.lexists(target) and not (os.path.isdir(target) and not os.listdir(target)):
+        raise UsageError("--rootfs %s exists and is not an empty directory" % target)
+
+
 def extract_rootfs(result, target):
     # type: (PullResult, str) -> str
     """Extract the layers into ``target``: whole or not at all (built in a sibling, then renamed)."""
     target = os.path.abspath(target)
-    if os.path.lexists(target) and not (os.path.isdir(target) and not os.listdir(target)):
-        raise UsageError("--rootfs %s exists and is not an empty directory" % target)
+    _check_rootfs_target(target)
     parent = os.path.dirname(target)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -2337,8 +2342,8 @@ def pull(
         creds = find_credentials(ref.registry)
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
-    if rootfs is not None and os.path.lexists(rootfs) and not (os.path.isdir(rootfs) and not os.listdir(rootfs)):
-        raise UsageError("--rootfs %s exists and is not an empty directory" % rootfs)
+    if rootfs is not None:
+        _check_rootfs_target(rootfs)  # refused before anything is downloaded
     if mirrors is None and ref.registry == _DOCKER_HUB:
         mirrors = [m for m in re.split(r"[\s,]+", os.environ.get("REGISTRY_PULL_MIRRORS", "")) if m]
     result = None

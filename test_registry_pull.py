@@ -88,6 +88,20 @@ class Image:
     def size(self):
         return len(self.config) + sum(len(b) for b in self.layers)
 
+    def edit(self, config=None, manifest=None):
+        """Change the config and/or manifest documents in place; descriptors and digest follow."""
+        if config:
+            doc = json.loads(self.config)
+            config(doc)
+            self.config = json.dumps(doc).encode()
+        doc = json.loads(self.manifest)
+        doc["config"].update(digest=sha256(self.config), size=len(self.config))
+        if manifest:
+            manifest(doc)
+        self.manifest = json.dumps(doc).encode()
+        self.digest = sha256(self.manifest)
+        return self
+
     def blobs(self):
         return dict((sha256(b), b) for b in [self.config] + self.layers)
 
@@ -1455,12 +1469,8 @@ LAYER_TYPE = {"gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
 
 def layered_image(*layers, compress="gzip"):
     img = Image(layers=[tar_layer(entries, compress) for entries in layers])
-    if compress != "gzip":  # rewrite the layer media type
-        doc = json.loads(img.manifest)
-        for x in doc["layers"]:
-            x["mediaType"] = LAYER_TYPE[compress]
-        img.manifest = json.dumps(doc).encode()
-        img.digest = sha256(img.manifest)
+    if compress != "gzip":
+        img.edit(manifest=lambda doc: [x.update(mediaType=LAYER_TYPE[compress]) for x in doc["layers"]])
     return img
 
 
@@ -1630,13 +1640,7 @@ class OutputTests(Base):
     def test_diff_id_mismatch(self):
         reg = self.registry()
         img = layered_image([("f", "file", b"data", 0o644)])
-        cfg = json.loads(img.config)
-        cfg["rootfs"]["diff_ids"] = [sha256(b"something else")]
-        img.config = json.dumps(cfg).encode()
-        doc = json.loads(img.manifest)
-        doc["config"].update(digest=sha256(img.config), size=len(img.config))
-        img.manifest = json.dumps(doc).encode()
-        img.digest = sha256(img.manifest)
+        img.edit(config=lambda cfg: cfg["rootfs"].update(diff_ids=[sha256(b"something else")]))
         reg.push("diff/app", "v1", img)
         target = os.path.join(self.home, "rootfs")
         code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs", target,
@@ -2014,14 +2018,7 @@ class HostileInputTests(Base):
 
     def test_diff_ids_disagree_with_layers(self):
         reg = self.registry()
-        img = Image()
-        cfg = json.loads(img.config)
-        cfg["rootfs"]["diff_ids"].append(sha256(b"extra"))
-        img.config = json.dumps(cfg).encode()
-        doc = json.loads(img.manifest)
-        doc["config"].update(digest=sha256(img.config), size=len(img.config))
-        img.manifest = json.dumps(doc).encode()
-        img.digest = sha256(img.manifest)
+        img = Image().edit(config=lambda cfg: cfg["rootfs"]["diff_ids"].append(sha256(b"extra")))
         reg.push("diffs/app", "v1", img)
         with self.assertRaises(rp.IntegrityError) as cm:
             self.pull(reg, "diffs/app:v1")
