@@ -28,10 +28,12 @@ import json
 import logging
 import os
 import platform as _platform_mod
+import queue
 import random
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -207,6 +209,20 @@ class UnsupportedError(PullError):
 
 class Interrupted(PullError):
     exit_code = 130
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text, limit=300):
+    # type: (object, int) -> str
+    """A string from a server made safe for a terminal: control characters escaped
+    (no escape sequence reaches the screen), length capped."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
+                            else "\\u%04x" % ord(m.group()), text)
 
 
 # --------------------------------------------------------------------------- References
@@ -1940,67 +1956,16 @@ def export_docker_archive(result, path):
 
 
 # -- rootfs ------------------------------------------------------------------------------
+#
+# Layers are applied in order as a container runtime applies them (OCI image-spec,
+# layer.md "Applying Changesets"): whiteouts hide what lower layers put there, every name
+# and link is resolved inside the root as chroot would, and nothing that a layer contains
+# is ever followed out of it.  One thread decompresses and hashes (diff_id) ahead of the
+# thread that creates files; zlib, zstd and hashlib release the GIL, so the two overlap.
 
-
-class _HashingReader:
-    """A file-like reader that hashes what passes through (the layer's diff_id)."""
-
-    def __init__(self, raw, algo):
-        self.raw, self.hasher, self.size = raw, hashlib.new(algo), 0
-
-    def read(self, n=-1):
-        data = self.raw.read(n)
-        self.hasher.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self):
-        while self.read(CHUNK):
-            pass
-        return "%s:%s" % (self.hasher.name, self.hasher.hexdigest())
-
-
-class _ZstdPipe:
-    """zstd decompression through the `zstd` program (Python < 3.14 has no zstd module)."""
-
-    def __init__(self, path):
-        self.proc = subprocess.Popen(["zstd", "-dc", "--", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def read(self, n=-1):
-        return self.proc.stdout.read(n)
-
-    def close(self):
-        self.proc.stdout.close()
-        err = self.proc.stderr.read()
-        self.proc.stderr.close()
-        if self.proc.wait() != 0:
-            raise IntegrityError("zstd could not decompress the layer: %s" % err.decode(errors="replace")[:200])
-
-
-def _open_layer(path, media_type):
-    """The uncompressed tar stream of a layer blob, by its magic bytes (media types lie)."""
-    f = open(path, "rb")
-    magic = f.read(4)
-    f.seek(0)
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=f, mode="rb"), f
-    if magic == b"\x28\xb5\x2f\xfd":
-        f.close()
-        try:
-            from compression import zstd  # novermin (Python 3.14+, guarded by the ImportError below)
-        except ImportError:
-            zstd = None
-        if zstd is not None:
-            raw = open(path, "rb")
-            return zstd.ZstdFile(raw, mode="rb"), raw
-        if shutil.which("zstd"):
-            pipe = _ZstdPipe(path)
-            return pipe, pipe
-        raise UnsupportedError(
-            "layer %s is zstd-compressed: needs Python 3.14+ (compression.zstd) or the zstd program"
-            % os.path.basename(path)
-        )
-    return f, f
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+_READ_AHEAD = 16  # decompressed chunks (at most CHUNK each) buffered ahead of the extractor
 
 
 def _hostile(layer, why):
@@ -2014,7 +1979,7 @@ def _clean_name(name, layer):
         raise _hostile(layer, "a name contains NUL")
     if name.startswith("/"):
         raise _hostile(layer, "absolute path %r" % name[:200])
-    parts = []
+    parts = []  # type: List[str]
     for part in name.split("/"):
         if part in ("", "."):
             continue
@@ -2027,87 +1992,162 @@ def _clean_name(name, layer):
     return "/".join(parts)
 
 
-def _resolve(root, rel, layer, follow_last=False):
-    # type: (str, str, str, bool) -> str
-    """ROOT/rel with every symlink in its parents resolved *inside* ROOT (as chroot would)."""
-    parts = [p for p in rel.split("/") if p]
-    last = None if follow_last or not parts else parts.pop()
-    done = []  # type: List[str]
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        current = os.path.join(root, *(done + [part]))
-        if os.path.islink(current):
-            hops += 1
-            if hops > 40:
-                raise _hostile(layer, "too many levels of symbolic links in %r" % rel[:200])
-            target = os.readlink(current)
-            if target.startswith("/"):
-                done = []
-            parts = [p for p in target.split("/") if p] + parts
-            continue
-        done.append(part)
-    if last is not None:
-        done.append(last)
-    return os.path.join(root, *done) if done else root
-
-
-def _remove(path):
-    if os.path.islink(path) or not os.path.isdir(path):
-        _unlink(path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _check_rootfs_target(target):
-    # type: (str) -> None
-    if os.path.lexists(target) and not (os.path.isdir(target) and not os.listdir(target)):
-        raise UsageError("--rootfs %s exists and is not an empty directory" % target)
-
-
-def extract_rootfs(result, target):
-    # type: (PullResult, str) -> str
-    """Extract the layers into ``target``: whole or not at all (built in a sibling, then renamed)."""
-    target = os.path.abspath(target)
-    _check_rootfs_target(target)
-    parent = os.path.dirname(target)
+def _gunzip(f, name):
+    """The decompressed chunks of a gzip file (several members and zero padding allowed)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    data = b""
+    while True:
+        if not data:
+            data = f.read(CHUNK)
+            if not data:
+                break
+        try:
+            out = d.decompress(data, CHUNK)  # bounded: a small bomb must not fill memory
+        except zlib.error as e:
+            raise IntegrityError("layer %s: the gzip stream is corrupt (%s)" % (name, e)) from None
+        data = d.unconsumed_tail
+        if out:
+            yield out
+        if d.eof:
+            data = d.unused_data.lstrip(b"\0")
+            while not data:
+                more = f.read(CHUNK)
+                if not more:
+                    return
+                data = more.lstrip(b"\0")
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".%s.rootfs-" % os.path.basename(target))
-    except OSError as e:
-        raise StorageError("cannot create %s: %s" % (target, e.strerror or e)) from None
+        out = d.flush()
+    except zlib.error as e:
+        raise IntegrityError("layer %s: the gzip stream is corrupt (%s)" % (name, e)) from None
+    if out:
+        yield out
+    if not d.eof:
+        raise IntegrityError("layer %s: the gzip stream is truncated" % name)
+
+
+def _unzstd(f, path, name):
+    """The decompressed chunks of a zstd file: compression.zstd (3.14+), else the zstd program."""
     try:
-        with open(result.config.path, "rb") as f:
-            config = _loads_json(f.read(), "config")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(result.layers):
-            raise IntegrityError("config of %s lists %s diff_ids for %d layers"
-                                 % (result.reference, len(diff_ids) if isinstance(diff_ids, list) else "no",
-                                    len(result.layers)))
-        dirs = {}  # type: Dict[str, tarfile.TarInfo]
-        for layer, diff_id in zip(result.layers, diff_ids):
-            check_digest(diff_id, "diff_id")
-            _extract_layer(layer, diff_id, tmp, dirs)
-        # Directory modes and times last: a read-only directory must not stop its children.
-        for path in sorted(dirs, key=len, reverse=True):
-            _apply_meta(path, dirs[path])
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(target):
-            os.rmdir(target)
-        os.rename(tmp, target)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StorageError("cannot extract into %s: %s" % (target, e.strerror or e)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        from compression import zstd  # novermin (Python 3.14+, guarded by the ImportError below)
+    except ImportError:
+        zstd = None
+    if zstd is not None:
+        try:
+            with zstd.ZstdFile(f, mode="rb") as z:
+                while True:
+                    chunk = z.read(CHUNK)
+                    if not chunk:
+                        return
+                    yield chunk
+        except (zstd.ZstdError, EOFError) as e:
+            raise IntegrityError("layer %s: zstd could not decompress it (%s)" % (name, e)) from None
+        return
+    if not shutil.which("zstd"):
+        raise UnsupportedError("layer %s is zstd-compressed: needs Python 3.14+ (compression.zstd) or the zstd "
+                               "program" % name)
+    proc = subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while True:
+            chunk = proc.stdout.read(CHUNK)
+            if not chunk:
+                break
+            yield chunk
+        err = proc.stderr.read(4096).decode("utf-8", "replace").strip()
+        if proc.wait() != 0:
+            raise IntegrityError("layer %s: zstd could not decompress it (%s)"
+                                 % (name, _printable(err.splitlines()[-1] if err else "exit %d" % proc.returncode)))
+    finally:  # never raises: the error that got us here is the one to report
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _decompressed(path, name):
+    """The uncompressed tar stream of a layer blob, in chunks, by its magic bytes (media types lie)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        f.seek(0)
+        if magic[:2] == b"\x1f\x8b":
+            chunks = _gunzip(f, name)
+        elif magic == b"\x28\xb5\x2f\xfd":
+            chunks = _unzstd(f, path, name)
+        else:
+            chunks = iter(lambda: f.read(CHUNK), b"")
+        for chunk in chunks:
+            yield chunk
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _LayerStream(threading.Thread):
+    """Decompresses and hashes the layers in order, ahead of the extractor; read() gives the
+    current layer's tar stream and finish() its diff_id.  ``ready(layer)`` blocks until that
+    layer's blob is verified in the store (a pull that extracts while it downloads)."""
+
+    def __init__(self, layers, algos, ready=None):
+        super().__init__(name="registry_pull-unpack", daemon=True)
+        self.layers, self.algos, self.ready = layers, algos, ready
+        self.queue = queue.Queue(_READ_AHEAD)  # type: queue.Queue
+        self.stop = threading.Event()
+        self.buf, self.pos, self.end = b"", 0, None  # type: bytes, int, Optional[str]
+
+    def run(self):
+        try:
+            for layer, algo in zip(self.layers, self.algos):
+                if self.ready is not None:
+                    self.ready(layer)
+                hasher = hashlib.new(algo)
+                for chunk in _decompressed(layer.path, layer.digest):
+                    hasher.update(chunk)
+                    self._put(chunk)
+                self._put(("end", "%s:%s" % (algo, hasher.hexdigest())))
+        except _Stopped:
+            pass
+        except BaseException as e:  # handed to the extracting thread
+            try:
+                self._put(("error", e))
+            except _Stopped:
+                pass
+
+    def _put(self, item):
+        while True:
+            if self.stop.is_set():
+                raise _Stopped()
+            try:
+                self.queue.put(item, timeout=0.25)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n=-1):
+        # type: (int) -> bytes
+        while self.pos >= len(self.buf):
+            if self.end is not None:
+                return b""
+            item = self.queue.get()
+            if isinstance(item, tuple):
+                if item[0] == "error":
+                    raise item[1]
+                self.end = item[1]
+                return b""
+            self.buf, self.pos = item, 0
+        end = len(self.buf) if n is None or n < 0 else self.pos + n
+        out = self.buf[self.pos:end]
+        self.pos += len(out)
+        return out
+
+    def finish(self):
+        # type: () -> str
+        """Read what is left of the current layer (tar padding); its diff_id."""
+        while self.read(CHUNK):
+            pass
+        digest, self.end = self.end, None
+        return digest or ""
 
 
 def _is_root():
@@ -2115,117 +2155,444 @@ def _is_root():
     return getattr(os, "geteuid", lambda: -1)() == 0  # Windows has no geteuid
 
 
-def _apply_meta(path, info):
-    if _is_root():
-        try:
-            os.lchown(path, info.uid, info.gid)
-        except OSError:
-            pass
-    if not info.issym():
-        os.chmod(path, info.mode & 0o7777)
+def _umask():
+    # type: () -> int
     try:
-        os.utime(path, (info.mtime, info.mtime), follow_symlinks=not info.issym())
-    except (NotImplementedError, OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
         pass
+    old = os.umask(0o022)  # no /proc: the classic dance (another thread may create a file meanwhile)
+    os.umask(old)
+    return old
 
 
-def _extract_layer(layer, diff_id, root, dirs):
-    # type: (LayerResult, str, str, Dict[str, Any]) -> None
-    name = layer.digest
-    stream, closer = _open_layer(layer.path, layer.media_type)
-    algo = diff_id.split(":")[0]
-    reader = _HashingReader(stream, algo)
-    added = set()  # type: set
-    try:
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class _Unpacker:
+    """Applies layer tar streams to ROOT: one handler per entry type, one removal routine.
+
+    Directories get their mode, owner and times last (a read-only directory must not stop
+    its children), through descriptors opened without following any symlink, after each
+    is found again inside the root; until then every directory is 0700.
+    """
+
+    def __init__(self, root):
+        # type: (str) -> None
+        self.root = root
+        self.owner = _is_root()  # ownership is restored by root only
+        # Every directory made or declared so far (relative, resolved) -> (mode, uid, gid, mtime):
+        # each key is a real directory until _clear forgets it.
+        self.dirs = {}  # type: Dict[str, Tuple[int, int, int, Optional[float]]]
+        self.root_info = None  # type: Optional[tarfile.TarInfo]
+        self.special = 0  # device nodes and set-id files made (the as-root warning)
+        self.layer = ""
+        self.lower = False  # is there a lower layer for whiteouts to hide?
+        # This layer's own entries, for whiteouts (which hide lower layers only): trees it
+        # created, and single entries it made in directories that were there before.
+        self.new_dirs = set()  # type: set
+        self.added = set()  # type: set
+        self.handlers = {
+            tarfile.DIRTYPE: self._make_dir, tarfile.SYMTYPE: self._make_symlink,
+            tarfile.LNKTYPE: self._make_hardlink, tarfile.FIFOTYPE: self._make_fifo,
+            tarfile.CHRTYPE: self._make_device, tarfile.BLKTYPE: self._make_device,
+        }  # type: Dict[bytes, Callable[[tarfile.TarFile, tarfile.TarInfo, str, str], None]]
+        for t in tarfile.REGULAR_TYPES:
+            self.handlers[t] = self._make_file
+
+    # -- one layer ------------------------------------------------------------------------
+
+    def apply(self, stream, name):
+        # type: (Any, str) -> None
+        self.layer = name
+        self.new_dirs, self.added = set(), set()
         try:
-            tar = tarfile.open(fileobj=reader, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|")
         except tarfile.ReadError as e:
+            if str(e) == "empty file":  # only end-of-archive blocks: a layer that changes nothing
+                self.lower = True
+                return
             raise IntegrityError("layer %s is not a tar archive: %s" % (name, e)) from None
         try:
-            for info in tar:
-                _extract_member(tar, info, root, name, added, dirs)
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            while True:
+                info = tar.next()
+                if info is None:
+                    break
+                tar.members = []  # tarfile keeps every member it read: constant memory instead
+                self._entry(tar, info)
+        except (tarfile.TarError, EOFError) as e:
             raise IntegrityError("layer %s is not a valid tar archive: %s" % (name, e)) from None
-        actual = reader.drain()
-    finally:
-        close = getattr(closer, "close", None)
-        if close:
-            close()
-    if actual != diff_id:
-        raise IntegrityError("layer %s uncompressed to %s, but the config says %s (diff_id)" % (name, actual, diff_id))
+        self.lower = True
 
+    def _entry(self, tar, info):
+        rel = _clean_name(info.name, self.layer)
+        if not rel:
+            if info.isdir():
+                self.root_info = info
+            return
+        head, _, base = rel.rpartition("/")
+        if base.startswith(_WHITEOUT):
+            self._whiteout(head, base)
+            return
+        handler = self.handlers.get(info.type)
+        if handler is None:
+            log.info("skipping %s: unsupported tar entry type %r", rel, info.type)
+            return
+        parent = self._resolve(head) if head else ""
+        self._make_parents(parent)
+        rel = parent + "/" + base if parent else base
+        handler(tar, info, rel, os.path.join(self.root, rel))
 
-def _extract_member(tar, info, root, layer, added, dirs):
-    rel = _clean_name(info.name, layer)
-    if not rel:
-        return
-    head, base = os.path.split(rel)
-    if base.startswith(".wh."):
-        parent = _resolve(root, head, layer, follow_last=True) if head else root
-        if parent != root and not parent.startswith(root + os.sep):
-            raise _hostile(layer, "whiteout %r resolves outside the root" % info.name[:200])
-        if base == ".wh..wh..opq":
-            # Opaque: what lower layers put in this directory is hidden; this layer's entries stay.
-            if os.path.isdir(parent) and not os.path.islink(parent):
-                for child in os.listdir(parent):
-                    if os.path.join(head, child) not in added:
-                        _remove(os.path.join(parent, child))
+    def _resolve(self, rel):
+        # type: (str) -> str
+        """``rel`` with every symlink in it resolved inside the root; relative, without links."""
+        parts = rel.split("/")
+        done = []  # type: List[str]
+        hops = 0
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                continue
+            here = "/".join(done + [part])
+            if here not in self.dirs:  # known directories need no look
+                path = os.path.join(self.root, here)
+                if os.path.islink(path):
+                    hops += 1
+                    if hops > 40:
+                        raise _hostile(self.layer, "too many levels of symbolic links in %r" % rel[:200])
+                    target = os.readlink(path)
+                    if target.startswith("/"):
+                        done = []
+                    parts = target.split("/") + parts
+                    continue
+            done.append(part)
+        return "/".join(done)
+
+    def _make_parents(self, rel):
+        # type: (str) -> None
+        """Directories up to ``rel`` (resolved), made 0755 root-owned as umoci does, if missing."""
+        if not rel or rel in self.dirs:
+            return
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            here = "/".join(parts[:i])
+            if here in self.dirs:
+                continue
+            path = os.path.join(self.root, here)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                if not os.path.isdir(path) or os.path.islink(path):
+                    raise _hostile(self.layer, "%r is below %r, which is not a directory" % (rel[:200], here[:200]))
+            else:
+                self._mark(here, new_dir=True)
+            self.dirs[here] = (0o755, 0, 0, None)
+
+    # -- what this layer made -------------------------------------------------------------
+
+    def _mark(self, rel, new_dir=False):
+        if self.lower and not self._is_own(rel.rpartition("/")[0]):
+            (self.new_dirs if new_dir else self.added).add(rel)
+
+    def _is_own(self, rel):
+        # type: (str) -> bool
+        """Did this layer make ``rel`` (or a tree it is in)?"""
+        if rel in self.added:
+            return True
+        while rel:
+            if rel in self.new_dirs:
+                return True
+            rel = rel.rpartition("/")[0]
+        return False
+
+    # -- removal: whiteouts and replacements -----------------------------------------------
+
+    def _clear(self, rel, path):
+        # type: (str, str) -> None
+        """Remove whatever is at ``path`` (a directory with all below it) and forget it."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path)
+            prefix = rel + "/"
+            for key in [k for k in self.dirs if k == rel or k.startswith(prefix)]:
+                del self.dirs[key]
         else:
-            if base[4:] in ("", ".", ".."):
-                raise _hostile(layer, "whiteout %r names no file" % info.name[:200])
-            _remove(os.path.join(parent, base[4:]))
-        return
-    path = _resolve(root, rel, layer)
-    if not path.startswith(root + os.sep):
-        raise _hostile(layer, "%r resolves outside the root" % info.name[:200])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    added.add(rel)
-    if info.isdir():
-        if os.path.lexists(path) and not (os.path.isdir(path) and not os.path.islink(path)):
-            _remove(path)
-        os.makedirs(path, exist_ok=True)
-        os.chmod(path, 0o700 | (info.mode & 0o777))  # writable by us until the end
-        dirs[path] = info
-        return
-    if os.path.lexists(path):
-        _remove(path)
-    dirs.pop(path, None)
-    if info.isreg():
+            os.unlink(path)
+
+    def _whiteout(self, head, base):
+        # type: (str, str) -> None
+        if base.startswith(_WHITEOUT + _WHITEOUT) and base != _OPAQUE:
+            return  # other .wh..wh. names are aufs bookkeeping (e.g. .wh..wh.plnk), not content
+        name = base[len(_WHITEOUT):]
+        if base != _OPAQUE and name in (".", ".."):
+            raise _hostile(self.layer, "whiteout %r names no file" % (head + "/" + base)[:200])
+        if not self.lower or not name:
+            return  # nothing below the first layer to hide
+        parent = self._resolve(head) if head else ""
+        if base == _OPAQUE:
+            if (not parent or parent in self.dirs) and not self._is_own(parent):
+                self._hide_lower(parent)
+            return
+        rel = parent + "/" + name if parent else name
+        if not self._is_own(rel):  # a whiteout hides lower layers only (layer.md)
+            self._clear(rel, os.path.join(self.root, rel))
+
+    def _hide_lower(self, rel):
+        # type: (str) -> None
+        """Opaque directory: remove what lower layers put below ``rel``; keep this layer's entries."""
+        path = os.path.join(self.root, rel) if rel else self.root
+        for child in os.listdir(path):
+            crel = rel + "/" + child if rel else child
+            if crel in self.new_dirs:
+                continue
+            if crel in self.added:
+                if crel in self.dirs:  # a lower directory this layer declared again
+                    self._hide_lower(crel)
+                continue
+            self._clear(crel, os.path.join(path, child))
+
+    # -- one handler per entry type ---------------------------------------------------------
+
+    def _make_dir(self, tar, info, rel, path):
+        if rel not in self.dirs:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                self._clear(rel, path)
+                st = None
+            if st is None:
+                os.mkdir(path, 0o700)
+                self._mark(rel, new_dir=True)
+        elif self.lower and not self._is_own(rel):
+            self.added.add(rel)  # declared again here: its lower contents may be hidden (opaque)
+        self.dirs[rel] = (info.mode & 0o7777, info.uid, info.gid, info.mtime)
+
+    def _make_file(self, tar, info, rel, path):
+        self._clear(rel, path)
         src = tar.extractfile(info)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), 0o600)
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
-    elif info.issym():
-        os.symlink(info.linkname, path)
-    elif info.islnk():
-        target_rel = _clean_name(info.linkname, layer)
-        target = _resolve(root, target_rel, layer)
-        if not target.startswith(root + os.sep) or not os.path.lexists(target) or \
-                (os.path.isdir(target) and not os.path.islink(target)):
-            raise _hostile(layer, "hard link %r -> %r points at nothing in the image" % (info.name[:100],
-                                                                                      info.linkname[:100]))
-        os.link(target, path, follow_symlinks=False)
-        return  # a hard link shares its target's inode: no metadata of its own
-    elif info.isfifo():
-        os.mkfifo(path, 0o600)
-    elif info.ischr() or info.isblk():
-        if not _is_root():
-            log.info("skipping device node %s (only root may create it)", rel)
-            added.discard(rel)
-            return
-        import stat
+            out.flush()
+            self._set_meta(fd, info)
+        if info.mode & 0o6000:
+            self.special += 1
+        self._mark(rel)
 
+    def _make_symlink(self, tar, info, rel, path):
+        self._clear(rel, path)
+        os.symlink(info.linkname, path)
+        self._set_meta(path, info, link=True)
+        self._mark(rel)
+
+    def _make_hardlink(self, tar, info, rel, path):
+        name = _clean_name(info.linkname, self.layer)
+        head, _, base = name.rpartition("/")
+        target_rel = (self._resolve(head) + "/" + base).lstrip("/") if head else base
+        if target_rel == rel:
+            return  # a link to itself: nothing to do
+        self._clear(rel, path)
+        target = os.path.join(self.root, target_rel)
+        if not name or not os.path.lexists(target) or (os.path.isdir(target) and not os.path.islink(target)):
+            raise _hostile(self.layer, "hard link %r -> %r points at nothing in the image"
+                           % (info.name[:100], info.linkname[:100]))
+        os.link(target, path, follow_symlinks=False)  # shares its target's inode and metadata
+        self._mark(rel)
+
+    def _make_fifo(self, tar, info, rel, path):
+        self._clear(rel, path)
+        os.mkfifo(path, 0o600)
+        self._set_meta(path, info)
+        self._mark(rel)
+
+    def _make_device(self, tar, info, rel, path):
+        if not self.owner:
+            log.info("skipping device node %s (only root may create it)", rel)
+            return
+        self._clear(rel, path)
         kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
         try:
             os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
         except PermissionError:  # root without CAP_MKNOD (a container): as rootless tools do
             log.warning("skipping device node %s: this process may not create device nodes", rel)
-            added.discard(rel)
             return
-    else:
-        log.info("skipping %s: unsupported tar entry type %r", rel, info.type)
+        self._set_meta(path, info)
+        self.special += 1
+        self._mark(rel)
+
+    def _set_meta(self, target, info, link=False):
+        """Owner, mode, times of what was just made: by descriptor, or by a path whose every
+        component was resolved inside the root and whose last one this process just created."""
+        if isinstance(target, int):
+            self._meta_fd(target, (info.mode & 0o7777, info.uid, info.gid, info.mtime))
+            return
+        if self.owner:
+            try:
+                os.chown(target, info.uid, info.gid, follow_symlinks=False)
+            except OSError:
+                pass
+        if not link:
+            os.chmod(target, info.mode & 0o7777)  # a fifo or device made a moment ago, never a link
+        try:
+            os.utime(target, (info.mtime, info.mtime), follow_symlinks=False)
+        except (NotImplementedError, OSError):
+            pass
+
+    def _meta_fd(self, fd, meta):
+        mode, uid, gid, mtime = meta
+        if self.owner:
+            try:
+                os.fchown(fd, uid, gid)  # before the mode: chown clears set-id bits
+            except OSError:
+                pass
+        os.fchmod(fd, mode)
+        if mtime is not None and os.utime in os.supports_fd:
+            try:
+                os.utime(fd, (mtime, mtime))
+            except OSError:
+                pass
+
+    # -- the end ------------------------------------------------------------------------
+
+    def finish(self):
+        """Directory metadata, deepest first, each found again without following a symlink."""
+        if os.open not in os.supports_dir_fd:
+            return  # no openat (Windows): directories keep 0700
+        for rel in sorted(self.dirs, key=lambda r: r.count("/"), reverse=True):
+            fd = os.open(self.root, _O_DIR)
+            try:
+                for part in rel.split("/"):
+                    try:
+                        nfd = os.open(part, _O_DIR, dir_fd=fd)
+                    except OSError:  # gone, not a directory, or a symlink (ELOOP): skip it
+                        nfd = -1
+                    os.close(fd)
+                    fd = nfd
+                    if fd < 0:
+                        break
+                else:
+                    self._meta_fd(fd, self.dirs[rel])
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+
+def _check_rootfs_target(target):
+    # type: (str) -> None
+    if os.path.lexists(target) and not (os.path.isdir(target) and not os.path.islink(target)
+                                        and not os.listdir(target)):
+        raise UsageError("--rootfs %s exists and is not an empty directory" % target)
+
+
+def _open_to_others(path):
+    # type: (str) -> bool
+    """Can every user reach ``path`` (search permission on it and every directory above)?"""
+    while True:
+        try:
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        up = os.path.dirname(path)
+        if up == path:
+            return True
+        path = up
+
+
+def extract_rootfs(result, target, _ready=None):
+    # type: (PullResult, str, Optional[Callable[[LayerResult], None]]) -> str
+    """Extract the image's layers into ``target``: whole or not at all.
+
+    A new ``target`` is built 0700 in a hidden sibling and renamed into place with the
+    image's root mode; an existing empty directory is filled in place and keeps its owner
+    and mode (emptied again on failure).  Raises IntegrityError for a hostile or corrupt
+    layer (or a diff_id mismatch), StorageError when the file system refuses.
+    """
+    target = os.path.abspath(target)
+    _check_rootfs_target(target)
+    in_place = os.path.isdir(target)
+    parent = os.path.dirname(target)
+    try:
+        if in_place:
+            root = target
+        else:
+            os.makedirs(parent, exist_ok=True)
+            root = tempfile.mkdtemp(dir=parent, prefix=".%s.rootfs-" % os.path.basename(target))
+    except OSError as e:
+        raise StorageError("cannot create %s: %s" % (target, e.strerror or e)) from None
+    stream = None
+    try:
+        if _ready is not None:
+            _ready(result.config)
+        with open(result.config.path, "rb") as f:
+            config = _loads_json(f.read(), "config")
+        rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
+        diff_ids = rootfs.get("diff_ids")
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(result.layers):
+            raise IntegrityError("config of %s lists %s diff_ids for %d layers"
+                                 % (result.reference, len(diff_ids) if isinstance(diff_ids, list) else "no",
+                                    len(result.layers)))
+        algos = [check_digest(d, "diff_id")[0] for d in diff_ids]
+        stream = _LayerStream(result.layers, algos, _ready)
+        stream.start()
+        unpacker = _Unpacker(root)
+        for layer, diff_id in zip(result.layers, diff_ids):
+            unpacker.apply(stream, layer.digest)
+            actual = stream.finish()
+            if actual != diff_id:
+                raise IntegrityError("layer %s uncompressed to %s, but the config says %s (diff_id)"
+                                     % (layer.digest, actual, diff_id))
+        unpacker.finish()
+        if not in_place:
+            info = unpacker.root_info
+            mode = (info.mode & 0o7777) if info is not None else 0o755
+            if unpacker.owner and info is not None:
+                os.chown(root, info.uid, info.gid)
+            os.chmod(root, mode if unpacker.owner else mode & ~_umask())
+            os.rename(root, target)
+        if unpacker.owner and unpacker.special and _open_to_others(target):
+            log.warning("%s holds device nodes or set-id files and every user can reach it: put it in a "
+                        "directory only root can enter (chmod 700 %s), as umoci's bundle is",
+                        target, parent if not in_place else target)
+    except BaseException as e:
+        if stream is not None:
+            stream.stop.set()
+        _discard_rootfs(root, in_place)
+        if isinstance(e, OSError):
+            raise StorageError("cannot extract into %s: %s" % (target, e.strerror or e)) from None
+        raise
+    return target
+
+
+def _discard_rootfs(root, in_place):
+    # type: (str, bool) -> None
+    """Remove a failed extraction: the hidden sibling, or what was put in the caller's directory."""
+    if not in_place:
+        shutil.rmtree(root, ignore_errors=True)
         return
-    _apply_meta(path, info)
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _unlink(path)
 
 
 # --------------------------------------------------------------------------- Public API

@@ -1779,6 +1779,140 @@ class OutputToolTests(Base):
                 self.assertEqual(mine[path], theirs[path])
 
 
+class RootfsOwnershipTests(Base):
+    """Issue 8: who may reach DIR, errors that keep their cause, bounded memory."""
+
+    def test_existing_empty_dir_is_filled_in_place_and_keeps_its_mode(self):
+        reg = self.registry()
+        reg.push("fs/app", "v1", layered_image(*ROOTFS_LAYERS))
+        target = os.path.join(self.home, "mine")
+        os.mkdir(target)
+        os.chmod(target, 0o710)
+        before = os.stat(target)
+        self.pull(reg, "fs/app:v1", rootfs=target)
+        after = os.stat(target)
+        self.assertEqual((after.st_ino, after.st_mode & 0o7777, after.st_uid), (before.st_ino, 0o710, before.st_uid))
+        self.assertEqual(snapshot(target)["b/z"][:3], ("file", "0o640", b"z2"))
+
+    def test_failure_empties_the_callers_dir_again(self):
+        reg = self.registry()
+        reg.push("fs/bad", "v1", layered_image([("ok", "file", b"x", 0o644), ("d", "dir", None, 0o755),
+                                                ("d/f", "file", b"y", 0o644)],
+                                               [("h", "link", "nothing/here", 0o644)]))
+        target = os.path.join(self.home, "mine")
+        os.mkdir(target)
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs", target,
+                                   reg.host + "/fs/bad:v1")
+        self.assertEqual(code, 5, err)
+        self.assertEqual(os.listdir(target), [])
+
+    def test_new_dir_is_0700_until_complete_then_takes_the_images_root_mode(self):
+        reg = self.registry()
+        reg.push("fs/root", "v1", layered_image([(".", "dir", None, 0o751), ("f", "file", b"x", 0o644)]))
+        seen = []
+        real = rp._Unpacker.finish
+
+        def spy(unpacker):
+            seen.append(os.stat(unpacker.root).st_mode & 0o7777)
+            return real(unpacker)
+        rp._Unpacker.finish = spy
+        self.addCleanup(setattr, rp._Unpacker, "finish", real)
+        target = os.path.join(self.home, "new", "rootfs")
+        self.pull(reg, "fs/root:v1", rootfs=target)
+        self.assertEqual(seen, [0o700])
+        expected = 0o751 if os.geteuid() == 0 else 0o751 & ~rp._umask()
+        self.assertEqual(os.stat(target).st_mode & 0o7777, expected)
+
+    @unittest.skipUnless(os.geteuid() == 0, "the warning is for root (who restores set-id bits and devices)")
+    def test_root_is_warned_when_set_id_files_are_open_to_every_user(self):
+        reg = self.registry()
+        reg.push("fs/suid", "v1", layered_image([("bin", "dir", None, 0o755), ("bin/su", "file", b"x", 0o4755)]))
+        open_parent = os.path.join(self.home, "open")
+        closed_parent = os.path.join(self.home, "closed")
+        os.mkdir(open_parent, 0o755)
+        os.mkdir(closed_parent, 0o700)
+        os.chmod(self.home, 0o755)
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs",
+                                   os.path.join(open_parent, "rootfs"), reg.host + "/fs/suid:v1")
+        self.assertEqual(code, 0, err)
+        self.assertIn("set-id", err)
+        self.assertIn("chmod 700 " + open_parent, err)
+        self.assertEqual(os.stat(os.path.join(open_parent, "rootfs", "bin", "su")).st_mode & 0o7777, 0o4755)
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs",
+                                   os.path.join(closed_parent, "rootfs"), reg.host + "/fs/suid:v1")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("set-id", err)
+
+    def test_decompression_errors_name_their_cause(self):
+        reg = self.registry()
+        good = layered_image([("f", "file", os.urandom(200000), 0o644)])
+        layer = good.layers[0]
+        cases = {"truncated gzip": (layer[:len(layer) // 2], "truncated"),
+                 "corrupt gzip": (layer[:20] + b"\xff" * 64 + layer[84:], "gzip stream is corrupt")}
+        if ZSTD:
+            zst = layered_image([("f", "file", os.urandom(3000), 0o644)], compress="zstd").layers[0]
+            cases["corrupt zstd"] = (zst[:12] + b"\x00\xff" * 8 + zst[28:], "zstd could not decompress it (")
+        for name, (blob, words) in cases.items():
+            with self.subTest(case=name):
+                img = Image(layers=[(blob, sha256(b"unused: decompression fails first"))])
+                repo = "bad/" + name.replace(" ", "-")
+                reg.push(repo, "v1", img)
+                code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs",
+                                           os.path.join(self.home, repo), reg.host + "/%s:v1" % repo)
+                self.assertEqual(code, 5, err)
+                self.assertIn(words, err)
+                self.assertNotRegex(err, r"\(\)|: $")  # the cause is there, not an empty detail
+                self.assertFalse(os.path.exists(os.path.join(self.home, repo)))
+
+    @unittest.skipUnless(ZSTD, "needs the zstd program to make a zstd layer")
+    def test_file_size_limit_inside_a_zstd_layer_stays_a_storage_error(self):
+        reg = self.registry()
+        reg.push("zst/big", "v1", layered_image([("big", "file", os.urandom(3 << 20), 0o644)], compress="zstd"))
+        self.pull(reg, "zst/big:v1")  # the store is warm: only the extraction meets the limit
+        code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+                "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
+        target = os.path.join(self.home, "rootfs")
+        proc = subprocess.run([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64",
+                               "--rootfs", target, reg.host + "/zst/big:v1"], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 7, proc.stderr)
+        self.assertIn(b"File too large", proc.stderr)
+        self.assertFalse(os.path.exists(target))
+
+    def test_memory_stays_flat_with_200000_entries(self):
+        reg = self.registry()
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for d in range(200):
+                info = tarfile.TarInfo("d%03d" % d)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+                for i in range(1000):
+                    tar.addfile(tarfile.TarInfo("d%03d/f%04d" % (d, i)), io.BytesIO(b""))
+        raw = buf.getvalue()
+        img = Image(layers=[(gzip.compress(raw, 1), sha256(raw))])
+        del buf, raw
+        reg.push("many/files", "v1", img)
+        self.pull(reg, "many/files:v1")
+        # On a tmpfs where there is one: the point is memory, not this disk's speed at making files.
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else self.home
+        out = tempfile.mkdtemp(prefix="rp-many-", dir=base)
+        self.addCleanup(shutil.rmtree, out, True)
+        # VmHWM, not ru_maxrss: Linux carries the maxrss of the forking (test) process across exec.
+        code = ("import re, sys, registry_pull as rp; code = rp.main(sys.argv[1:]); "
+                "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(code)")
+        if not os.path.exists("/proc/self/status"):
+            self.skipTest("needs /proc/self/status (Linux) to read the peak RSS of the child alone")
+        proc = subprocess.run([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64", "-q",
+                               "--rootfs", os.path.join(out, "rootfs"), reg.host + "/many/files:v1"], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(os.listdir(os.path.join(out, "rootfs", "d199"))), 1000)
+        peak_mb = int(proc.stdout.split()[-1]) / 1024
+        self.assertLess(peak_mb, 60, "peak RSS %.0f MB for a 200,000-entry layer" % peak_mb)
+
+
 # --------------------------------------------------------------------------- faults, interruptions, concurrency
 
 import signal  # noqa: E402
