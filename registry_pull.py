@@ -2129,7 +2129,12 @@ class _LayerStream(threading.Thread):
         while self.pos >= len(self.buf):
             if self.end is not None:
                 return b""
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=0.25)
+            except queue.Empty:
+                if self.stop.is_set():
+                    raise Interrupted("interrupted")
+                continue
             if isinstance(item, tuple):
                 if item[0] == "error":
                     raise item[1]
@@ -2512,8 +2517,8 @@ def _open_to_others(path):
         path = up
 
 
-def extract_rootfs(result, target, _ready=None):
-    # type: (PullResult, str, Optional[Callable[[LayerResult], None]]) -> str
+def extract_rootfs(result, target):
+    # type: (PullResult, str) -> str
     """Extract the image's layers into ``target``: whole or not at all.
 
     A new ``target`` is built 0700 in a hidden sibling and renamed into place with the
@@ -2521,60 +2526,111 @@ def extract_rootfs(result, target, _ready=None):
     and mode (emptied again on failure).  Raises IntegrityError for a hostile or corrupt
     layer (or a diff_id mismatch), StorageError when the file system refuses.
     """
-    target = os.path.abspath(target)
-    _check_rootfs_target(target)
-    in_place = os.path.isdir(target)
-    parent = os.path.dirname(target)
-    try:
-        if in_place:
-            root = target
-        else:
-            os.makedirs(parent, exist_ok=True)
-            root = tempfile.mkdtemp(dir=parent, prefix=".%s.rootfs-" % os.path.basename(target))
-    except OSError as e:
-        raise StorageError("cannot create %s: %s" % (target, e.strerror or e)) from None
-    stream = None
-    try:
-        if _ready is not None:
-            _ready(result.config)
-        with open(result.config.path, "rb") as f:
-            config = _loads_json(f.read(), "config")
-        rootfs = config.get("rootfs") if isinstance(config.get("rootfs"), dict) else {}
-        diff_ids = rootfs.get("diff_ids")
-        if not isinstance(diff_ids, list) or len(diff_ids) != len(result.layers):
-            raise IntegrityError("config of %s lists %s diff_ids for %d layers"
-                                 % (result.reference, len(diff_ids) if isinstance(diff_ids, list) else "no",
-                                    len(result.layers)))
-        algos = [check_digest(d, "diff_id")[0] for d in diff_ids]
-        stream = _LayerStream(result.layers, algos, _ready)
-        stream.start()
-        unpacker = _Unpacker(root)
-        for layer, diff_id in zip(result.layers, diff_ids):
-            unpacker.apply(stream, layer.digest)
-            actual = stream.finish()
-            if actual != diff_id:
-                raise IntegrityError("layer %s uncompressed to %s, but the config says %s (diff_id)"
-                                     % (layer.digest, actual, diff_id))
-        unpacker.finish()
-        if not in_place:
-            info = unpacker.root_info
-            mode = (info.mode & 0o7777) if info is not None else 0o755
-            if unpacker.owner and info is not None:
-                os.chown(root, info.uid, info.gid)
-            os.chmod(root, mode if unpacker.owner else mode & ~_umask())
-            os.rename(root, target)
-        if unpacker.owner and unpacker.special and _open_to_others(target):
+    job = _RootfsJob(target)
+    job.unpack(result.reference, result.config, result.layers)
+    return job.commit()
+
+
+class _RootfsJob:
+    """One extraction into DIR: unpack() builds it (in a thread of its own while a pull
+    downloads, see start()), commit() puts it in place, discard() removes every trace."""
+
+    def __init__(self, target):
+        # type: (str) -> None
+        self.target = os.path.abspath(target)
+        _check_rootfs_target(self.target)
+        self.in_place = os.path.isdir(self.target)
+        self.root = None  # type: Optional[str]
+        self.unpacker = None  # type: Optional[_Unpacker]
+        self.stream = None  # type: Optional[_LayerStream]
+        self.thread = None  # type: Optional[threading.Thread]
+        self.error = None  # type: Optional[BaseException]
+
+    def start(self, reference, config, layers, ready):
+        """unpack() in a thread; ``ready(blob)`` blocks until that blob is verified in the store."""
+        def run():
+            try:
+                self.unpack(reference, config, layers, ready)
+            except BaseException as e:  # handed to wait()
+                self.error = e
+        self.error = None
+        self.thread = threading.Thread(target=run, name="registry_pull-rootfs", daemon=True)
+        self.thread.start()
+
+    def wait(self):
+        while self.thread is not None and self.thread.is_alive():
+            self.thread.join(0.25)
+        if self.error is not None:
+            raise self.error
+
+    def unpack(self, reference, config, layers, ready=None):
+        # type: (str, LayerResult, Tuple[LayerResult, ...], Optional[Callable[[LayerResult], None]]) -> None
+        try:
+            if self.in_place:
+                self.root = self.target
+            else:
+                os.makedirs(os.path.dirname(self.target), exist_ok=True)
+                self.root = tempfile.mkdtemp(dir=os.path.dirname(self.target),
+                                             prefix=".%s.rootfs-" % os.path.basename(self.target))
+            if ready is not None:
+                ready(config)
+            with open(config.path, "rb") as f:
+                doc = _loads_json(f.read(), "config")
+            rootfs = doc.get("rootfs") if isinstance(doc.get("rootfs"), dict) else {}
+            diff_ids = rootfs.get("diff_ids")
+            if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+                raise IntegrityError("config of %s lists %s diff_ids for %d layers"
+                                     % (reference, len(diff_ids) if isinstance(diff_ids, list) else "no",
+                                        len(layers)))
+            algos = [check_digest(d, "diff_id")[0] for d in diff_ids]
+            self.stream = _LayerStream(layers, algos, ready)
+            self.stream.start()
+            self.unpacker = _Unpacker(self.root)
+            for layer, diff_id in zip(layers, diff_ids):
+                self.unpacker.apply(self.stream, layer.digest)
+                actual = self.stream.finish()
+                if actual != diff_id:
+                    raise IntegrityError("layer %s uncompressed to %s, but the config says %s (diff_id)"
+                                         % (layer.digest, actual, diff_id))
+            self.unpacker.finish()
+        except BaseException as e:
+            self.discard()
+            if isinstance(e, OSError):
+                raise StorageError("cannot extract into %s: %s" % (self.target, e.strerror or e)) from None
+            raise
+
+    def commit(self):
+        # type: () -> str
+        """The image's root mode on a new DIR, renamed into place; the as-root warning."""
+        unpacker, root = self.unpacker, self.root
+        assert unpacker is not None and root is not None
+        try:
+            if not self.in_place:
+                info = unpacker.root_info
+                mode = (info.mode & 0o7777) if info is not None else 0o755
+                if unpacker.owner and info is not None:
+                    os.chown(root, info.uid, info.gid)
+                os.chmod(root, mode if unpacker.owner else mode & ~_umask())
+                os.rename(root, self.target)
+                self.root = None
+        except OSError as e:
+            self.discard()
+            raise StorageError("cannot extract into %s: %s" % (self.target, e.strerror or e)) from None
+        if unpacker.owner and unpacker.special and _open_to_others(self.target):
             log.warning("%s holds device nodes or set-id files and every user can reach it: put it in a "
-                        "directory only root can enter (chmod 700 %s), as umoci's bundle is",
-                        target, parent if not in_place else target)
-    except BaseException as e:
-        if stream is not None:
-            stream.stop.set()
-        _discard_rootfs(root, in_place)
-        if isinstance(e, OSError):
-            raise StorageError("cannot extract into %s: %s" % (target, e.strerror or e)) from None
-        raise
-    return target
+                        "directory only root can enter (chmod 700 %s), as umoci's bundle is", self.target,
+                        self.target if self.in_place else os.path.dirname(self.target))
+        return self.target
+
+    def discard(self):
+        """Stop the extraction, if it runs, and remove what it made."""
+        if self.stream is not None:
+            self.stream.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(10)
+        if self.root is not None:
+            _discard_rootfs(self.root, self.in_place)
+            self.root = None
 
 
 def _discard_rootfs(root, in_place):
@@ -2709,8 +2765,7 @@ def pull(
         creds = find_credentials(ref.registry)
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
-    if rootfs is not None:
-        _check_rootfs_target(rootfs)  # refused before anything is downloaded
+    job = _RootfsJob(rootfs) if rootfs is not None else None  # a bad DIR is refused before any download
     if mirrors is None and ref.registry == _DOCKER_HUB:
         mirrors = [m for m in re.split(r"[\s,]+", os.environ.get("REGISTRY_PULL_MIRRORS", "")) if m]
     result = None
@@ -2721,7 +2776,7 @@ def pull(
         mirror_client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, cancel=cancel, endpoint=host,
                                scheme=scheme, credentials=find_credentials(host))
         try:
-            result = _Puller(mirror_client, store, ref, want, jobs, progress).run()
+            result = _Puller(mirror_client, store, ref, want, jobs, progress, job).run()
             break
         except (RegistryError, NotFound, AuthError, IntegrityError, UnsupportedError) as e:
             if cancel is not None and cancel.is_set():
@@ -2729,22 +2784,49 @@ def pull(
             log.warning("mirror %s failed (%s); trying the next", host, e)
     if result is None:
         client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
-        result = _Puller(client, store, ref, want, jobs, progress).run()
+        result = _Puller(client, store, ref, want, jobs, progress, job).run()
     outputs = []
-    if oci_layout is not None:
-        outputs.append(("oci_layout", os.path.abspath(export_oci_layout(result, oci_layout))))
-    if docker_archive is not None:
-        outputs.append(("docker_archive", os.path.abspath(export_docker_archive(result, docker_archive))))
-    if rootfs is not None:
-        outputs.append(("rootfs", extract_rootfs(result, rootfs)))
+    try:
+        if oci_layout is not None:
+            outputs.append(("oci_layout", os.path.abspath(export_oci_layout(result, oci_layout))))
+        if docker_archive is not None:
+            outputs.append(("docker_archive", os.path.abspath(export_docker_archive(result, docker_archive))))
+        if job is not None:
+            outputs.append(("rootfs", job.commit()))
+    except BaseException:
+        if job is not None:
+            job.discard()
+        raise
     return dataclasses.replace(result, outputs=tuple(outputs))
 
 
 class _Puller:
-    def __init__(self, client, store, ref, want, jobs, progress):
+    def __init__(self, client, store, ref, want, jobs, progress, rootfs=None):
+        # type: (_Client, _Store, Reference, Platform, int, Any, Optional[_RootfsJob]) -> None
         self.client, self.store, self.ref, self.want = client, store, ref, want
-        self.jobs, self.progress = jobs, progress
+        self.jobs, self.progress, self.rootfs = jobs, progress, rootfs
         self.scope = "repository:%s:pull" % ref.repository
+        self._fetched = threading.Condition()  # notified as each blob lands in the store
+        self._failed = False
+
+    def _ready(self, blob):
+        # type: (LayerResult) -> None
+        """Block until ``blob`` is verified in the store (the rootfs extraction follows the downloads)."""
+        with self._fetched:
+            while not self.store.has(blob.digest, blob.size):
+                if self._failed or self.client.cancel.is_set():
+                    raise Interrupted("interrupted")
+                self._fetched.wait(0.25)
+
+    def run(self):
+        # type: () -> PullResult
+        try:
+            return self._run()
+        except BaseException:
+            self._failed = True
+            if self.rootfs is not None:
+                self.rootfs.discard()
+            raise
 
     def _manifest(self, ref_or_digest, seen):
         # type: (str, set) -> Tuple[str, bytes, Manifest]
@@ -2803,7 +2885,7 @@ class _Puller:
         self.store.put(digest, data)
         return digest, data, parsed
 
-    def run(self):
+    def _run(self):
         # type: () -> PullResult
         ref = self.ref
         seen = set()  # type: set
@@ -2821,9 +2903,14 @@ class _Puller:
         config, layers = manifest.config, list(manifest.layers)
         assert config is not None
 
+        mk = lambda d: LayerResult(d.digest, d.media_type, d.size, self.store.path(d.digest))  # noqa: E731
+        if self.rootfs is not None:  # extraction follows the downloads, layer by layer
+            self.rootfs.start(str(ref), mk(config), tuple(mk(d) for d in layers), self._ready)
         downloader = _Downloader(self.client, self.store, ref.repository, self.progress)
         unique = list(dict((d.digest, d) for d in [config] + layers).values())
         self._fetch_all(downloader, unique, config)
+        if self.rootfs is not None:
+            self.rootfs.wait()
 
         config_data = self.store.read(config.digest) or b""
         config_doc = _loads_json(config_data, "config")
@@ -2837,7 +2924,6 @@ class _Puller:
         if index is None and (plat.os, plat.architecture) != (self.want.os, self.want.architecture):
             # A reference straight to a manifest is pulled as it is, as docker does, but said.
             log.warning("%s is an image for %s, not %s", ref, plat, self.want)
-        mk = lambda d: LayerResult(d.digest, d.media_type, d.size, self.store.path(d.digest))  # noqa: E731
         result = PullResult(
             reference=str(ref), manifest_digest=digest, manifest_media_type=manifest.media_type,
             index_digest=index_digest, index_media_type=index.media_type if index else None, platform=plat,
@@ -2853,8 +2939,10 @@ class _Puller:
         return dataclasses.replace(result, recorded=recorded)
 
     def _fetch_all(self, downloader, descs, config):
-        # Largest first: the longest downloads start at once and the pool drains evenly.
-        missing = sorted((d for d in descs if not self.store.has(d.digest, d.size)), key=lambda d: -d.size)
+        # The config first (small, and the rootfs extraction needs it), then the largest first:
+        # the longest downloads start at once and the pool drains evenly.
+        missing = sorted((d for d in descs if not self.store.has(d.digest, d.size)),
+                         key=lambda d: (d is not config, -d.size))
         for d in descs:
             if d not in missing and self.progress:
                 self.progress(d.digest, d.size, d.size)
@@ -2880,8 +2968,11 @@ class _Puller:
                     except BaseException as e:  # handed to the main thread
                         with lock:
                             errors.append(e)
+                        self._failed = True
                         self.client.cancel.set()
                         return
+                    with self._fetched:
+                        self._fetched.notify_all()
             finally:
                 with lock:
                     running[0] -= 1
