@@ -5,13 +5,30 @@ Basic), picks the manifest for linux and this machine's architecture (skipping
 attestations), downloads layers concurrently and resumably into a content-addressed
 store, verifies every byte against its digest and records the image in sqlite3.
 
-    python registry_pull.py library/alpine:latest
-    python registry_pull.py --json --platform linux/arm64 ghcr.io/OWNER/IMAGE:TAG
+    python3 registry_pull.py library/alpine:latest
+    python3 registry_pull.py --json --platform linux/arm64 ghcr.io/OWNER/IMAGE:TAG
 
 It needs only the standard library of Python 3.8 or newer: copy this one file to vendor it.
 """
 # SPDX-License-Identifier: MIT
-# Copyright (c) 2026 the registry_pull authors.  Licence: MIT (see README.md).
+#
+# Copyright (c) 2026 the registry_pull authors
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy of this
+# software and associated documentation files (the "Software"), to deal in the Software
+# without restriction, including without limitation the rights to use, copy, modify, merge,
+# publish, distribute, sublicense, and/or sell copies of the Software, and to permit persons
+# to whom the Software is furnished to do so, subject to the following conditions:
+#
+# The above copyright notice and this permission notice shall be included in all copies or
+# substantial portions of the Software.
+#
+# THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED,
+# INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR
+# PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE
+# FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
+# OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER
+# DEALINGS IN THE SOFTWARE.
 
 from __future__ import annotations
 
@@ -19,7 +36,6 @@ import argparse
 import base64
 import dataclasses
 import errno
-import gzip
 import hashlib
 import http.client
 import io
@@ -131,6 +147,13 @@ RETRY_BASE = 1.0
 RETRY_MAX = 16.0
 RETRY_AFTER_MAX = 60.0
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+# A request that timed out (TIMEOUT without a byte) is tried once more, not RETRIES times:
+# a host that accepts connections and never answers costs 2 x TIMEOUT, not 6.
+TIMEOUT_RETRIES = 1
+# A download that receives fewer than STALL_BYTES in STALL_SECONDS has stalled: it is cut
+# and resumed like a lost connection (a server dripping a byte a minute cannot hold a pull).
+STALL_SECONDS = 30.0
+STALL_BYTES = 16 * 1024
 
 _ANNOTATION_REF_TYPE = "vnd.docker.reference.type"
 _DOCKER_HUB = "docker.io"
@@ -243,13 +266,13 @@ def check_digest(digest, what="digest"):
     """Validate ``ALGO:HEX`` strictly (it ends up in file paths); return (algo, hex)."""
     if not isinstance(digest, str):
         raise IntegrityError("%s is not a string: %r" % (what, digest))
-    m = _DIGEST_RE.match(digest)
+    m = _DIGEST_RE.fullmatch(digest)
     if not m:
         raise IntegrityError("invalid %s %r" % (what, digest[:200]))
     algo, hexpart = m.group("algo"), m.group("hex")
     if algo not in _DIGEST_HEX:
         raise UnsupportedError("unsupported digest algorithm %r in %s %s" % (algo, what, digest[:200]))
-    if len(hexpart) != _DIGEST_HEX[algo] or not re.match(r"^[0-9a-f]+$", hexpart):
+    if len(hexpart) != _DIGEST_HEX[algo] or not re.fullmatch(r"[0-9a-f]+", hexpart):
         raise IntegrityError(
             "invalid %s %r: %s needs %d lowercase hex digits" % (what, digest[:200], algo, _DIGEST_HEX[algo])
         )
@@ -314,14 +337,14 @@ def parse_reference(text):
     colon = rest.rfind(":")
     if colon > slash:
         rest, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG_RE.match(tag):
+        if not _TAG_RE.fullmatch(tag):
             raise bad("tag %r must match [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}" % tag[:200])
     parts = rest.split("/")
     registry = _DOCKER_HUB
     if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
         registry = parts[0]
         parts = parts[1:]
-        m = _HOST_RE.match(registry)
+        m = _HOST_RE.fullmatch(registry)
         if not m:
             raise bad("registry host %r is not a host name or [IPv6] address" % registry)
         port = m.group("port")
@@ -338,9 +361,9 @@ def parse_reference(text):
     path = "/".join(parts)
     if not path:
         raise bad("no repository name")
-    if path != path.lower() and _PATH_RE.match(path.lower()):
+    if path != path.lower() and _PATH_RE.fullmatch(path.lower()):
         raise bad("repository name must be lowercase")
-    if not _PATH_RE.match(path):
+    if not _PATH_RE.fullmatch(path):
         raise bad("repository name %r has characters outside [a-z0-9._-/]" % path[:200])
     if registry == _DOCKER_HUB and "/" not in path:
         path = "library/" + path
@@ -401,7 +424,7 @@ def parse_platform(text):
     # type: (str) -> Platform
     """``os/arch[/variant]`` as Docker's --platform takes it."""
     parts = text.split("/") if isinstance(text, str) else []
-    if not 2 <= len(parts) <= 3 or not all(re.match(r"^[a-z0-9_.-]+$", p or "") for p in parts):
+    if not 2 <= len(parts) <= 3 or not all(re.fullmatch(r"[a-z0-9_.-]+", p or "") for p in parts):
         raise UsageError("invalid platform %r: expected OS/ARCH[/VARIANT], e.g. linux/arm64" % (text,))
     return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
 
@@ -501,11 +524,17 @@ def _auth_keys(registry):
     return [registry, "https://" + registry, "http://" + registry]
 
 
-def _match_auths(auths, registry):
-    # type: (dict, str) -> Optional[dict]
+def _match_auths(auths, registry, repository=None):
+    # type: (dict, str, Optional[str]) -> Optional[dict]
     if not isinstance(auths, dict):
         return None
     keys = _auth_keys(registry)
+    # containers-auth.json: HOST/NAMESPACE[/REPO] keys, the most specific first.
+    parts = (repository or "").split("/") if repository else []
+    for n in range(len(parts), 0, -1):
+        entry = auths.get("%s/%s" % (registry, "/".join(parts[:n])))
+        if isinstance(entry, dict):
+            return entry
     for key in keys:
         if isinstance(auths.get(key), dict):
             return auths[key]
@@ -561,9 +590,13 @@ def _run_helper(helper, registry, source):
     return Credentials(user, secret, source=program)
 
 
-def find_credentials(registry, env=None):
-    # type: (str, Optional[Dict[str, str]]) -> Optional[Credentials]
-    """The first credentials for ``registry`` from Podman's and Docker's files (README: Credentials)."""
+def find_credentials(registry, env=None, repository=None):
+    # type: (str, Optional[Dict[str, str]], Optional[str]) -> Optional[Credentials]
+    """The credentials for ``registry`` from Podman's and Docker's files (README: Credentials).
+
+    Podman's files may key entries by ``HOST/NAMESPACE``: with ``repository`` the most
+    specific key that covers it wins; otherwise the first source that has the host.
+    """
     env = os.environ if env is None else env
     home = env.get("HOME") or os.path.expanduser("~")
     podman = []
@@ -573,7 +606,7 @@ def find_credentials(registry, env=None):
         podman.append(os.path.join(env["XDG_RUNTIME_DIR"], "containers", "auth.json"))
     for path in podman:
         data = _read_auth_file(path)
-        entry = _match_auths(data.get("auths"), registry) if data else None
+        entry = _match_auths(data.get("auths"), registry, repository) if data else None
         creds = _from_auth_entry(entry, path) if entry else None
         if creds:
             return creds
@@ -586,7 +619,7 @@ def find_credentials(registry, env=None):
     for key in _auth_keys(registry):
         if helpers.get(key):
             return _run_helper(str(helpers[key]), registry, path)
-    entry = _match_auths(data.get("auths"), registry)
+    entry = _match_auths(data.get("auths"), registry, repository)
     creds = _from_auth_entry(entry, path) if entry else None
     if creds:
         return creds
@@ -597,10 +630,10 @@ def find_credentials(registry, env=None):
 
 def _registry_error(body):
     # type: (bytes) -> Tuple[str, str]
-    """(code, message) from a registry's JSON error body, if it has one."""
+    """(code, message) from a registry's JSON error body, if it has one, made printable."""
     try:
         err = json.loads(body[:65536].decode("utf-8"))["errors"][0]
-        return str(err.get("code", ""))[:100], str(err.get("message", ""))[:300]
+        return _printable(err.get("code", ""), 100), _printable(err.get("message", ""), 300)
     except Exception:  # any shape at all: it is only used to word a message
         return "", ""
 
@@ -610,7 +643,9 @@ class _Response:
 
     def __init__(self, raw, url):
         self.raw, self.url = raw, url
+        self.host = urllib.parse.urlsplit(url).netloc
         self.sent_auth = None  # type: Optional[str]
+        self.own = True  # answered by the registry's own host, not a redirect target
         self.status = raw.status
         self.headers = raw.headers
 
@@ -647,9 +682,12 @@ class _Response:
 def _redact(url):
     # type: (str) -> str
     """A URL without its query (signed object-storage URLs carry credentials there)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(a malformed URL)"
     host = parts.netloc.rsplit("@", 1)[-1]  # no user:password@
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))[:300]
+    return _printable(urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")), 300)
 
 
 def _is_public_address(host):
@@ -666,21 +704,178 @@ def _is_public_address(host):
     return all(a.is_global for a in addrs) if addrs else None
 
 
+class _Cancel:
+    """One attempt's cancellation: its own flag (a failed download stops its siblings), the
+    caller's ``cancel`` event (never set by us), and the whole pull's deadline (--timeout)."""
+
+    def __init__(self, parent=None, deadline=None, limit=None):
+        # type: (Any, Optional[float], Optional[float]) -> None
+        self.parent, self.deadline, self.limit = parent, deadline, limit
+        self.event = threading.Event()
+
+    def set(self):
+        self.event.set()
+
+    def is_set(self):
+        # type: () -> bool
+        return self.event.is_set() or (self.parent is not None and self.parent.is_set())
+
+    def check(self):
+        """Raise Interrupted when cancelled, RegistryError when the deadline has passed."""
+        if self.is_set():
+            raise Interrupted("interrupted")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise RegistryError("timeout: the pull did not finish within %g s (--timeout)" % self.limit)
+
+    def bound(self, seconds):
+        # type: (float) -> float
+        """``seconds``, cut to what is left before the deadline."""
+        self.check()
+        if self.deadline is None:
+            return seconds
+        return max(0.05, min(seconds, self.deadline - time.monotonic()))
+
+    def wait(self, seconds):
+        # type: (float) -> None
+        """Sleep ``seconds``; raise as check() does as soon as that applies."""
+        end = time.monotonic() + seconds
+        while True:
+            self.check()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.event.wait(min(left, 0.1))
+
+
+class _Retryable(Exception):
+    def __init__(self, message, retry_after=None, timed_out=False):
+        super().__init__(message)
+        self.retry_after, self.timed_out = retry_after, timed_out
+
+
+class _Retry:
+    """The one retry policy (README: what happens when things go wrong).
+
+    A transient failure is tried again RETRIES times in a row, waiting twice as long each time
+    from RETRY_BASE up to RETRY_MAX (with jitter), or as long as the server's Retry-After says
+    (at most RETRY_AFTER_MAX); progress (a download that got somewhere) resets the count.  A
+    time-out is retried TIMEOUT_RETRIES times only.  Each retry is said on stderr.
+    """
+
+    def __init__(self, cancel, who):
+        # type: (_Cancel, str) -> None
+        self.cancel, self.who = cancel, who
+        self.failures = self.timeouts = 0
+
+    def progressed(self):
+        self.failures = 0
+
+    def again(self, why, retry_after=None, timed_out=False, wait_scale=1.0):
+        # type: (str, Optional[float], bool, float) -> None
+        """Wait before the next try, or raise RegistryError when the tries are spent."""
+        self.failures += 1
+        self.timeouts += bool(timed_out)
+        if self.failures > RETRIES or self.timeouts > TIMEOUT_RETRIES:
+            raise RegistryError("%s failed after %d tries: %s" % (self.who, self.failures, why))
+        delay = retry_after if retry_after is not None else _backoff(self.failures) * wait_scale
+        log.warning("%s; retrying in %.1fs (%d/%d)", why, delay, self.failures, RETRIES)
+        self.cancel.wait(delay)
+
+
+def _backoff(attempt):
+    # type: (int) -> float
+    delay = min(RETRY_MAX, RETRY_BASE * (2 ** (attempt - 1)))
+    return delay * (0.5 + random.random() / 2)
+
+
+def _retry_after(value):
+    # type: (str) -> Optional[float]
+    if not value:
+        return None
+    try:
+        return max(0.0, min(RETRY_AFTER_MAX, float(value.strip())))
+    except ValueError:
+        pass
+    try:
+        import email.utils
+
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, min(RETRY_AFTER_MAX, when.timestamp() - time.time()))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+_CHECK_NETWORK = "check the name, HTTPS_PROXY / NO_PROXY, or pull through a mirror (--mirror, REGISTRY_PULL_MIRRORS)"
+
+
+def _network_failure(err, host, ca_file=None, fail_fast=False):
+    # type: (BaseException, str, Optional[str], bool) -> Tuple[str, bool]
+    """(why a request to ``host`` failed, whether it timed out); raises RegistryError at once
+    for what no retry mends: an untrusted certificate, a name that does not resolve, a network
+    that is unreachable, and (``fail_fast``: a mirror, which is a shortcut, not a place to
+    wait) anything at all."""
+    reason = getattr(err, "reason", err)  # URLError wraps the socket or ssl error
+    if _is_cert_error(reason):
+        raise RegistryError(_tls_message(host, reason, ca_file)) from None
+    name = _split_hostport(host)[0] if host else host
+    if isinstance(reason, socket.gaierror):
+        raise RegistryError("cannot resolve %s (%s): %s" % (name, _reason_text(reason), _CHECK_NETWORK)) from None
+    if getattr(reason, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        raise RegistryError("cannot reach %s (%s): %s" % (name, _reason_text(reason), _CHECK_NETWORK)) from None
+    why = _reason_text(reason)
+    if fail_fast:
+        raise RegistryError("cannot reach %s: %s" % (host, why)) from None
+    return why, isinstance(reason, socket.timeout)
+
+
+def _is_cert_error(err):
+    # type: (object) -> bool
+    try:
+        import ssl
+    except ImportError:
+        return False
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return True
+    return isinstance(err, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(err)
+
+
+def _tls_message(host, err, ca_file=None):
+    # type: (str, object, Optional[str]) -> str
+    detail = _printable(getattr(err, "verify_message", None) or str(err), 200)
+    if ca_file:
+        return ("TLS certificate of %s is not trusted (%s), although --ca-file %s was loaded: check that it "
+                "holds the CA that signed the registry's certificate, or --insecure to skip verification"
+                % (host, detail, ca_file))
+    return ("TLS certificate of %s is not trusted (%s): pass --ca-file FILE or set SSL_CERT_FILE, "
+            "or --insecure to skip verification" % (host, detail))
+
+
+def _reason_text(err):
+    # type: (object) -> str
+    if isinstance(err, socket.timeout):
+        return "timed out"
+    text = getattr(err, "strerror", None) or str(err) or err.__class__.__name__
+    return _printable(text, 200)
+
+
 class _Client:
     """Talks to one registry: scheme discovery, retries, redirects, challenges, tokens.
 
-    Thread-safe: all download threads share one _Client and its token cache.
+    Thread-safe: all download threads share one _Client and its token cache.  Credentials and
+    challenges belong to the registry's own host: a redirect target never gets them, and its
+    401 never starts an authentication.
     """
 
     def __init__(self, registry, *, insecure=False, ca_file=None, credentials=None, cancel=None, endpoint=None,
-                 scheme=None):
-        # type: (str, bool, Optional[str], Optional[Credentials], Optional[threading.Event], Optional[str], Optional[str]) -> None
+                 scheme=None, mirror=False):
+        # type: (str, bool, Optional[str], Optional[Credentials], Any, Optional[str], Optional[str], bool) -> None
         self.registry = registry
         self.endpoint = endpoint or (_DOCKER_HUB_ENDPOINT if registry == _DOCKER_HUB else registry)
         self.insecure = insecure
         self.ca_file = ca_file
         self.credentials = credentials
-        self.cancel = cancel or threading.Event()
+        self.cancel = cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)
+        self.mirror = mirror  # a mirror that cannot be reached is skipped at once, not retried
         self.loopback = _is_loopback(self.endpoint)
         self._scheme = scheme  # type: Optional[str]
         self._public = None  # type: Optional[bool]
@@ -688,7 +883,7 @@ class _Client:
         self._token_lock = threading.Lock()  # one token fetch at a time; the others reuse it
         self._challenge = None  # type: Optional[Tuple[str, Dict[str, str]]]
         self._tokens = {}  # type: Dict[str, Tuple[str, float]]
-        self._openers = {}  # type: Dict[Tuple[str, bool], urllib.request.OpenerDirector]
+        self._openers = {}  # type: Dict[Tuple[str, bool, bool], urllib.request.OpenerDirector]
 
     # -- connections ----------------------------------------------------------------
 
@@ -703,6 +898,9 @@ class _Client:
             ctx = ssl._create_unverified_context()  # --insecure, by the user's explicit choice
         else:
             ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+            # Python 3.13 turned on OpenSSL's strict X.509 checks, which refuse private CAs that
+            # Go, curl and skopeo accept (e.g. a non-critical basicConstraints): verify as they do.
+            ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
             if self.ca_file:
                 try:
                     ctx.load_verify_locations(cafile=self.ca_file)
@@ -732,11 +930,15 @@ class _Client:
                 self._openers[key] = opener
         return opener
 
-    def _open_once(self, method, url, headers, timeout=TIMEOUT):
-        # type: (str, str, Dict[str, str], float) -> _Response
+    def _open_once(self, method, url, headers, timeout=TIMEOUT, data=None):
+        # type: (str, str, Dict[str, str], float, Optional[bytes]) -> _Response
         parts = urllib.parse.urlsplit(url)
-        req = urllib.request.Request(url, method=method, headers=headers)
-        raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=timeout)
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=self.cancel.bound(timeout))
+        except ValueError:  # http.client refuses a header value or URL: never show it (a secret)
+            raise RegistryError("cannot send a request to %s: a header or the URL is malformed"
+                                % _printable(parts.netloc, 100)) from None
         log.debug("%s %s -> %s", method, _redact(url), raw.status)
         return _Response(raw, url)
 
@@ -756,12 +958,15 @@ class _Client:
             self._scheme = "https"
             return
         errors = []
+        timed_out = False
         for scheme in (("http", "https") if self.loopback else ("https", "http")):
             try:
                 resp = self._open_once("GET", "%s://%s/v2/" % (scheme, self.endpoint), {}, timeout=10.0)
                 resp.close()
             except (OSError, http.client.HTTPException) as e:
-                errors.append("%s: %s" % (scheme, _network_failure(e, self.endpoint)))
+                why, slow = _network_failure(e, self.endpoint, self.ca_file, self.mirror)
+                timed_out = timed_out or slow
+                errors.append("%s: %s" % (scheme, why))
                 continue
             if scheme == "http" and resp.status == 400:
                 errors.append("http: 400")
@@ -769,7 +974,7 @@ class _Client:
             log.debug("%s speaks %s", self.endpoint, scheme)
             self._scheme = scheme
             return
-        raise _Retryable("cannot reach %s (%s)" % (self.endpoint, "; ".join(errors)))
+        raise _Retryable("cannot reach %s (%s)" % (self.endpoint, "; ".join(errors)), timed_out=timed_out)
 
     # -- requests with retries, redirects and auth ------------------------------------
 
@@ -780,23 +985,20 @@ class _Client:
         Returns any final response with status < 400 (and 404/416 for callers to interpret);
         raises AuthError, NotFound, RegistryError otherwise.
         """
-        attempt = 0
+        retry = _Retry(self.cancel, self.endpoint)
         auth_retried = False
         while True:
-            if self.cancel.is_set():
-                raise Interrupted("interrupted")
+            self.cancel.check()
             try:
                 resp = self._request_once(method, path, dict(headers or {}), scope, redirect_ok)
             except _Retryable as e:
-                attempt += 1
-                if attempt > RETRIES:
-                    raise RegistryError(
-                        "%s failed after %d tries: %s" % (self.endpoint, attempt, e.args[0])
-                    ) from None
-                delay = e.retry_after if e.retry_after is not None else _backoff(attempt)
-                log.info("%s; retrying in %.1fs (%d/%d)", e.args[0], delay, attempt, RETRIES)
-                self._sleep(delay)
+                retry.again(e.args[0], e.retry_after, e.timed_out)
                 continue
+            if resp.status in (401, 403) and not resp.own:
+                resp.excerpt()
+                raise AuthError("%s, where %s redirected %s, answered %d: registry credentials are never sent to "
+                                "another host" % (_printable(resp.host, 100), self.endpoint, path.split("?")[0],
+                                                  resp.status))
             if resp.status == 401:
                 challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
                 body = resp.excerpt()
@@ -804,7 +1006,7 @@ class _Client:
                     auth_retried = True
                     continue
                 code, msg = _registry_error(body)
-                who = (" as %s" % self.credentials.username) if self.credentials else " anonymously"
+                who = (" as %s" % _printable(self.credentials.username, 100)) if self.credentials else " anonymously"
                 raise AuthError(
                     "%s refused access to %s%s (%s)"
                     % (self.endpoint, path.split("?")[0], who, msg or code or "401 Unauthorized")
@@ -815,8 +1017,7 @@ class _Client:
             return resp
 
     def _sleep(self, seconds):
-        if self.cancel.wait(seconds):
-            raise Interrupted("interrupted")
+        self.cancel.wait(seconds)
 
     def _request_once(self, method, path, headers, scope, redirect_ok):
         # type: (str, str, Dict[str, str], Optional[str], bool) -> _Response
@@ -830,10 +1031,10 @@ class _Client:
                     h["Authorization"] = auth
             try:
                 resp = self._open_once(method, url, h)
-                resp.sent_auth = h.get("Authorization")
             except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
-                why = _network_failure(e, urllib.parse.urlsplit(url).netloc)
-                raise _Retryable("cannot reach %s: %s" % (_redact(url), why)) from None
+                why, timed_out = _network_failure(e, urllib.parse.urlsplit(url).netloc, self.ca_file, self.mirror)
+                raise _Retryable("cannot reach %s: %s" % (_redact(url), why), timed_out=timed_out) from None
+            resp.sent_auth, resp.own = h.get("Authorization"), own_host
             if resp.status in (301, 302, 303, 307, 308) and redirect_ok:
                 location = resp.header("Location")
                 resp.close()
@@ -845,30 +1046,46 @@ class _Client:
                 retry_after = _retry_after(resp.header("Retry-After"))
                 code, msg = _registry_error(resp.excerpt())
                 raise _Retryable(
-                    "%s answered %d %s" % (_redact(url), resp.status, msg or code or resp.raw.reason), retry_after
+                    "%s answered %d %s" % (_redact(url), resp.status, msg or code or _printable(resp.raw.reason, 100)),
+                    retry_after,
                 )
             return resp
         raise RegistryError("%s redirected more than %d times" % (self.endpoint, MAX_REDIRECTS))
 
     def _follow(self, url, location):
         # type: (str, str) -> Tuple[str, bool]
-        """Validate a redirect target: http(s) only; no hop from a public host to a private one."""
+        """The URL a redirect names, checked; and whether it is the registry's own host."""
         if not location:
             raise RegistryError("%s redirected without a Location" % _redact(url))
-        new = urllib.parse.urljoin(url, location)
-        parts = urllib.parse.urlsplit(new)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise RegistryError("%s redirected to an unsupported URL %s" % (_redact(url), _redact(new)[:100]))
-        if parts.scheme == "http" and urllib.parse.urlsplit(url).scheme == "https" and not self.insecure:
-            raise RegistryError("%s redirected from HTTPS to plain HTTP (%s)" % (self.endpoint, _redact(new)))
-        if self._registry_is_public():
-            if _is_public_address(parts.hostname) is False:
-                raise RegistryError(
-                    "%s redirected to a non-public address %s: refused" % (self.endpoint, parts.hostname)
-                )
+        try:
+            new = urllib.parse.urljoin(url, location)
+        except ValueError:
+            new = location
+        parts = self._check_target(new, "a redirect", RegistryError)
         own = parts.netloc.lower() == self.endpoint.lower() and parts.scheme == self._scheme
         log.debug("redirect to %s", _redact(new))
         return new, own
+
+    def _check_target(self, url, what, error):
+        # type: (str, str, type) -> urllib.parse.SplitResult
+        """A URL the registry sends us to (a redirect, a token realm): http(s) only; plain HTTP
+        only when the registry itself speaks it or with --insecure; and never from a public
+        registry to a private, loopback or link-local address (SSRF)."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+            parts.port  # noqa: B018 (raises ValueError for a bad port)
+        except ValueError:
+            parts, host = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not host:
+            raise error("%s named an unsupported URL for %s, %s: refused" % (self.endpoint, what, _redact(url)[:100]))
+        local = self.loopback and _is_loopback(parts.netloc)  # never leaves this machine
+        if parts.scheme == "http" and not (self.insecure or self._scheme == "http" or local):
+            raise error("%s named a plain-HTTP URL for %s (%s): refused" % (self.endpoint, what, _redact(url)))
+        if self._registry_is_public() and _is_public_address(host) is False:
+            raise error("%s named a non-public address %s for %s: refused"
+                        % (self.endpoint, _printable(host, 100), what))
+        return parts
 
     def _registry_is_public(self):
         # type: () -> bool
@@ -912,7 +1129,7 @@ class _Client:
         if challenges:
             raise AuthError(
                 "%s asks for an authentication scheme we do not speak: %s"
-                % (self.endpoint, ", ".join(k for k, _ in challenges))
+                % (self.endpoint, _printable(", ".join(k for k, _ in challenges), 100))
             )
         return False
 
@@ -933,11 +1150,8 @@ class _Client:
     def _fetch_token(self, params, scope):
         # type: (Dict[str, str], str) -> Tuple[str, float]
         realm = params.get("realm", "")
-        parts = urllib.parse.urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise AuthError("%s named an unusable token realm %r" % (self.endpoint, realm[:100]))
-        if parts.scheme == "http" and not (_is_loopback(parts.netloc) or self.insecure):
-            raise AuthError("%s named a plain-HTTP token realm %s: refused" % (self.endpoint, _redact(realm)))
+        parts = self._check_target(realm, "its token realm", AuthError)
+        service = _printable(parts.hostname, 100)
         query = [("service", params["service"])] if params.get("service") else []
         if scope:
             query += [("scope", s) for s in scope.split(" ")]
@@ -956,105 +1170,40 @@ class _Client:
             url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query) if query else realm
             if c:
                 headers["Authorization"] = "Basic " + _b64("%s:%s" % (c.username, c.password))
-        for attempt in range(RETRIES + 1):
-            req = urllib.request.Request(url, data=body, method=method, headers=headers)
+        retry = _Retry(self.cancel, "token service %s" % service)
+        while True:
             try:
-                raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=TIMEOUT)
+                resp = self._open_once(method, url, headers, data=body)
                 try:
-                    status, data = raw.status, raw.read(MAX_MANIFEST_BYTES)
+                    status, data = resp.status, resp.read(MAX_MANIFEST_BYTES)
                 finally:
-                    raw.close()
+                    resp.close()
             except (OSError, http.client.HTTPException) as e:
-                status, data = 0, _network_failure(e, parts.netloc).encode()
-            log.debug("%s %s -> %s", method, _redact(url), status)
+                why, timed_out = _network_failure(e, parts.netloc, self.ca_file, self.mirror)
+                retry.again("cannot reach token service %s: %s" % (service, why), timed_out=timed_out)
+                continue
             if status == 200:
                 break
-            if status and status not in RETRY_STATUSES:
-                code, msg = _registry_error(data)
-                who = ("as %s" % c.username) if c and c.username else "anonymously"
-                raise AuthError(
-                    "token service %s refused %s for %s (%d %s)"
-                    % (parts.hostname, who, scope or "access", status, msg or code or "")
-                )
-            if attempt == RETRIES:
-                raise RegistryError("token service %s failed: %s" % (parts.hostname, status or data.decode()))
-            self._sleep(_backoff(attempt + 1))
+            if status in RETRY_STATUSES:
+                retry.again("token service %s answered %d" % (service, status), _retry_after(resp.header("Retry-After")))
+                continue
+            code, msg = _registry_error(data)
+            who = ("as %s" % _printable(c.username, 100)) if c and c.username else "anonymously"
+            raise AuthError("token service %s refused %s for %s (%d %s)"
+                            % (service, who, _printable(scope or "access", 200), status, msg or code or ""))
         try:
             answer = json.loads(data.decode("utf-8"))
             token = answer.get("token") or answer.get("access_token")
             lifetime = float(answer.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
-            raise AuthError("token service %s answered something other than a token" % parts.hostname) from None
+            raise AuthError("token service %s answered something other than a token" % service) from None
         if not isinstance(token, str) or not token:
-            raise AuthError("token service %s answered without a token" % parts.hostname)
+            raise AuthError("token service %s answered without a token" % service)
+        if not re.fullmatch(r"[\x21-\x7e]+", token):  # it goes into a header line as it is
+            raise AuthError("token service %s answered a token with characters no header may carry: refused"
+                            % service)
         log.debug("token for %s valid %ds", scope or "(no scope)", lifetime)
         return token, max(lifetime, 1.0)
-
-
-class _Retryable(Exception):
-    def __init__(self, message, retry_after=None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _backoff(attempt):
-    # type: (int) -> float
-    delay = min(RETRY_MAX, RETRY_BASE * (2 ** (attempt - 1)))
-    return delay * (0.5 + random.random() / 2)
-
-
-def _retry_after(value):
-    # type: (str) -> Optional[float]
-    if not value:
-        return None
-    try:
-        return max(0.0, min(RETRY_AFTER_MAX, float(value.strip())))
-    except ValueError:
-        pass
-    try:
-        import email.utils
-
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, min(RETRY_AFTER_MAX, when.timestamp() - time.time()))
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def _network_failure(err, host):
-    # type: (BaseException, str) -> str
-    """Why a request to ``host`` failed, in words; an untrusted certificate is final."""
-    reason = getattr(err, "reason", err)  # URLError wraps the socket or ssl error
-    if _is_cert_error(reason):
-        raise RegistryError(_tls_message(host, reason)) from None
-    return _reason_text(reason)
-
-
-def _is_cert_error(err):
-    # type: (object) -> bool
-    try:
-        import ssl
-    except ImportError:
-        return False
-    if isinstance(err, ssl.SSLCertVerificationError):
-        return True
-    return isinstance(err, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(err)
-
-
-def _tls_message(host, err):
-    # type: (str, object) -> str
-    detail = getattr(err, "verify_message", None) or str(err)
-    return (
-        "TLS certificate of %s is not trusted (%s): pass --ca-file FILE or set SSL_CERT_FILE, "
-        "or --insecure to skip verification" % (host, detail)
-    )
-
-
-def _reason_text(err):
-    # type: (object) -> str
-    if isinstance(err, socket.timeout):
-        return "timed out"
-    text = getattr(err, "strerror", None) or str(err) or err.__class__.__name__
-    return text[:200]
 
 
 # --------------------------------------------------------------------------- Manifests
@@ -1214,18 +1363,21 @@ def parse_manifest(data, content_type="", what="manifest"):
 
 # --------------------------------------------------------------------------- Store
 
-_SCHEMA_VERSION = 1
+# Version 2: an image is a (reference, platform) pair, so two platforms of one tag are two
+# images; a manifest may list the same layer twice (one manifest_layers row per position).
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    reference TEXT NOT NULL UNIQUE,
+    reference TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     last_used_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     manifest_digest TEXT,
     index_digest TEXT,
-    platform TEXT
+    platform TEXT,
+    UNIQUE(reference, platform)
 );
 CREATE TABLE IF NOT EXISTS indexes (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1289,13 +1441,46 @@ CREATE TABLE IF NOT EXISTS manifest_layers (
     created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     position INTEGER,
-    UNIQUE(manifest_id, layer_id)
+    UNIQUE(manifest_id, position)
 );
 CREATE INDEX IF NOT EXISTS idx_indexes_image_id ON indexes(image_id);
 CREATE INDEX IF NOT EXISTS idx_manifests_image_id ON manifests(image_id);
 CREATE INDEX IF NOT EXISTS idx_configs_manifest_id ON configs(manifest_id);
 CREATE INDEX IF NOT EXISTS idx_manifest_layers_manifest_id ON manifest_layers(manifest_id);
 """
+
+
+_NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "sshfs", "afs", "ceph", "glusterfs", "lustre", "gpfs")
+
+
+def _fs_type(path):
+    # type: (str) -> str
+    """The file system type of ``path`` from /proc/self/mounts (Linux), or ""."""
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mount = fields[1].replace("\\040", " ")
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def _mkstemp(directory, **kw):
+    # type: (str, Any) -> Tuple[int, str]
+    """mkstemp, but the file follows the umask as open() would (mkstemp makes it 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, **kw)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except (OSError, AttributeError):
+        pass
+    return fd, tmp
 
 
 def default_home():
@@ -1337,10 +1522,13 @@ class _Store:
     def read(self, digest, limit=MAX_MANIFEST_BYTES):
         # type: (str, int) -> Optional[bytes]
         try:
-            with open(self.path(digest), "rb") as f:
-                data = f.read(limit + 1)
+            fd = os.open(self.path(digest), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise StorageError("cannot read %s: %s" % (self.path(digest), e.strerror or e)) from None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
         return data if len(data) <= limit else None
 
     def put(self, digest, data):
@@ -1350,10 +1538,12 @@ class _Store:
         final = self.path(digest)
         if os.path.exists(final):
             return
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".tmp-")
+        fd, tmp = _mkstemp(os.path.dirname(final), prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, final)
         except OSError as e:
             _unlink(tmp)
@@ -1370,10 +1560,15 @@ class _Store:
             conn = sqlite3.connect(os.path.join(self.home, "oci.db"), timeout=60, isolation_level=None)
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA foreign_keys = ON")
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-            except sqlite3.OperationalError:
-                pass  # e.g. a network file system: rollback journal then
+            fs = _fs_type(self.home)
+            if fs.split(".")[-1] in _NETWORK_FS or fs in _NETWORK_FS:
+                log.info("the store is on %s: SQLite's WAL needs shared memory that network file systems "
+                         "lack, so a rollback journal is used", fs)
+            else:
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                except sqlite3.OperationalError:
+                    pass
             self._migrate(conn)
         except sqlite3.Error as e:
             raise StorageError("cannot open %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
@@ -1381,21 +1576,37 @@ class _Store:
 
     @staticmethod
     def _migrate(conn):
+        """Create the schema, or upgrade an older store in place (one transaction)."""
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version >= _SCHEMA_VERSION:
             return
+        statements = [s.strip() for s in _SCHEMA.split(";") if s.strip()]
+        conn.execute("PRAGMA foreign_keys = OFF")  # a table rebuilt below must not cascade its rows away
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version < 1:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
+                for stmt in statements:
+                    conn.execute(stmt)
+            elif version < 2:
+                # SQLite cannot change a UNIQUE constraint: rebuild the two tables (sqlite.org/lang_altertable).
+                for table in ("images", "manifest_layers"):
+                    create = next(s for s in statements if s.startswith("CREATE TABLE IF NOT EXISTS %s " % table))
+                    conn.execute(create.replace("IF NOT EXISTS %s " % table, "%s_v2 " % table, 1))
+                    conn.execute("INSERT INTO %s_v2 SELECT * FROM %s" % (table, table))
+                    conn.execute("DROP TABLE %s" % table)
+                    conn.execute("ALTER TABLE %s_v2 RENAME TO %s" % (table, table))
+                for stmt in statements:
+                    if stmt.startswith("CREATE INDEX"):
                         conn.execute(stmt)
             conn.execute("PRAGMA user_version = %d" % _SCHEMA_VERSION)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
 
     def record(self, result, index_doc, manifest_doc, config_doc):
         # type: (PullResult, Optional[dict], dict, dict) -> bool
@@ -1414,7 +1625,8 @@ class _Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("DELETE FROM images WHERE reference = ?", (result.reference,))
+                conn.execute("DELETE FROM images WHERE reference = ? AND platform = ?",
+                             (result.reference, str(plat)))
                 image_id = conn.execute(
                     "INSERT INTO images (reference, size_bytes, last_used_at, created_at, modified_at,"
                     " manifest_digest, index_digest, platform) VALUES (?,?,?,?,?,?,?,?)",
@@ -1460,13 +1672,14 @@ class _Store:
                     )
                     layer_id = conn.execute("SELECT id FROM layers WHERE digest = ?", (layer.digest,)).fetchone()[0]
                     conn.execute(
-                        "INSERT OR IGNORE INTO manifest_layers (manifest_id, layer_id, created_at, modified_at,"
+                        "INSERT INTO manifest_layers (manifest_id, layer_id, created_at, modified_at,"
                         " position) VALUES (?,?,?,?,?)",
                         (manifest_id, layer_id, now, now, pos),
                     )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite rolls back by itself on some errors (disk full, I/O)
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             raise StorageError("cannot record the image in %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
@@ -1515,6 +1728,47 @@ except ImportError:  # Windows: no advisory locks; concurrent processes may down
 # --------------------------------------------------------------------------- Downloads
 
 
+def _lock_holder(fd):
+    # type: (int) -> str
+    """Who holds the flock on ``fd``'s file, from /proc/locks (Linux), as words for a message."""
+    try:
+        st = os.fstat(fd)
+        inode = ":%d " % st.st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and (fields[5] + " ").endswith(inode) \
+                        and fields[4] != str(os.getpid()):
+                    return "another registry_pull (pid %s)" % fields[4]
+    except (OSError, ValueError):
+        pass
+    return "another registry_pull"
+
+
+def _flock(fd, what, cancel=None):
+    # type: (int, str, Optional[_Cancel]) -> None
+    """An exclusive flock on ``fd``; says so after a second of waiting, and keeps waiting
+    (as long as ``cancel`` allows: Ctrl-C and --timeout still end it)."""
+    if _fcntl is None:
+        return
+    said = False
+    started = time.monotonic()
+    while True:
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if not said and time.monotonic() - started >= 1.0:
+            log.warning("waiting for %s on %s", _lock_holder(fd), what)
+            said = True
+        if cancel is not None:
+            cancel.wait(0.1)
+        else:
+            time.sleep(0.1)
+
+
 class _Downloader:
     """Fetches blobs into the store: resumable, locked against other processes, verified."""
 
@@ -1532,26 +1786,34 @@ class _Downloader:
         partial = final + ".partial"
         while True:
             if self.store.has(desc.digest):
-                if not self.store.has(desc.digest, desc.size):
-                    raise IntegrityError(
-                        "%s in the store has the wrong size for %s: remove it" % (final, desc.digest)
-                    )
-                self._report(desc, desc.size)
-                return final
+                if self.store.has(desc.digest, desc.size):
+                    self._report(desc, desc.size)
+                    return final
+                # A short (or long) final blob: a power loss after a rename that the data had not
+                # reached the disk before (older versions did not fsync). Fetch it again.
+                log.warning("%s in the store has the wrong size for %s; fetching it again", final, desc.digest)
+                _unlink(final)
             try:
-                fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(partial, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                             | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise StorageError("%s is a symbolic link: refused (only its owner may write a store, "
+                                       "see README)" % partial) from None
                 raise StorageError("cannot create %s: %s" % (partial, e.strerror or e)) from None
-            if _fcntl is not None:
-                _fcntl.flock(fd, _fcntl.LOCK_EX)  # another process downloading it: wait for it
-                try:
-                    same = os.stat(partial).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if not same:  # it finished (renamed) while we waited: look again
-                    os.close(fd)
-                    continue
-            if self.store.has(desc.digest):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise StorageError("%s is not a regular file: refused (only its owner may write a store, "
+                                   "see README)" % partial)
+            _flock(fd, partial, self.client.cancel)  # another process downloading it: wait for it
+            try:
+                same = os.stat(partial).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # it finished (renamed) while we waited: look again
+                os.close(fd)
+                continue
+            if self.store.has(desc.digest, desc.size):
                 _unlink(partial)
                 os.close(fd)
                 continue
@@ -1559,13 +1821,12 @@ class _Downloader:
         f = os.fdopen(fd, "r+b", buffering=0)
         try:
             self._download(desc, f, what)
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the blob is complete
             os.replace(partial, final)
         except IntegrityError:
             _unlink(partial)  # wrong bytes are not worth resuming
             raise
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES):
-                raise StorageError("cannot write %s: %s" % (partial, e.strerror)) from None
             raise StorageError("cannot write %s: %s" % (partial, e.strerror or e)) from None
         finally:
             f.close()  # closing releases the lock
@@ -1583,7 +1844,10 @@ class _Downloader:
             hasher, have = self._resume_state(f, algo, size)
             self._report(desc, have)  # a download begins (a blob already present reports only its end)
             try:
-                self._stream(desc, f, hasher, have, what)
+                if have == size:  # complete already (killed before the rename): verify it, no request
+                    self._verify(desc, hasher, what)
+                else:
+                    self._stream(desc, f, hasher, have, what)
             except IntegrityError:
                 f.seek(0)
                 f.truncate(0)
@@ -1593,6 +1857,12 @@ class _Downloader:
                 log.info("%s %s failed verification; downloading it again", what, desc.digest)
                 continue
             return
+
+    @staticmethod
+    def _verify(desc, hasher, what):
+        actual = "%s:%s" % (hasher.name, hasher.hexdigest())
+        if actual != desc.digest:
+            raise DigestMismatch(what, desc.digest, actual)
 
     @staticmethod
     def _resume_state(f, algo, size):
@@ -1615,51 +1885,53 @@ class _Downloader:
         f.truncate(have)
         return hasher, have
 
+    def _restart(self, f, hasher):
+        f.seek(0)
+        f.truncate(0)
+        return hashlib.new(hasher.name), 0
+
     def _stream(self, desc, f, hasher, have, what):
         size = desc.size
         path = "/v2/%s/blobs/%s" % (self.repository, desc.digest)
-        failures = 0
+        cancel = self.client.cancel
+        retry = _Retry(cancel, "%s %s" % (what, desc.digest))
         while True:
             headers = {"Range": "bytes=%d-" % have} if have else {}
             resp = self.client.request("GET", path, headers=headers, scope=None)
+            began = have
             try:
                 if resp.status == 404:
                     code, msg = _registry_error(resp.excerpt())
                     raise NotFound("%s %s not found in %s (%s)" % (what, desc.digest, self.repository, code or 404))
                 if resp.status == 416 and have:
                     # What we have is not a prefix the server knows: start over.
-                    f.seek(0)
-                    f.truncate(0)
-                    hasher, have = hashlib.new(hasher.name), 0
+                    hasher, have = self._restart(f, hasher)
                     continue
                 if resp.status == 206 and have:
-                    m = re.match(r"^bytes (\d+)-(\d+)/(\d+|\*)$", resp.header("Content-Range").strip())
+                    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.header("Content-Range").strip())
                     if m and m.group(3) != "*" and int(m.group(3)) != size:
                         raise SizeMismatch(what, desc.digest, size, m.group(3))
                     if not m or int(m.group(1)) != have:
                         log.info("%s: unusable Content-Range %r; starting over", desc.digest,
-                                 resp.header("Content-Range"))
-                        f.seek(0)
-                        f.truncate(0)
-                        hasher, have = hashlib.new(hasher.name), 0
+                                 _printable(resp.header("Content-Range"), 100))
+                        hasher, have = self._restart(f, hasher)
                         continue
                 elif resp.status == 200:
                     length = resp.header("Content-Length").strip()
                     if length.isdigit() and int(length) != size:
-                        raise SizeMismatch(what, desc.digest, size, length)
+                        raise SizeMismatch(what, desc.digest, size, _printable(length, 30))
                     if have:
                         log.info("%s: server ignored Range; starting over", desc.digest)
-                        f.seek(0)
-                        f.truncate(0)
-                        hasher, have = hashlib.new(hasher.name), 0
+                        hasher, have = self._restart(f, hasher)
                 else:
                     raise RegistryError(
                         "%s answered %d for %s %s" % (self.client.endpoint, resp.status, what, desc.digest)
                     )
                 raw = resp.raw
+                lost = None  # type: Optional[object]
+                window, window_bytes = time.monotonic(), 0  # the stall rule's measure
                 while True:
-                    if self.client.cancel.is_set():
-                        raise Interrupted("interrupted")
+                    cancel.check()
                     want = min(CHUNK, size - have + 1)  # one byte more than promised reveals overlong bodies
                     try:
                         # read1: what has arrived, at once; read/readinto would wait for a full
@@ -1670,7 +1942,6 @@ class _Downloader:
                         break
                     n = len(chunk)
                     if not n:
-                        lost = None
                         break
                     if have + n > size:
                         raise SizeMismatch(what, desc.digest, size, "more")
@@ -1680,21 +1951,24 @@ class _Downloader:
                     with self._count_lock:
                         self.fetched_bytes += n
                     self._report(desc, have)
+                    window_bytes += n
+                    now = time.monotonic()
+                    if now - window >= STALL_SECONDS:
+                        if window_bytes < STALL_BYTES and have < size:
+                            lost = "stalled (%d bytes in %.0fs)" % (window_bytes, now - window)
+                            break
+                        window, window_bytes = now, 0
             finally:
                 resp.close()
             if have < size:
-                failures += 1
-                why = _reason_text(lost) if lost is not None else "body ended early"
-                if failures > RETRIES:
-                    raise RegistryError("%s %s: the connection kept failing at %d of %d bytes (%s)"
-                                        % (what, desc.digest, have, size, why))
-                log.info("%s %s: %s at %d/%d bytes; resuming", what, desc.digest, why, have, size)
-                self.client._sleep(_backoff(failures) / 4)
+                why = lost if isinstance(lost, str) else _reason_text(lost) if lost is not None else "body ended early"
+                if have - began >= STALL_BYTES and not isinstance(lost, str):
+                    retry.progressed()  # 5 failures in a row, not in all: a cut after progress starts afresh
+                retry.again("%s %s: %s at %d of %d bytes; resuming" % (what, desc.digest, why, have, size),
+                            timed_out=isinstance(lost, socket.timeout), wait_scale=0.25)
                 continue
             break
-        actual = "%s:%s" % (hasher.name, hasher.hexdigest())
-        if actual != desc.digest:
-            raise DigestMismatch(what, desc.digest, actual)
+        self._verify(desc, hasher, what)
 
 
 # --------------------------------------------------------------------------- Progress
@@ -1767,7 +2041,7 @@ _REF_NAME = "org.opencontainers.image.ref.name"
 
 def _write_atomic(path, data):
     # type: (str, bytes) -> None
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    fd, tmp = _mkstemp(os.path.dirname(path) or ".", prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -1785,8 +2059,7 @@ class _DirLock:
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDONLY)
-        if _fcntl is not None:
-            _fcntl.flock(self.fd, _fcntl.LOCK_EX)
+        _flock(self.fd, self.path)
         return self
 
     def __exit__(self, *exc):
@@ -1871,7 +2144,7 @@ def _split_layout_arg(text, default_name):
     if not directory:
         raise UsageError("--oci-layout needs a directory: %r" % text)
     name = name if sep else default_name
-    if not name or not re.match(r"^[A-Za-z0-9._-]+(?:[:/@+][A-Za-z0-9._-]+)*$", name):
+    if not name or not re.fullmatch(r"[A-Za-z0-9._-]+(?:[:/@+][A-Za-z0-9._-]+)*", name):
         raise UsageError("invalid image name %r for --oci-layout (letters, digits, . _ - : / @ +)" % name)
     return directory, name
 
@@ -1924,7 +2197,7 @@ def export_docker_archive(result, path):
         entry["annotations"]["io.containerd.image.name"] = str(ref)
     index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [entry]}
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tar")
+    fd, tmp = _mkstemp(directory, prefix=".tmp-", suffix=".tar")
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             def add_bytes(name, data):
@@ -2309,8 +2582,11 @@ class _Unpacker:
     def _is_own(self, rel):
         # type: (str) -> bool
         """Did this layer make ``rel`` (or a tree it is in)?"""
-        if rel in self.added:
-            return True
+        return rel in self.added or self._in_new_tree(rel)
+
+    def _in_new_tree(self, rel):
+        # type: (str) -> bool
+        """Is ``rel`` in a directory tree that this layer created (so nothing lower is in it)?"""
         while rel:
             if rel in self.new_dirs:
                 return True
@@ -2345,7 +2621,9 @@ class _Unpacker:
             return  # nothing below the first layer to hide
         parent = self._resolve(head) if head else ""
         if base == _OPAQUE:
-            if (not parent or parent in self.dirs) and not self._is_own(parent):
+            # A directory this layer declared again (overlay writers list "x/" before
+            # "x/.wh..wh..opq") still hides its lower contents; one it created has none.
+            if (not parent or parent in self.dirs) and not self._in_new_tree(parent):
                 self._hide_lower(parent)
             return
         rel = parent + "/" + name if parent else name
@@ -2715,13 +2993,19 @@ class PullResult:
         }
 
 
-def _parse_mirror(text):
-    # type: (str) -> Tuple[str, Optional[str]]
-    """``[http[s]://]host[:port][/]`` -> (host:port, scheme or None to discover)."""
+def _parse_mirror(text, insecure=False):
+    # type: (str, bool) -> Tuple[str, Optional[str]]
+    """``[http[s]://]host[:port][/]`` -> (host:port, scheme or None to discover).
+
+    Plain HTTP follows the registries' rule: loopback, or --insecure.
+    """
     parts = urllib.parse.urlsplit(text if "://" in text else "//" + text)
     if parts.scheme not in ("", "http", "https") or not parts.netloc or parts.path not in ("", "/") or \
-            parts.query or parts.fragment or not _HOST_RE.match(parts.netloc):
+            parts.query or parts.fragment or not _HOST_RE.fullmatch(parts.netloc):
         raise UsageError("invalid mirror %r: expected [http[s]://]HOST[:PORT]" % text)
+    if parts.scheme == "http" and not insecure and not _is_loopback(parts.netloc):
+        raise UsageError("mirror %s is plain HTTP: only loopback mirrors may use it without --insecure "
+                         "(credentials and images would cross the network unprotected)" % text)
     return parts.netloc.lower(), parts.scheme or None
 
 
@@ -2741,8 +3025,9 @@ def pull(
     docker_archive=None,
     rootfs=None,
     mirrors=None,
+    timeout=None,
 ):
-    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[str], Optional[str], Optional[List[str]]) -> PullResult
+    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[str], Optional[str], Optional[List[str]], Optional[float]) -> PullResult
     """Pull ``reference`` into the store at ``home`` and return what was pulled.
 
     ``platform`` is a Platform or ``"os/arch[/variant]"`` (default: linux/this machine).
@@ -2758,32 +3043,40 @@ def pull(
     want = platform if isinstance(platform, Platform) else (parse_platform(platform) if platform else host_platform())
     if not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
         raise UsageError("jobs must be between 1 and %d, not %r" % (MAX_JOBS, jobs))
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
+    deadline = time.monotonic() + timeout if timeout else None
     store = _Store(home or default_home())
     if username is not None or password is not None:
         creds = Credentials(username or "", password or "", source="arguments")  # type: Optional[Credentials]
     else:
-        creds = find_credentials(ref.registry)
+        creds = find_credentials(ref.registry, repository=ref.repository)
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
     job = _RootfsJob(rootfs) if rootfs is not None else None  # a bad DIR is refused before any download
     if mirrors is None and ref.registry == _DOCKER_HUB:
         mirrors = [m for m in re.split(r"[\s,]+", os.environ.get("REGISTRY_PULL_MIRRORS", "")) if m]
+    mirrors = [_parse_mirror(m, insecure) for m in mirrors or ()]
     result = None
-    for mirror in [_parse_mirror(m) for m in mirrors or ()]:
+    for host, scheme in mirrors:
         # As Docker's registry-mirrors: each mirror in turn, then the registry itself. A mirror
-        # gets its own credentials, never the upstream's.
-        host, scheme = mirror
-        mirror_client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, cancel=cancel, endpoint=host,
-                               scheme=scheme, credentials=find_credentials(host))
+        # gets its own credentials, never the upstream's; one that cannot be reached is skipped
+        # at once.  Each attempt has its own cancellation: a failed one stops only its own downloads.
+        mirror_client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, endpoint=host, scheme=scheme,
+                                cancel=_Cancel(cancel, deadline, timeout), mirror=True,
+                                credentials=find_credentials(host, repository=ref.repository))
         try:
             result = _Puller(mirror_client, store, ref, want, jobs, progress, job).run()
             break
         except (RegistryError, NotFound, AuthError, IntegrityError, UnsupportedError) as e:
             if cancel is not None and cancel.is_set():
                 raise
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
             log.warning("mirror %s failed (%s); trying the next", host, e)
     if result is None:
-        client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, cancel=cancel)
+        client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds,
+                         cancel=_Cancel(cancel, deadline, timeout))
         result = _Puller(client, store, ref, want, jobs, progress, job).run()
     outputs = []
     try:
@@ -2985,7 +3278,7 @@ class _Puller:
             t.start()
         try:
             while not finished.wait(0.25):
-                pass
+                self.client.cancel.check()  # --timeout
         except BaseException:
             self.client.cancel.set()
             raise
@@ -3021,6 +3314,13 @@ _EXIT_CODES = """exit codes:
 """ % (RETRIES + 1, sum(min(RETRY_MAX, RETRY_BASE * 2 ** i) for i in range(RETRIES)), RETRIES, RETRY_AFTER_MAX)
 
 
+class _Formatter(logging.Formatter):
+    """One line per message, every character printable: messages quote servers' words."""
+
+    def format(self, record):
+        return "registry_pull: " + _printable(record.getMessage(), 2000)
+
+
 def _parser():
     p = argparse.ArgumentParser(
         prog="registry_pull",
@@ -3047,6 +3347,8 @@ def _parser():
                    "(NAME defaults to the tag; an existing layout gains an entry)")
     p.add_argument("--docker-archive", metavar="FILE", help="also write a `docker save` tar (docker/podman load)")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (exit 6) when the whole pull takes "
+                   "longer; without it a stalled transfer is still cut and resumed")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="say what is happening (-vv: every request)")
@@ -3062,7 +3364,7 @@ def main(argv=None):
     except SystemExit as e:  # argparse prints its own usage message
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("registry_pull: %(message)s"))
+    handler.setFormatter(_Formatter())
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                               logging.INFO if args.verbose else logging.WARNING)
     log.addHandler(handler)
@@ -3086,7 +3388,8 @@ def main(argv=None):
         result = pull(ref, home=args.home, platform=want, jobs=args.jobs, progress=progress,
                       insecure=args.insecure, ca_file=args.ca_file, username=args.username,
                       password=password, cancel=cancel, oci_layout=args.oci_layout,
-                      docker_archive=args.docker_archive, rootfs=args.rootfs, mirrors=args.mirror)
+                      docker_archive=args.docker_archive, rootfs=args.rootfs, mirrors=args.mirror,
+                      timeout=args.timeout)
         if args.json:
             sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         elif not args.quiet:
@@ -3102,8 +3405,7 @@ def main(argv=None):
         return 130
     except PullError as e:
         cancel.set()
-        msg = str(e).replace("\n", " ")
-        sys.stderr.write("registry_pull: error: %s\n" % msg)
+        sys.stderr.write("registry_pull: error: %s\n" % _printable(e, 2000))
         return e.exit_code
     except Exception as e:  # a bug: still one line (the traceback with -v), never a crash dump
         cancel.set()
@@ -3112,7 +3414,7 @@ def main(argv=None):
 
             traceback.print_exc()
         sys.stderr.write("registry_pull: error: internal error %s: %s (please report it)\n"
-                         % (e.__class__.__name__, str(e).replace("\n", " ")[:300]))
+                         % (e.__class__.__name__, _printable(e, 300)))
         return 1
     finally:
         log.removeHandler(handler)

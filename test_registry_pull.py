@@ -1033,9 +1033,11 @@ class CliTests(Base):
                     argv = ["--home", self.home] + argv
                 got, out, err = self.main(*argv)
                 self.assertEqual(got, code, err)
-                self.assertTrue(err.startswith("registry_pull: error: "), err)
-                self.assertEqual(err.count("\n"), 1, err)
-                self.assertIn(text, err)
+                lines = err.splitlines()
+                self.assertTrue(lines[-1].startswith("registry_pull: error: "), err)
+                self.assertEqual(err.count("error:"), 1, err)
+                self.assertTrue(all("retrying" in line for line in lines[:-1]), err)  # retries are said
+                self.assertIn(text, lines[-1])
                 self.assertNotIn("Traceback", err)
                 self.assertEqual(out, "")
 
@@ -1911,6 +1913,554 @@ class RootfsOwnershipTests(Base):
         self.assertEqual(len(os.listdir(os.path.join(out, "rootfs", "d199"))), 1000)
         peak_mb = int(proc.stdout.split()[-1]) / 1024
         self.assertLess(peak_mb, 60, "peak RSS %.0f MB for a 200,000-entry layer" % peak_mb)
+
+
+# --------------------------------------------------------------------------- rootfs: real images, replaced dirs
+
+import shlex  # noqa: E402
+import stat  # noqa: E402
+import struct  # noqa: E402
+
+BUILDAH = shutil.which("buildah")
+SETPRIV = shutil.which("setpriv")
+UNSHARE = shutil.which("unshare")
+NOBODY = 65534
+
+
+def static_busybox():
+    """busybox-static's binary (a dynamically linked busybox cannot run in a scratch image), or None."""
+    for path in ("/bin/busybox", "/usr/bin/busybox"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+                if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF
+                    continue
+                end = "<" if head[5] == 1 else ">"
+                phoff, = struct.unpack(end + "Q", head[32:40])
+                phentsize, phnum = struct.unpack(end + "HH", head[54:58])
+                f.seek(phoff)
+                table = f.read(phentsize * phnum)
+        except (OSError, struct.error):
+            continue
+        if all(struct.unpack(end + "I", table[i:i + 4])[0] != 3 for i in range(0, len(table), phentsize)):
+            return path  # no PT_INTERP: statically linked
+    return None
+
+
+BUSYBOX = static_busybox()
+NEED_BUILDAH = ("needs root, buildah, umoci and a static busybox (Debian: buildah umoci busybox-static); "
+                ".ci/run installs them")
+
+# One layer per step (buildah build --layers): COPY makes the base, the first RUN the world, the
+# second rewrites it as users do, the third changes metadata and replaces more.
+CONTAINERFILE = r"""FROM scratch
+COPY base/ /
+RUN set -e; \
+    mkdir -p /gone/deep /gone/ro /opt/app/bin /d2f/child /x/sub/s /hl /real /home/u /shared /tmp /var /run /keep; \
+    echo g > /gone/deep/f; echo r > /gone/ro/f; chmod 0555 /gone/ro; chmod 0700 /gone; \
+    echo a > /opt/app/bin/run; chmod 0750 /opt/app; chmod 0700 /opt/app/bin; \
+    echo c > /d2f/child/f; chmod 0700 /d2f/child; chmod 0751 /d2f; \
+    echo o > /x/old; echo s > /x/sub/s/f; chmod 0711 /x/sub; chmod 0700 /x/sub/s; \
+    echo h > /hl/a; ln /hl/a /hl/b; \
+    ln -s /real /link; ln -s /run /var/run; \
+    echo x > /home/u/f; ln -s f /home/u/l; chown -R 1000:1001 /home/u; chown -h 1002:1003 /home/u/l; \
+    echo u > /suid; chmod 4755 /suid; echo g > /sgid; chmod 2711 /sgid; \
+    echo o > /owned-suid; chown 4242:4243 /owned-suid; chmod 6750 /owned-suid; \
+    chmod 2775 /shared; chmod 1777 /tmp; \
+    mkfifo /fifo; mkfifo -m 0600 /run/fifo2; \
+    echo file > /f2d; echo k > /keep/k; chmod 0555 /keep
+RUN set -e; \
+    rm -rf /gone; \
+    mv /opt/app /opt/app-1; ln -s /opt/app-1 /opt/app; \
+    rm -rf /d2f; echo file > /d2f; \
+    rm -rf /x; mkdir /x; echo n > /x/new; \
+    ln /hl/a /hl/c; echo more >> /hl/a; \
+    echo w > /link/through; echo 1 > /var/run/pid; \
+    rm /f2d; mkdir -p /f2d/now/a/dir; chmod 0705 /f2d/now
+RUN set -e; \
+    chown -R 2000:2001 /shared; chmod 2770 /shared; chmod 0700 /opt/app-1; \
+    chown 4242:4243 /suid; chmod 4711 /suid; \
+    rm /link; mkdir /link; echo d > /link/dir-now; \
+    rm -rf /real; ln -s /opt/app-1/bin /real; echo r2 > /real/via-link
+"""
+
+BASE_TOOLS = ("sh", "rm", "mv", "ln", "mkdir", "chown", "chmod", "mkfifo", "cp", "echo", "cat")
+
+
+def _run(cmd, what, timeout=300, **kw):
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, **kw)
+    if proc.returncode != 0:
+        raise RuntimeError("%s failed (exit %d): %s" % (what, proc.returncode,
+                                                        proc.stdout.decode(errors="replace")[-1500:]))
+    return proc.stdout
+
+
+def _unmount_below(path):
+    """Unmount anything left mounted below ``path`` (an overlay build that died half-way)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        return
+    for point in sorted(points, key=len, reverse=True):
+        if point == path or point.startswith(path + "/"):
+            subprocess.call(["umount", "-l", point], stderr=subprocess.DEVNULL)
+
+
+def _private_state(workdir):
+    """A command prefix running buildah in its own mount namespace with a tmpfs over the state it
+    writes outside --root/--runroot: as root, containers/image keeps a blob-info cache in
+    /var/lib/containers/cache (no flag or variable moves it) and the network code makes
+    /run/containers/networks. The overlay driver's mounts die with the namespace too."""
+    if not UNSHARE:
+        return []
+    points = ["/var/lib/containers" if os.path.isdir("/var/lib/containers") else "/var/lib"]
+    if os.path.isdir("/run/containers"):
+        points.append("/run/containers")
+    points = [p for p in points if not (workdir + "/").startswith(p + "/")]
+    script = " && ".join(["mount -t tmpfs -o mode=0755 rp-test %s" % shlex.quote(p) for p in points] + ['exec "$@"'])
+    return [UNSHARE, "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
+
+
+def buildah_layout(workdir, driver, tag="v1"):
+    """Build CONTAINERFILE with buildah (chroot isolation, private storage, ``driver``) and push it
+    into an OCI image layout; returns (layout, tag, seconds). RuntimeError carries buildah's words."""
+    ctx = os.path.join(workdir, "ctx")
+    os.makedirs(os.path.join(ctx, "base", "bin"))
+    shutil.copy2(BUSYBOX, os.path.join(ctx, "base", "bin", "busybox"))
+    for tool in BASE_TOOLS:
+        os.symlink("busybox", os.path.join(ctx, "base", "bin", tool))
+    with open(os.path.join(ctx, "Containerfile"), "w") as f:
+        f.write(CONTAINERFILE)
+    storage = os.path.join(workdir, "storage")
+    conf = {
+        # Nothing from /etc/containers: its storage.conf may name another driver or a
+        # mount_program, its policy.json may be missing.
+        "storage.conf": '[storage]\ndriver = "%s"\ngraphroot = "%s/root"\nrunroot = "%s/run"\n'
+                        % (driver, storage, storage),
+        "policy.json": json.dumps({"default": [{"type": "insecureAcceptAnything"}]}),
+        "containers.conf": "",
+        "registries.conf": "",
+    }
+    for name, text in conf.items():
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(text)
+    os.makedirs(os.path.join(workdir, "tmp"))
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": workdir,
+           "TMPDIR": os.path.join(workdir, "tmp"), "BUILDAH_ISOLATION": "chroot",
+           "CONTAINERS_STORAGE_CONF": os.path.join(workdir, "storage.conf"),
+           "CONTAINERS_CONF": os.path.join(workdir, "containers.conf"),
+           "CONTAINERS_REGISTRIES_CONF": os.path.join(workdir, "registries.conf")}
+    base = _private_state(workdir) + [BUILDAH, "--root", os.path.join(storage, "root"),
+                                      "--runroot", os.path.join(storage, "run"), "--storage-driver", driver]
+    policy = ["--signature-policy", os.path.join(workdir, "policy.json")]
+    layout = os.path.join(workdir, "layout")
+    start = time.monotonic()
+    try:
+        _run(base + ["build", "--layers", "--isolation", "chroot", "--pull=never"] + policy +
+             ["-f", os.path.join(ctx, "Containerfile"), "-t", "localhost/rp-real:" + tag, ctx],
+             "buildah build (%s driver)" % driver, env=env, cwd=workdir)
+        _run(base + ["push", "-q"] + policy + ["localhost/rp-real:" + tag, "oci:%s:%s" % (layout, tag)],
+             "buildah push (%s driver)" % driver, env=env, cwd=workdir)
+    finally:
+        _unmount_below(storage)
+    return layout, tag, time.monotonic() - start
+
+
+def layout_manifest(layout, tag):
+    """(media type, bytes, document) of the manifest tagged ``tag`` in an OCI image layout."""
+    with open(os.path.join(layout, "index.json")) as f:
+        index = json.load(f)
+    desc = [m for m in index["manifests"]
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag][0]
+    with open(os.path.join(layout, "blobs", "sha256", desc["digest"].split(":")[1]), "rb") as f:
+        data = f.read()
+    return desc["mediaType"], data, json.loads(data)
+
+
+def push_layout(reg, layout, tag, repo):
+    """Serve ``tag`` of an OCI image layout from the in-process Registry as ``repo:tag``."""
+    media_type, data, _ = layout_manifest(layout, tag)
+    blobs = os.path.join(layout, "blobs", "sha256")
+    for name in os.listdir(blobs):
+        with open(os.path.join(blobs, name), "rb") as f:
+            reg.blobs["sha256:" + name] = f.read()
+    reg.manifests[(repo, tag)] = (media_type, data)
+    reg.manifests[(repo, sha256(data))] = (media_type, data)
+
+
+def layer_members(layout, tag):
+    """[{name: TarInfo} per layer] of ``tag`` in an OCI image layout."""
+    _, _, manifest = layout_manifest(layout, tag)
+    layers = []
+    for desc in manifest["layers"]:
+        with tarfile.open(os.path.join(layout, "blobs", "sha256", desc["digest"].split(":")[1]), "r:*") as tar:
+            layers.append(dict((m.name.rstrip("/"), m) for m in tar.getmembers()))
+    return layers
+
+
+def tree(root, owners=True):
+    """(entries, hard-link groups) below ``root``, never following a symlink: entries maps each
+    path to its type, mode (with set-id and sticky bits), owner, mtime (whole seconds, directories
+    too), size and content hash (files), target (symlinks); groups lists the paths sharing an inode."""
+    entries, inodes = {}, {}
+    kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFIFO: "fifo",
+             stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFSOCK: "socket"}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            kind = kinds.get(stat.S_IFMT(st.st_mode), oct(stat.S_IFMT(st.st_mode)))
+            e = {"type": kind, "mtime": int(st.st_mtime)}
+            if kind != "symlink":  # a symlink's mode is 0777 on Linux whatever the layer says
+                e["mode"] = "%04o" % stat.S_IMODE(st.st_mode)
+            if owners:
+                e["owner"] = "%d:%d" % (st.st_uid, st.st_gid)
+            if kind == "file":
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(65536), b""):
+                        h.update(chunk)
+                e["size"], e["sha256"] = st.st_size, h.hexdigest()[:16]
+                if st.st_nlink > 1:
+                    inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            elif kind == "symlink":
+                e["target"] = os.readlink(path)
+            elif kind in ("char", "block"):
+                e["rdev"] = "%d,%d" % (os.major(st.st_rdev), os.minor(st.st_rdev))
+            entries[rel] = e
+    return entries, sorted(sorted(g) for g in inodes.values() if len(g) > 1)
+
+
+def tree_diff(ours, theirs, names=("registry_pull", "umoci")):
+    """How two tree() results differ, one readable line each; [] when they are the same."""
+    (mine, my_groups), (other, other_groups) = ours, theirs
+    lines = []
+    for path in sorted(set(mine) | set(other)):
+        a, b = mine.get(path), other.get(path)
+        if a is None or b is None:
+            lines.append("%s: only in %s %s" % (path, names[a is None], a or b))
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                lines.append("%s: %s %s=%r %s=%r" % (path, key, names[0], a.get(key), names[1], b.get(key)))
+    if my_groups != other_groups:
+        lines.append("hard-link groups: %s=%s %s=%s" % (names[0], my_groups, names[1], other_groups))
+    return lines
+
+
+class TreeAssertions:
+    def assertSameTree(self, ours, theirs, names=("registry_pull", "umoci")):
+        diffs = tree_diff(ours, theirs, names)
+        if diffs:
+            self.fail("%s's rootfs differs from %s's in %d way%s:\n  %s" % (
+                names[0], names[1], len(diffs), "" if len(diffs) == 1 else "s", "\n  ".join(diffs[:80])))
+
+    def umoci_tree(self, layout, tag, bundle, owners=True):
+        _run([UMOCI, "unpack"] + ([] if os.geteuid() == 0 else ["--rootless"]) +
+             ["--image", "%s:%s" % (layout, tag), bundle], "umoci unpack")
+        return tree(os.path.join(bundle, "rootfs"), owners)
+
+
+@unittest.skipUnless(os.geteuid() == 0 and BUILDAH and UMOCI and BUSYBOX, NEED_BUILDAH)
+class RealImageTests(TreeAssertions, Base):
+    """Images built as users build them (buildah, a busybox base) extracted by registry_pull and
+    by umoci, compared entry by entry, as root and as an unprivileged user (umoci --rootless).
+    The vfs driver names every removed child with a whiteout; overlay writes opaque directories
+    (`rm -rf /x && mkdir /x`) and breaks hard links it copies up, as Docker's overlay2 does."""
+
+    layouts = {}  # driver -> (layout, tag), or why it could not be built
+    build_seconds = {}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        work = tempfile.mkdtemp(prefix="rp-buildah-")
+        cls.addClassCleanup(shutil.rmtree, work, True)
+        cls.addClassCleanup(_unmount_below, work)
+        cls.layouts, cls.build_seconds = {}, {}
+        for driver in ("vfs", "overlay"):
+            workdir = os.path.join(work, driver)
+            os.makedirs(workdir)
+            try:
+                layout, tag, seconds = buildah_layout(workdir, driver)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                if driver == "vfs":
+                    raise  # vfs works wherever buildah does: its failure is a failure
+                cls.layouts[driver] = "buildah's overlay driver does not work here: %s" % str(e)[-300:]
+                continue
+            cls.layouts[driver] = (layout, tag)
+            cls.build_seconds[driver] = seconds
+            shutil.rmtree(os.path.join(workdir, "storage"), ignore_errors=True)
+
+    def built(self, driver):
+        """The layout of ``driver``'s image, after checking its layers hold what it is meant to
+        exercise (a newer buildah may diff differently)."""
+        found = self.layouts.get(driver)
+        if isinstance(found, str):
+            self.skipTest(found)
+        layout, tag = found
+        layers = layer_members(layout, tag)
+        self.assertEqual(len(layers), 4, "one layer for COPY and one per RUN (buildah build --layers)")
+        world, rewrite, meta = layers[1:]
+        self.assertTrue(world["fifo"].isfifo())
+        self.assertEqual(world["suid"].mode & 0o7777, 0o4755)  # buildah's modes carry the type bits too
+        self.assertEqual(world["owned-suid"].mode & 0o7777, 0o6750)
+        self.assertEqual((world["owned-suid"].uid, world["owned-suid"].gid), (4242, 4243))
+        self.assertEqual(world["home/u/f"].uid, 1000)
+        self.assertTrue(world["hl/b"].islnk())
+        self.assertIn(".wh.gone", rewrite)
+        self.assertTrue(rewrite["opt/app"].issym() and rewrite["opt/app"].linkname == "/opt/app-1")
+        self.assertTrue(rewrite["d2f"].isreg())
+        self.assertIn("real/through", rewrite)  # written through the absolute symlink /link
+        self.assertTrue(meta["real"].issym() and meta["link"].isdir())
+        self.assertEqual(meta["shared"].mode & 0o7777, 0o2770)
+        if driver == "overlay":
+            self.assertIn("x/.wh..wh..opq", rewrite)  # rm -rf /x && mkdir /x: an opaque directory
+            self.assertTrue(rewrite["x"].isdir())      # ... whose own entry comes first
+            self.assertTrue(rewrite["hl/c"].islnk())
+        else:
+            self.assertIn("x/.wh.sub", rewrite)
+        return layout, tag
+
+    def check_reference(self, driver, entries, groups, owners):
+        """umoci's tree is what the Containerfile says (two equally wrong trees must still fail)."""
+        self.assertNotIn("gone", entries)
+        self.assertEqual(entries["opt/app"]["target"], "/opt/app-1")
+        self.assertEqual(entries["opt/app-1"]["mode"], "0700")
+        self.assertEqual(entries["opt/app-1/bin/run"]["type"], "file")
+        self.assertEqual(entries["d2f"]["type"], "file")
+        self.assertEqual(entries["f2d/now"]["mode"], "0705")
+        self.assertEqual(sorted(p for p in entries if p.startswith("x/")), ["x/new"])
+        self.assertEqual(entries["suid"]["mode"], "4711")
+        self.assertEqual(entries["sgid"]["mode"], "2711")
+        self.assertEqual(entries["owned-suid"]["mode"], "6750")
+        self.assertEqual(entries["shared"]["mode"], "2770")
+        self.assertEqual(entries["tmp"]["mode"], "1777")
+        self.assertEqual(entries["keep"]["mode"], "0555")
+        self.assertEqual(entries["fifo"]["type"], "fifo")
+        self.assertEqual((entries["run/fifo2"]["type"], entries["run/fifo2"]["mode"]), ("fifo", "0600"))
+        self.assertEqual(entries["run/pid"]["type"], "file")  # written through var/run -> /run
+        self.assertNotIn("real/through", entries)  # /real became a symlink in the last layer
+        self.assertEqual(entries["real"]["target"], "/opt/app-1/bin")
+        self.assertEqual(entries["opt/app-1/bin/via-link"]["type"], "file")
+        self.assertEqual(entries["link/dir-now"]["type"], "file")
+        self.assertEqual(entries["hl/a"]["size"], 7)
+        if driver == "overlay":  # hl/a was copied up: hl/b keeps the old inode and bytes
+            self.assertEqual(groups, [["hl/a", "hl/c"]])
+            self.assertEqual(entries["hl/b"]["size"], 2)
+        else:
+            self.assertEqual(groups, [["hl/a", "hl/b", "hl/c"]])
+        if owners:
+            self.assertEqual(entries["home/u/f"]["owner"], "1000:1001")
+            self.assertEqual(entries["home/u/l"]["owner"], "1002:1003")
+            self.assertEqual(entries["owned-suid"]["owner"], "4242:4243")
+            self.assertEqual(entries["suid"]["owner"], "4242:4243")
+            self.assertEqual(entries["shared"]["owner"], "2000:2001")
+
+    def compare_as_root(self, driver):
+        layout, tag = self.built(driver)
+        reg = self.registry()
+        push_layout(reg, layout, tag, "real/" + driver)
+        ours = os.path.join(self.home, "ours")
+        try:
+            rp.pull("%s/real/%s:%s" % (reg.host, driver, tag), home=self.home, rootfs=ours)
+        except rp.PullError as e:
+            self.fail("registry_pull failed where umoci succeeds: %s (exit %d)" % (e, e.exit_code))
+        theirs = self.umoci_tree(layout, tag, os.path.join(self.home, "bundle"))
+        self.check_reference(driver, theirs[0], theirs[1], owners=True)
+        self.assertSameTree(tree(ours), theirs)
+
+    def compare_unprivileged(self, driver):
+        """registry_pull and umoci --rootless, each run as nobody; all but ownership must agree."""
+        if not SETPRIV:
+            self.skipTest("needs setpriv (util-linux) to run as an unprivileged user")
+        layout, tag = self.built(driver)
+        reg = self.registry()
+        push_layout(reg, layout, tag, "real/" + driver)
+        work = tempfile.mkdtemp(prefix="rp-nobody-")
+        self.addCleanup(shutil.rmtree, work, True)
+        shutil.copytree(layout, os.path.join(work, "layout"))
+        for dirpath, dirnames, filenames in os.walk(work):
+            for path in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+                os.lchown(path, NOBODY, NOBODY)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": work, "LC_ALL": "C.UTF-8",
+               "DOCKER_CONFIG": os.path.join(work, "no-docker"), "REGISTRY_AUTH_FILE": "", "XDG_RUNTIME_DIR": ""}
+        as_nobody = [SETPRIV, "--reuid=%d" % NOBODY, "--regid=%d" % NOBODY, "--clear-groups", "--"]
+        # The test's interpreter or module may live where nobody cannot read (/root/.pyenv, a
+        # 0700 checkout): run a copy of the module with the first Python nobody can run.
+        script = os.path.join(work, "registry_pull.py")
+        shutil.copy(os.path.abspath(rp.__file__), script)
+        os.chown(script, NOBODY, NOBODY)
+        for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+            probe = subprocess.run(as_nobody + [python, script, "--version"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, env=env, timeout=60)
+            if probe.returncode == 0:
+                break
+        else:
+            self.skipTest("no Python that nobody may run: %s" % probe.stdout.decode(errors="replace")[-200:])
+        ours = os.path.join(work, "ours")
+        proc = subprocess.run(as_nobody + [python, script, "-q", "--home", os.path.join(work, "home"),
+                                           "--rootfs", ours, "%s/real/%s:%s" % (reg.host, driver, tag)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120)
+        self.assertEqual(proc.returncode, 0, "registry_pull as nobody: %s" % proc.stderr.decode(errors="replace"))
+        bundle = os.path.join(work, "bundle")
+        _run(as_nobody + [UMOCI, "unpack", "--rootless", "--image", "%s:%s" % (os.path.join(work, "layout"), tag),
+                          bundle], "umoci unpack --rootless (as nobody)", env=env)
+        theirs = tree(os.path.join(bundle, "rootfs"), owners=False)
+        self.check_reference(driver, theirs[0], theirs[1], owners=False)
+        self.assertSameTree(tree(ours, owners=False), theirs)
+        st = os.lstat(os.path.join(ours, "suid"))
+        self.assertEqual((st.st_uid, st.st_gid), (NOBODY, NOBODY))  # not root: nothing chowned
+
+    def test_vfs_image_as_root(self):
+        self.compare_as_root("vfs")
+
+    def test_vfs_image_unprivileged(self):
+        self.compare_unprivileged("vfs")
+
+    def test_overlay_image_as_root(self):
+        self.compare_as_root("overlay")
+
+    def test_overlay_image_unprivileged(self):
+        self.compare_unprivileged("overlay")
+
+
+def host_state(path):
+    """What a stray chmod, lchown, utime or write could change below ``path``, entry by entry."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for p in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            st = os.lstat(p)
+            e = {"type": oct(stat.S_IFMT(st.st_mode)), "mode": "%05o" % stat.S_IMODE(st.st_mode),
+                 "owner": "%d:%d" % (st.st_uid, st.st_gid), "mtime_ns": st.st_mtime_ns}
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    e["content"] = f.read()
+            out[os.path.relpath(p, path)] = e
+    return out
+
+
+class ReplacedDirectoryTests(TreeAssertions, Base):
+    """A later entry replaces a directory (or a parent of one) whose mode, owner and times were
+    left to apply at the end: with a symlink to a host directory, a whiteout, an opaque whiteout.
+    Nothing on the host may change. tar_layer gives names starting with "owned" uid 1234, gid 5678,
+    and every entry an mtime of 1600000000 + len(name). umoci 0.4.7 extracts every one of these
+    images (metadata is applied inside the root), so registry_pull must succeed and match it."""
+
+    def host_dir(self):
+        host = tempfile.mkdtemp(prefix="rp-host-")
+        self.addCleanup(shutil.rmtree, host, True)
+        os.makedirs(os.path.join(host, "d"))
+        with open(os.path.join(host, "secret"), "wb") as f:
+            f.write(b"host secret\n")
+        for path, mode in ((os.path.join(host, "secret"), 0o640), (os.path.join(host, "d"), 0o710), (host, 0o750)):
+            os.chmod(path, mode)
+            os.utime(path, ns=(1234567890123456789, 1234567890123456789))
+        return host
+
+    def assertHostUnchanged(self, host, before, who):
+        after = host_state(host)
+        changed = []
+        for path in sorted(set(before) | set(after)):
+            a, b = before.get(path) or {}, after.get(path) or {}
+            if a != b:
+                changed.append("%s: %s" % (path or ".", ", ".join("%s %s -> %s" % (k, a.get(k), b.get(k))
+                                                                  for k in sorted(set(a) | set(b))
+                                                                  if a.get(k) != b.get(k))))
+        if changed:
+            self.fail("%s changed the host directory %s through a symlink in the image:\n  %s"
+                      % (who, host, "\n  ".join(changed)))
+
+    def extract(self, layers, expect=None):
+        """Pull an image of ``layers(host)`` (tar_layer entries) with --rootfs: the host directory
+        stays as it was, the pull succeeds, and the tree is umoci's when umoci is installed."""
+        host = self.host_dir()
+        before = host_state(host)
+        img = layered_image(*layers(host))
+        reg = self.registry()
+        reg.push("replaced/app", "v1", img)
+        target = os.path.join(self.home, "rootfs")
+        try:
+            self.pull(reg, "replaced/app:v1", rootfs=target)
+            error = None
+        except rp.PullError as e:
+            error = e
+        self.assertHostUnchanged(host, before, "registry_pull")
+        if error is not None:
+            self.fail("registry_pull refused an image umoci extracts: %s (exit %d)" % (error, error.exit_code))
+        if expect:
+            expect(host, tree(target)[0])
+        if UMOCI:
+            layout = os.path.join(self.home, "layout")
+            write_oci_layout(layout, "v1", [img])
+            owners = os.geteuid() == 0
+            theirs = self.umoci_tree(layout, "v1", os.path.join(self.home, "bundle"), owners)
+            self.assertHostUnchanged(host, before, "umoci")
+            self.assertSameTree(tree(target, owners), theirs)
+
+    def test_parent_replaced_by_host_symlink_same_layer(self):
+        # owned/secret: a directory (06777, 1234:5678) whose metadata waits for the end; then owned -> HOST.
+        self.extract(lambda host: [[("owned", "dir", None, 0o755), ("owned/secret", "dir", None, 0o6777),
+                                    ("owned", "symlink", host, 0o777)]],
+                     lambda host, entries: self.assertEqual(entries, {"owned": dict(entries["owned"], target=host)}))
+
+    def test_parent_replaced_by_host_symlink_next_layer(self):
+        self.extract(lambda host: [[("owned", "dir", None, 0o755), ("owned/secret", "dir", None, 0o6777)],
+                                   [("owned", "symlink", host, 0o777)]],
+                     lambda host, entries: self.assertEqual(sorted(entries), ["owned"]))
+
+    def test_parent_whited_out_then_host_symlink(self):
+        # `rm -rf /owned && ln -s HOST /owned` as a whiteout followed by the symlink.
+        self.extract(lambda host: [[("owned", "dir", None, 0o755), ("owned/secret", "dir", None, 0o6777),
+                                    ("owned/d", "dir", None, 0o777)],
+                                   [(".wh.owned", "file", b"", 0o644), ("owned", "symlink", host, 0o777)]])
+
+    def test_opaque_grandparent_then_host_symlink(self):
+        self.extract(lambda host: [[("owned", "dir", None, 0o755), ("owned/a", "dir", None, 0o755),
+                                    ("owned/a/d", "dir", None, 0o777)],
+                                   [("owned/.wh..wh..opq", "file", b"", 0o644), ("owned/a", "symlink", host, 0o777)]])
+
+    def test_relative_symlinked_parent_replaced_by_host_symlink(self):
+        # owned-l -> real inside the image, owned-l/d recorded through it; then real -> HOST.
+        self.extract(lambda host: [[("real", "dir", None, 0o755), ("owned-l", "symlink", "real", 0o777),
+                                    ("owned-l/d", "dir", None, 0o777)],
+                                   [("real", "symlink", host, 0o777)]])
+
+    def test_directory_itself_replaced_by_host_symlink(self):
+        # owned/ (0777, 1234:5678, an mtime) replaced in the next layer by owned -> HOST/d.
+        def expect(host, entries):
+            self.assertEqual(entries["owned"]["target"], os.path.join(host, "d"))
+        self.extract(lambda host: [[("owned", "dir", None, 0o777), ("owned/f", "file", b"in image", 0o644)],
+                                   [("owned", "symlink", os.path.join(host, "d"), 0o777)]], expect)
+
+    def test_host_symlink_then_entries_below_it(self):
+        # owned -> HOST, then owned/secret and owned/d: resolved inside the root, as a chroot would.
+        # HOST's components are directories of the image too: one made implicitly would get the
+        # time of extraction, which differs between registry_pull and umoci.
+        def layers(host):
+            parts = host.strip("/").split("/")
+            inner = [("/".join(parts[:i]), "dir", None, 0o755) for i in range(1, len(parts) + 1)]
+            return [inner + [("owned", "dir", None, 0o777)], [("owned", "symlink", host, 0o777)],
+                    [("owned/secret", "file", b"image bytes", 0o6777), ("owned/d", "dir", None, 0o777)]]
+
+        def expect(host, entries):
+            self.assertEqual(entries[host.strip("/") + "/secret"]["mode"], "6777")
+            self.assertEqual(entries["owned"]["target"], host)
+        self.extract(layers, expect)
+
+    def test_opaque_whiteout_after_its_directory_entry(self):
+        # What buildah's overlay driver (and Docker's overlay2) write for `rm -rf /x && mkdir /x`:
+        # x/ first, then x/.wh..wh..opq, then the new children. x/sub/s (0700) is hidden with x/old.
+        def expect(host, entries):
+            self.assertEqual(sorted(p for p in entries if p.startswith("x/")), ["x/new"])
+            self.assertEqual(entries["x"]["mode"], "0750")
+        self.extract(lambda host: [[("x", "dir", None, 0o755), ("x/old", "file", b"o", 0o644),
+                                    ("x/sub", "dir", None, 0o711), ("x/sub/s", "dir", None, 0o700),
+                                    ("x/sub/s/f", "file", b"s", 0o644)],
+                                   [("x", "dir", None, 0o750), ("x/.wh..wh..opq", "file", b"", 0o644),
+                                    ("x/new", "file", b"n", 0o644)]], expect)
 
 
 # --------------------------------------------------------------------------- faults, interruptions, concurrency
