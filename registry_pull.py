@@ -187,9 +187,12 @@ class NotFound(PullError):
 
 
 class NoMatchingPlatform(NotFound):
-    def __init__(self, reference, wanted, available):
+    """No image of the reference runs on the wanted platform (exit 4); ``available`` lists what it has."""
+
+    def __init__(self, reference, wanted, available, hint=""):
         have = ", ".join(available) if available else "none"
-        super().__init__("%s has no image for %s (it has: %s)" % (reference, wanted, have))
+        super().__init__("%s has no image for %s (it has: %s)%s" % (reference, wanted, have,
+                                                                     "; " + hint if hint else ""))
         self.wanted, self.available = wanted, list(available)
 
 
@@ -255,7 +258,7 @@ _PATH_RE = re.compile(r"^%s(?:/%s)*$" % (_COMPONENT, _COMPONENT))
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HOST_RE = re.compile(
     r"^(?:(?P<name>[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)"
-    r"|\[(?P<ip6>[0-9A-Fa-f:.]+)\])(?::(?P<port>[0-9]+))?$"
+    r"|\[(?P<ip6>[0-9A-Fa-f:]+)\])(?::(?P<port>[0-9]+))?$"
 )
 _DIGEST_RE = re.compile(r"^(?P<algo>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)$")
 _DIGEST_HEX = {"sha256": 64, "sha512": 128}
@@ -325,6 +328,8 @@ def parse_reference(text):
         raise bad("empty")
     if text != text.strip() or any(c.isspace() for c in text):
         raise bad("contains white space")
+    if re.fullmatch(r"[a-f0-9]{64}", text):
+        raise bad("it is ambiguous: 64 hex digits look like an image ID, not a name (write NAME@sha256:%s)" % text)
     rest, digest = text, None
     if "@" in rest:
         rest, digest = rest.split("@", 1)
@@ -341,7 +346,10 @@ def parse_reference(text):
             raise bad("tag %r must match [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}" % tag[:200])
     parts = rest.split("/")
     registry = _DOCKER_HUB
-    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+    # distribution/reference: the first component is a host when it has a dot, a port, any
+    # upper-case letter, or is localhost.
+    first = parts[0]
+    if len(parts) > 1 and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
         registry = parts[0]
         parts = parts[1:]
         m = _HOST_RE.fullmatch(registry)
@@ -355,8 +363,7 @@ def parse_reference(text):
                 ipaddress.IPv6Address(m.group("ip6"))
             except ValueError:
                 raise bad("%r is not an IPv6 address" % m.group("ip6")) from None
-        registry = registry.lower()
-        if registry == "index.docker.io":
+        if registry == "index.docker.io":  # kept as typed otherwise, as distribution/reference does
             registry = _DOCKER_HUB
     path = "/".join(parts)
     if not path:
@@ -367,8 +374,8 @@ def parse_reference(text):
         raise bad("repository name %r has characters outside [a-z0-9._-/]" % path[:200])
     if registry == _DOCKER_HUB and "/" not in path:
         path = "library/" + path
-    if len(registry) + 1 + len(path) > 255:
-        raise bad("name is longer than 255 characters")
+    if len(path) > 255:  # the repository path, not the host (distribution/reference, 2024)
+        raise bad("repository name is longer than 255 characters")
     if tag is None and digest is None:
         tag = "latest"
     return Reference(registry, path, tag, digest)
@@ -376,19 +383,93 @@ def parse_reference(text):
 
 @dataclasses.dataclass(frozen=True)
 class Platform:
+    """An OCI platform; ``os_version``/``os_features`` matter for Windows images."""
+
     os: str
     architecture: str
     variant: str = ""
+    os_version: str = ""
+    os_features: Tuple[str, ...] = ()
 
     def normalized(self):
         # type: () -> Platform
-        # containerd: arm64 == arm64/v8, arm == arm/v7, amd64 == amd64/v1.
-        default = {"arm64": "v8", "arm": "v7", "amd64": "v1"}.get(self.architecture, "")
-        return Platform(self.os, self.architecture, self.variant or default)
+        """containerd's normal form: aliases mapped, lower case, the implied variant written
+        out (arm64 = arm64/v8, arm = arm/v7, amd64 = amd64/v1), so equal means equal."""
+        os_, arch, variant = _normalize_platform(self.os, self.architecture, self.variant)
+        variant = variant or {"arm64": "v8", "arm": "v7", "amd64": "v1"}.get(arch, "")
+        return dataclasses.replace(self, os=os_, architecture=arch, variant=variant)
 
     def __str__(self):
         s = "%s/%s" % (self.os, self.architecture)
-        return s + "/" + self.variant if self.variant else s
+        s = s + "/" + self.variant if self.variant else s
+        return s + ":" + self.os_version if self.os_version else s
+
+
+def _normalize_platform(os_, arch, variant):
+    # type: (str, str, str) -> Tuple[str, str, str]
+    """Aliases and case as containerd normalises them (platforms/database.go)."""
+    os_, arch, variant = os_.lower(), arch.lower(), variant.lower()
+    if os_ == "macos":
+        os_ = "darwin"
+    if arch == "i386":
+        return os_, "386", ""
+    if arch in ("x86_64", "x86-64", "amd64"):
+        return os_, "amd64", "" if variant == "v1" else variant
+    if arch in ("aarch64", "arm64"):
+        variant = {"8": "", "v8": "", "v8.0": "", "9": "v9", "9.0": "v9", "v9.0": "v9"}.get(variant, variant)
+        return os_, "arm64", variant
+    if arch == "armhf":
+        return os_, "arm", "v7"
+    if arch == "armel":
+        return os_, "arm", "v6"
+    if arch == "arm":
+        return os_, "arm", {"": "v7", "7": "v7", "5": "v5", "6": "v6", "8": "v8"}.get(variant, variant)
+    return os_, arch, variant
+
+
+# What a host can run, best first: containerd's platform vector (platforms/compare.go), which
+# `docker pull` ranks an index by.  An exact match is always first; then, per architecture:
+#   amd64/vN  -> amd64/vN-1 ... amd64/v1, then 386
+#   arm/vN    -> arm/vN-1 ... arm/v5 (v5 is the floor)
+#   arm64/v8.m -> arm64/v8.m-1 ... arm64/v8, then arm/v8 ... arm/v5
+#   arm64/v9.m -> arm64/v9.m-1 ... arm64/v9, arm64/v8.min(m+5, 9) ... arm64/v8, then arm/v8 ... arm/v5
+#                 (a bare arm64/v9 then also takes arm/v9, as containerd's vector does)
+# Every other architecture runs only itself.
+def _platform_vector(arch, variant):
+    # type: (str, str) -> List[Tuple[str, str]]
+    m = re.fullmatch(r"v(\d+)(?:\.(\d+))?", variant)
+    if arch == "amd64" and m and not m.group(2):
+        return [("amd64", "v%d" % n) for n in range(int(m.group(1)), 0, -1)] + [("386", "")]
+    if arch == "arm" and m and not m.group(2):
+        return [("arm", "v%d" % n) for n in range(int(m.group(1)), 4, -1)] or [("arm", variant)]
+    if arch == "arm64" and m and int(m.group(1)) in (8, 9):
+        major, minor = int(m.group(1)), int(m.group(2) or 0)
+        out = [("arm64", "v%d.%d" % (major, n) if n else "v%d" % major) for n in range(minor, -1, -1)]
+        if major == 9:
+            out += [("arm64", "v8.%d" % n if n else "v8") for n in range(min(minor + 5, 9), -1, -1)]
+        arm_top = 9 if (major, m.group(2)) == (9, None) else 8
+        return out + [("arm", "v%d" % n) for n in range(arm_top, 4, -1)]
+    return [(arch, variant)]
+
+
+def _windows_build(version):
+    # type: (str) -> Optional[int]
+    parts = version.split(".")
+    return int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
+
+
+def _os_version_matches(want, have):
+    # type: (str, str) -> bool
+    """containerd's rule: no version wanted or none given matches; Windows builds before
+    20348 must be equal, from 20348 on any build from 20348 up to the wanted one runs."""
+    if not want or not have:
+        return True
+    w, h = _windows_build(want), _windows_build(have)
+    if w is None or h is None:
+        return want == have
+    if w < 20348:
+        return w == h
+    return 20348 <= h <= w
 
 
 _MACHINE_ARCH = {
@@ -420,13 +501,48 @@ def host_platform():
     return Platform("linux", arch, variant)
 
 
+_KNOWN_OS = ("aix", "android", "darwin", "dragonfly", "freebsd", "illumos", "ios", "js", "linux", "netbsd",
+             "openbsd", "plan9", "solaris", "wasip1", "windows", "zos")
+_KNOWN_ARCH = ("386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mips64le", "mipsle", "ppc64",
+               "ppc64le", "riscv64", "s390x", "sparc64", "wasm")
+
+
 def parse_platform(text):
     # type: (str) -> Platform
-    """``os/arch[/variant]`` as Docker's --platform takes it."""
-    parts = text.split("/") if isinstance(text, str) else []
-    if not 2 <= len(parts) <= 3 or not all(re.fullmatch(r"[a-z0-9_.-]+", p or "") for p in parts):
-        raise UsageError("invalid platform %r: expected OS/ARCH[/VARIANT], e.g. linux/arm64" % (text,))
-    return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+    """A --platform as containerd and Docker read it: ``OS/ARCH[/VARIANT]``, a bare ``ARCH``
+    (linux) or ``OS`` (this machine's architecture), ``OS(VERSION)/ARCH`` (containerd) or
+    ``OS/ARCH[/VARIANT]:VERSION`` (crane); aliases and case normalised (x86_64, aarch64, armhf...)."""
+    def bad():
+        return UsageError("invalid platform %r: expected OS/ARCH[/VARIANT] (e.g. linux/arm64, linux/arm/v7), a bare "
+                          "ARCH, or windows(10.0.17763)/amd64" % (_printable(text, 100),))
+
+    if not isinstance(text, str):
+        raise bad()
+    spec, version, features = text, "", ()  # type: str, str, Tuple[str, ...]
+    m = re.fullmatch(r"([^:]+/[^:]+):([A-Za-z0-9_.-]+)", text)
+    if m:
+        spec, version = m.group(1), m.group(2)
+    parts = spec.split("/")
+    m = re.fullmatch(r"([A-Za-z0-9_-]+)(?:\(([A-Za-z0-9_.%+-]*)\))?", parts[0])
+    if len(parts) > 3 or not m or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", p) for p in parts[1:]):
+        raise bad()
+    if m.group(2):
+        inner = urllib.parse.unquote(m.group(2)).split("+")
+        version, features = version or inner[0], tuple(f for f in inner[1:] if f)
+    first = m.group(1).lower()
+    if len(parts) == 1:
+        if first in _KNOWN_OS or first == "macos":
+            host = host_platform()
+            os_, arch, variant = _normalize_platform(first, host.architecture, host.variant)
+        else:
+            os_, arch, variant = _normalize_platform("linux", first, "")
+            if arch not in _KNOWN_ARCH or m.group(2) is not None:
+                raise bad()
+    else:
+        os_, arch, variant = _normalize_platform(first, parts[1], parts[2] if len(parts) == 3 else "")
+        if len(parts) == 3 and arch == "arm64" and not variant:
+            variant = "v8"  # as written
+    return Platform(os_, arch, variant, version, features)
 
 
 def _is_loopback(host):
@@ -1244,7 +1360,9 @@ class Descriptor:
         plat = None
         p = obj.get("platform")
         if isinstance(p, dict):
-            plat = Platform(str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant") or ""))
+            feats = p.get("os.features") if isinstance(p.get("os.features"), list) else []
+            plat = Platform(str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant") or ""),
+                            str(p.get("os.version") or ""), tuple(str(f) for f in feats))
         ann = obj.get("annotations") if isinstance(obj.get("annotations"), dict) else None
         return cls(mt, digest, size, plat, ann)
 
@@ -1284,31 +1402,57 @@ def _verify_bytes(what, data, digest):
 
 def select_platform(index, want, reference):
     # type: (List[Descriptor], Platform, str) -> Descriptor
-    """The index entry for ``want`` with containerd's normalisation, skipping attestations."""
+    """The index entry this platform runs best, as containerd and `docker pull` choose.
+
+    Both sides are normalised once; candidates are ranked by _platform_vector (an exact match
+    first, then what the host can also run, the closest first; ties keep the index order);
+    attestation manifests are never candidates; an entry without a platform is taken only
+    when nothing with a platform matches.
+    """
+    return _choose_platform(index, want, reference)[0]
+
+
+def _choose_platform(index, want, reference):
+    # type: (List[Descriptor], Platform, str) -> Tuple[Descriptor, str]
+    """select_platform, and why: "exact", "compatible (...)" or "no platform given"."""
     want = want.normalized()
-    candidates = []
+    vector = _platform_vector(want.architecture, want.variant)
+    best = None  # type: Optional[Tuple[int, int, Descriptor]]
+    unplatformed = None  # type: Optional[Descriptor]
     available = []
-    for d in index:
+    for i, d in enumerate(index):
         if d.annotations and d.annotations.get(_ANNOTATION_REF_TYPE) == "attestation-manifest":
             continue
-        if d.platform is None or d.platform.os in ("", "unknown") or d.platform.architecture in ("", "unknown"):
+        if d.platform is None:
+            unplatformed = unplatformed or d
+            continue
+        if d.platform.os in ("", "unknown") or d.platform.architecture in ("", "unknown"):
             continue
         available.append(str(d.platform))
-        candidates.append(d)
-    # Exact (normalised) match first; then, as containerd does, older variants the host can run.
-    order = [want.variant]
-    if want.architecture == "arm" and want.variant.startswith("v") and want.variant[1:].isdigit():
-        order += ["v%d" % v for v in range(int(want.variant[1:]) - 1, 4, -1)]
-    elif want.architecture == "amd64" and want.variant.startswith("v") and want.variant[1:].isdigit():
-        order += ["v%d" % v for v in range(int(want.variant[1:]) - 1, 0, -1)]
-    for variant in order:
-        for d in candidates:
-            p = d.platform.normalized()  # type: ignore[union-attr]
-            if p.os == want.os and p.architecture == want.architecture and p.variant == variant:
-                if d.media_type not in MANIFEST_TYPES + INDEX_TYPES:
-                    raise UnsupportedError("%s: the %s entry has media type %s" % (reference, want, d.media_type))
-                return d
-    raise NoMatchingPlatform(reference, str(want), sorted(set(available)))
+        p = d.platform.normalized()
+        if p.os != want.os or not _os_version_matches(want.os_version, p.os_version):
+            continue
+        if (p.architecture, p.variant) in vector:
+            rank = vector.index((p.architecture, p.variant))
+            if best is None or rank < best[0]:
+                best = (rank, i, d)
+    if best is not None:
+        chosen, how = best[2], "exact" if best[0] == 0 else "compatible (%s runs on %s)" % (best[2].platform, want)
+    elif unplatformed is not None:
+        chosen, how = unplatformed, "no platform given"
+    else:
+        raise NoMatchingPlatform(reference, str(want), sorted(set(available)))
+    if chosen.media_type not in MANIFEST_TYPES + INDEX_TYPES:
+        raise UnsupportedError("%s: the %s entry has media type %s" % (reference, want, chosen.media_type))
+    return chosen, how
+
+
+def _runs_on(have, want):
+    # type: (Platform, Platform) -> bool
+    """Can a host of platform ``want`` run an image whose config says ``have``?"""
+    have, want = have.normalized(), want.normalized()
+    return have.os == want.os and (have.architecture, have.variant) in \
+        _platform_vector(want.architecture, want.variant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2068,9 +2212,13 @@ class _DirLock:
 
 def _layout_entry(media_type, digest, size, platform, name):
     # type: (str, str, int, Platform, str) -> dict
-    plat = {"os": platform.os, "architecture": platform.architecture}
+    plat = {"os": platform.os, "architecture": platform.architecture}  # type: Dict[str, Any]
     if platform.variant:
         plat["variant"] = platform.variant
+    if platform.os_version:
+        plat["os.version"] = platform.os_version
+    if platform.os_features:
+        plat["os.features"] = list(platform.os_features)
     return {"mediaType": media_type, "digest": digest, "size": size, "platform": plat,
             "annotations": {_REF_NAME: name}}
 
@@ -2127,8 +2275,10 @@ def _write_store_index(store):
                     size = os.stat(store.path(digest)).st_size
                 except (OSError, PullError):
                     continue  # a blob removed by hand: leave the image out rather than lie
-                parts = ((plat or "") + "//").split("/")  # as recorded: os/arch[/variant]
-                manifests.append(_layout_entry(media_type, digest, size, Platform(*parts[:3]), reference))
+                spec, _, version = (plat or "").partition(":")  # as recorded: os/arch[/variant][:os.version]
+                parts = (spec + "//").split("/")
+                manifests.append(_layout_entry(media_type, digest, size, Platform(*parts[:3], os_version=version),
+                                               reference))
             _write_layout(store.home, {"manifests": manifests})
     except OSError as e:
         raise StorageError("cannot write %s: %s" % (os.path.join(store.home, "index.json"), e.strerror or e)) \
@@ -2957,6 +3107,7 @@ class PullResult:
     downloaded_bytes: int = 0
     recorded: bool = True
     outputs: Tuple[Tuple[str, str], ...] = ()
+    platform_match: str = ""  # "exact", "compatible (...)", "no platform given", "pinned by digest (...)"
 
     @property
     def manifest_path(self):
@@ -2983,6 +3134,12 @@ class PullResult:
             "manifest_media_type": self.manifest_media_type,
             "index_digest": self.index_digest,
             "platform": str(self.platform),
+            "platform_details": dict(
+                [("os", self.platform.os), ("architecture", self.platform.architecture)]
+                + ([("variant", self.platform.variant)] if self.platform.variant else [])
+                + ([("os.version", self.platform.os_version)] if self.platform.os_version else [])
+                + ([("os.features", list(self.platform.os_features))] if self.platform.os_features else [])),
+            "platform_match": self.platform_match,
             "config_digest": self.config.digest,
             "config_path": self.config.path,
             "size": self.size,
@@ -3183,6 +3340,7 @@ class _Puller:
         ref = self.ref
         seen = set()  # type: set
         index_digest = index = None
+        platform_match = ""
         digest, data, manifest = self._manifest(ref.ref, seen)
         depth = 0
         while manifest.is_index:
@@ -3191,7 +3349,10 @@ class _Puller:
                 raise IntegrityError("%s: indexes nested more than 4 deep" % ref)
             if index is None:
                 index_digest, index = digest, manifest
-            chosen = select_platform(list(manifest.manifests), self.want, str(ref))
+            chosen, how = _choose_platform(list(manifest.manifests), self.want, str(ref))
+            if how != "exact":
+                log.info("%s: chose the %s entry %s: %s", ref, chosen.platform or "platform-less", chosen.digest, how)
+            platform_match = platform_match or how
             digest, data, manifest = self._manifest(chosen.digest, seen)
         config, layers = manifest.config, list(manifest.layers)
         assert config is not None
@@ -3212,16 +3373,25 @@ class _Puller:
         if isinstance(diff_ids, list) and len(diff_ids) != len(layers):
             raise IntegrityError("%s: the manifest has %d layers but the config lists %d diff_ids"
                                  % (ref, len(layers), len(diff_ids)))
+        feats = config_doc.get("os.features") if isinstance(config_doc.get("os.features"), list) else []
         plat = Platform(str(config_doc.get("os") or self.want.os), str(config_doc.get("architecture") or ""),
-                        str(config_doc.get("variant") or ""))
-        if index is None and (plat.os, plat.architecture) != (self.want.os, self.want.architecture):
-            # A reference straight to a manifest is pulled as it is, as docker does, but said.
-            log.warning("%s is an image for %s, not %s", ref, plat, self.want)
+                        str(config_doc.get("variant") or ""), str(config_doc.get("os.version") or ""),
+                        tuple(str(f) for f in feats))
+        if index is None and plat.architecture:
+            if _runs_on(plat, self.want):
+                platform_match = "exact" if plat.normalized() == self.want.normalized() else \
+                    "compatible (%s runs on %s)" % (plat, self.want)
+            elif ref.digest:  # pinned by digest: taken as it is, but said
+                log.warning("%s is an image for %s, not %s", ref, plat, self.want)
+                platform_match = "pinned by digest (%s does not run on %s)" % (plat, self.want)
+            else:  # as docker: the image "does not match the specified platform"
+                raise NoMatchingPlatform(str(ref), str(self.want), [str(plat)],
+                                         hint="pull it by digest (%s@%s) to take it anyway" % (ref.name, digest))
         result = PullResult(
             reference=str(ref), manifest_digest=digest, manifest_media_type=manifest.media_type,
             index_digest=index_digest, index_media_type=index.media_type if index else None, platform=plat,
             config=mk(config), layers=tuple(mk(d) for d in layers), home=self.store.home,
-            manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes,
+            manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes, platform_match=platform_match,
         )
         recorded = self.store.touch(str(ref), digest) or \
             self.store.record(result, index.doc if index else None, manifest.doc, config_doc)

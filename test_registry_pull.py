@@ -439,7 +439,7 @@ class ReferenceTests(unittest.TestCase):
         ("localhost:5000/a/b/c:tag", ("localhost:5000", "a/b/c", "tag", None)),
         ("127.0.0.1:5000/x", ("127.0.0.1:5000", "x", "latest", None)),
         ("[::1]:5000/x:y", ("[::1]:5000", "x", "y", None)),
-        ("Registry.Example.COM/a", ("registry.example.com", "a", "latest", None)),
+        ("Registry.Example.COM/a", ("Registry.Example.COM", "a", "latest", None)),
         ("quay.io/a_b/c__d/e-f--g.h:T_1.x", ("quay.io", "a_b/c__d/e-f--g.h", "T_1.x", None)),
         ("alpine@sha256:" + "a" * 64, ("docker.io", "library/alpine", None, "sha256:" + "a" * 64)),
         ("r.io/a:t@sha256:" + "b" * 64, ("r.io", "a", "t", "sha256:" + "b" * 64)),
@@ -469,7 +469,7 @@ class ReferenceTests(unittest.TestCase):
         ("alpine@sha256:../../x", "digest"),
         ("alpine@md5:" + "a" * 32, "algorithm"),
         ("alpine@", "digest"),
-        ("r.io/" + "a" * 255, "255"),
+        ("r.io/" + "a" * 256, "255"),
         ("r.io/", "no repository"),
     ]
 
@@ -539,10 +539,572 @@ class PlatformTests(unittest.TestCase):
         self.assertNotIn(p.architecture, ("x86_64", "aarch64"))
 
     def test_parse_platform_errors(self):
-        for bad in ("linux", "linux/", "a/b/c/d", "Linux/AMD64", ""):
+        for bad in ("linux/", "a/b/c/d", "linux//arm", "foo", ""):
             with self.subTest(case=bad):
                 with self.assertRaises(rp.UsageError):
                     rp.parse_platform(bad)
+
+
+# --------------------------------------------------------------------------- platforms and references as upstream reads them
+# Tables transcribed (in our own words) from the upstream test files each names (issue 11).
+# Test tables for registry_pull platform and reference parsing (issue 11).
+#
+# Written for this project from the behaviour of the upstream Go code (the facts
+# carry over; no upstream code is copied).  Every row names its origin:
+#
+#   containerd/platforms  platforms.go (Parse), database.go (normalizeArch/OS),
+#                         compare.go (Only/platformVector/Ordered), compare_test.go,
+#                         platforms_test.go, platform_windows_compat.go,
+#                         defaults_windows_test.go
+#   distribution/reference  reference.go (Parse), normalize.go (ParseNormalizedNamed,
+#                         splitDockerDomain), regexp.go, reference_test.go,
+#                         normalize_test.go, regexp_test.go
+#
+# "derived" means the row is not an upstream test case but follows directly from
+# reading the named upstream function; keep them, they pin down edge cases.
+#
+# Conventions
+# -----------
+# Platforms are (os, architecture, variant, os_version) with "" for absent fields.
+#
+# PLATFORM_PARSE expected values are what containerd's Parse() returns *literally*
+# (so "linux/arm64" -> variant "" and "linux/arm64/v8" -> variant "v8").  Compare
+# through canonical() (fills containerd's implicit default variants) rather than
+# literally: registry_pull's Platform.normalized() fills arm64->v8, arm->v7,
+# amd64->v1 in the same way.
+#
+# HOST_ARCH / HOST_VARIANT are placeholders for the host: containerd uses GOOS /
+# GOARCH of the running binary (and, for 32-bit arm only, the CPU variant).  A
+# bare architecture ("arm64") gets the host OS; for registry_pull, which only ever
+# runs linux images, that is "linux".  Substitute with substitute_host().
+#
+# Reference rows are in registry_pull's terms: (registry, repository, tag, digest)
+# as Reference(...) would hold them after Docker-style normalisation (docker.io,
+# library/ prefix for single-component Hub names, tag "latest" only when there is
+# neither tag nor digest; a tag given together with a digest is kept).  Upstream
+# keeps the registry's case exactly as typed ("Foo", "Asdf.com"); registry_pull
+# lowercases hosts, so compare the registry case-insensitively.
+
+
+HOST_OS = "linux"          # registry_pull's host_platform() always says linux
+HOST_ARCH = "{host_arch}"
+HOST_VARIANT = "{host_variant}"
+
+_DEFAULT_VARIANT = {"arm64": "v8", "arm": "v7", "amd64": "v1"}
+
+
+def canonical(p):
+    """containerd-equivalent form: fill the implicit default variant."""
+    if p is None:
+        return None
+    os_, arch, variant, osver = p
+    return (os_, arch, variant or _DEFAULT_VARIANT.get(arch, ""), osver)
+
+
+def substitute_host(p, host_arch, host_variant=""):
+    """Replace the HOST_* placeholders in an expected platform tuple."""
+    if p is None:
+        return None
+    return tuple(host_arch if f == HOST_ARCH else host_variant if f == HOST_VARIANT else f for f in p)
+
+
+# --------------------------------------------------------------------------- platform parsing
+# (input, (os, arch, variant, os_version) | None)   None = Parse returns an error.
+# Behaviour of containerd/platforms as of v1.0.0-rc (2025/26): dotted variants such as
+# "v8.2" parse; "windows(...)" carries os.version (added by containerd/platforms PR #6,
+# Feb 2024, first released in containerd/platforms v0.2.0 -- not in containerd 1.7's
+# in-tree platforms package).
+PLATFORM_PARSE = [
+    # platforms_test.go TestParseSelector
+    ("linux/arm64", ("linux", "arm64", "", "")),
+    ("linux/arm64/v8", ("linux", "arm64", "v8", "")),
+    ("linux/arm", ("linux", "arm", "", "")),            # v7 is implied and left out
+    ("linux/arm/v6", ("linux", "arm", "v6", "")),
+    ("linux/arm/v7", ("linux", "arm", "v7", "")),
+    ("arm", (HOST_OS, "arm", "", "")),                 # bare arch -> host OS
+    ("armel", (HOST_OS, "arm", "v6", "")),
+    ("armhf", (HOST_OS, "arm", "", "")),
+    ("Aarch64", (HOST_OS, "arm64", "", "")),            # case-insensitive alias
+    ("x86_64", (HOST_OS, "amd64", "", "")),
+    ("Linux/x86_64", ("linux", "amd64", "", "")),       # OS lower-cased too
+    ("i386", (HOST_OS, "386", "", "")),
+    ("linux", ("linux", HOST_ARCH, HOST_VARIANT, "")),  # bare OS -> host arch
+    ("s390x", (HOST_OS, "s390x", "", "")),
+    ("linux/s390x", ("linux", "s390x", "", "")),
+    ("macOS", ("darwin", HOST_ARCH, HOST_VARIANT, "")),  # macos -> darwin
+    ("windows", ("windows", HOST_ARCH, HOST_VARIANT, "")),
+    ("windows()", ("windows", HOST_ARCH, HOST_VARIANT, "")),
+    ("windows(10.0.17763)", ("windows", HOST_ARCH, HOST_VARIANT, "10.0.17763")),
+    ("windows(10.0.17763)/amd64", ("windows", "amd64", "", "10.0.17763")),
+    ("macos(Abcd.Efgh.123-4)/aarch64", ("darwin", "arm64", "", "Abcd.Efgh.123-4")),
+    # compare_test.go (every candidate string there must parse)
+    ("linux/amd64", ("linux", "amd64", "", "")),
+    ("linux/386", ("linux", "386", "", "")),
+    ("linux/amd64/v2", ("linux", "amd64", "v2", "")),
+    ("linux/arm/v5", ("linux", "arm", "v5", "")),
+    ("linux/arm/v4", ("linux", "arm", "v4", "")),
+    ("linux/arm/v8", ("linux", "arm", "v8", "")),
+    ("linux/arm64/v8.1", ("linux", "arm64", "v8.1", "")),
+    ("linux/arm64/v9", ("linux", "arm64", "v9", "")),
+    ("linux/arm64/v9.0", ("linux", "arm64", "v9", "")),  # v9.0 == v9
+    ("windows/amd64", ("windows", "amd64", "", "")),
+    # derived: database.go normalizeArch + Parse's 3-part arm64 rule
+    ("linux/amd64/v1", ("linux", "amd64", "", "")),      # v1 is the default, dropped
+    ("linux/x86-64", ("linux", "amd64", "", "")),
+    ("linux/aarch64", ("linux", "arm64", "", "")),
+    ("linux/aarch64/v8", ("linux", "arm64", "v8", "")),
+    ("linux/arm64/8", ("linux", "arm64", "v8", "")),
+    ("linux/arm64/v8.0", ("linux", "arm64", "v8", "")),
+    ("linux/arm64/9", ("linux", "arm64", "v9", "")),
+    ("linux/arm/7", ("linux", "arm", "v7", "")),
+    ("linux/arm/6", ("linux", "arm", "v6", "")),
+    ("linux/armhf", ("linux", "arm", "", "")),
+    ("linux/armel", ("linux", "arm", "v6", "")),
+    ("linux/i386", ("linux", "386", "", "")),
+    ("LINUX/ARM64/V8", ("linux", "arm64", "v8", "")),
+    ("arm64", (HOST_OS, "arm64", "", "")),
+    ("amd64", (HOST_OS, "amd64", "", "")),
+    ("linux/foo", ("linux", "foo", "", "")),             # 2 parts: arch not checked
+    # platforms_test.go TestParseSelectorInvalid
+    ("", None),
+    ("/linux/arm", None),
+    ("linux/arm/", None),
+    ("linux /arm", None),
+    ("linux/&arm", None),
+    ("linux/arm/foo/bar", None),                       # max 3 components
+    ("amd64/windows(10.0.17763)/foo", None),           # (...) only on the OS part
+    ("linux)()---()..../arm/foo", None),
+    ("../arm/foo", None),
+    # derived: platforms.go Parse
+    ("*", None),                                       # wildcards refused
+    ("linux/*", None),
+    ("foo", None),                                     # single unknown word
+    ("linux//arm", None),
+    ("windows/amd64:10.0.17763", None),                # go-containerregistry/crane/oras syntax,
+                                                       # NOT containerd's (':' is not a specifier char)
+]
+
+
+# --------------------------------------------------------------------------- platform matching
+# (wanted, candidate, matches) with containerd's Only(Parse(wanted)).Match(candidate)
+# -- the matcher `docker pull --platform` uses (moby filterManifests).  Candidates
+# are raw manifest platforms (os, architecture, variant, os.version).
+PLATFORM_MATCH = [
+    # compare_test.go TestOnly
+    ("linux/amd64", ("linux", "amd64", "", ""), True),
+    ("linux/amd64", ("linux", "386", "", ""), True),          # amd64 also runs 386
+    ("linux/amd64", ("linux", "amd64", "v2", ""), False),     # no upward match
+    ("linux/amd64", ("linux", "arm", "v7", ""), False),
+    ("linux/amd64", ("linux", "arm64", "", ""), False),
+    ("linux/amd64", ("windows", "amd64", "", ""), False),
+    ("linux/amd64/v2", ("linux", "amd64", "", ""), True),
+    ("linux/amd64/v2", ("linux", "amd64", "v1", ""), True),
+    ("linux/amd64/v2", ("linux", "386", "", ""), True),
+    ("linux/amd64/v2", ("linux", "amd64", "v3", ""), False),
+    ("linux/386", ("linux", "386", "", ""), True),
+    ("linux/386", ("linux", "amd64", "", ""), False),
+    ("windows/amd64", ("windows", "amd64", "", ""), True),
+    ("windows/amd64", ("windows", "amd64", "", "10.0.17763"), True),  # no version wanted: any
+    ("windows/amd64", ("linux", "amd64", "", ""), False),
+    ("linux/arm/v8", ("linux", "arm", "", ""), True),
+    ("linux/arm/v8", ("linux", "arm", "v5", ""), True),
+    ("linux/arm/v8", ("linux", "arm", "v4", ""), False),       # v5 is the floor
+    ("linux/arm/v8", ("linux", "arm64", "", ""), False),
+    ("linux/arm/v7", ("linux", "arm", "", ""), True),
+    ("linux/arm/v7", ("linux", "arm", "v6", ""), True),
+    ("linux/arm/v7", ("linux", "arm", "v5", ""), True),
+    ("linux/arm/v7", ("linux", "arm", "v8", ""), False),
+    ("linux/arm/v6", ("linux", "arm", "v5", ""), True),
+    ("linux/arm/v6", ("linux", "arm", "", ""), False),         # "" means v7
+    ("linux/arm/v5", ("linux", "arm", "v6", ""), False),
+    ("linux/arm/v4", ("linux", "arm", "v4", ""), True),
+    ("linux/arm/v4", ("linux", "arm", "v5", ""), False),
+    ("linux/arm64", ("linux", "arm64", "", ""), True),
+    ("linux/arm64", ("linux", "arm64", "v8", ""), True),
+    ("linux/arm64", ("linux", "arm", "v8", ""), True),         # 64-bit host runs 32-bit arm
+    ("linux/arm64", ("linux", "arm", "", ""), True),
+    ("linux/arm64", ("linux", "arm", "v7", ""), True),
+    ("linux/arm64", ("linux", "arm", "v6", ""), True),
+    ("linux/arm64", ("linux", "arm", "v5", ""), True),
+    ("linux/arm64", ("linux", "arm", "v4", ""), False),
+    ("linux/arm64", ("linux", "arm", "v9", ""), False),
+    ("linux/arm64", ("linux", "arm64", "v7", ""), False),
+    ("linux/arm64", ("linux", "arm64", "v9", ""), False),
+    ("linux/arm64", ("linux", "amd64", "", ""), False),
+    ("linux/arm64", ("windows", "arm64", "", ""), False),
+    ("linux/arm64/v8.1", ("linux", "arm64", "", ""), True),
+    ("linux/arm64/v8.1", ("linux", "arm64", "v8.1", ""), True),
+    ("linux/arm64/v8.1", ("linux", "arm", "v7", ""), True),
+    ("linux/arm64/v8.1", ("linux", "arm64", "v9", ""), False),
+    ("linux/arm64/v9", ("linux", "arm64", "v8.5", ""), True),   # v9.0 ~ v8.5
+    ("linux/arm64/v9", ("linux", "arm64", "v8.1", ""), True),
+    ("linux/arm64/v9", ("linux", "arm64", "v8", ""), True),
+    ("linux/arm64/v9", ("linux", "arm64", "v9.0", ""), True),
+    ("linux/arm64/v9", ("linux", "arm", "v5", ""), True),
+    ("linux/arm64/v9", ("linux", "arm64", "v8.6", ""), False),
+    ("linux/arm64/v9", ("linux", "arm64", "v10", ""), False),
+    ("linux/arm64/v9", ("linux", "arm", "v4", ""), False),
+    # derived: compare.go platformVector / database.go normalizeArch
+    ("linux/amd64", ("linux", "amd64", "v1", ""), True),       # v1 == no variant
+    ("linux/amd64", ("linux", "x86_64", "", ""), True),        # candidates are normalised too
+    ("linux/arm64", ("linux", "aarch64", "", ""), True),
+    ("linux/arm64", ("linux", "arm64", "v8.0", ""), True),
+    ("linux/arm64", ("linux", "arm64", "v8.1", ""), False),    # plain arm64 host = exactly v8
+    ("linux/arm/v7", ("linux", "armhf", "", ""), True),
+    ("linux/arm/v7", ("linux", "armel", "", ""), True),        # armel == arm/v6
+    ("linux/arm/v7", ("linux", "arm64", "", ""), False),
+    ("linux/amd64/v3", ("linux", "amd64", "v2", ""), True),
+    ("linux/amd64/v3", ("linux", "amd64", "v4", ""), False),
+    ("linux/arm64/v8.2", ("linux", "arm64", "v8.3", ""), False),
+    ("linux/arm64/v9.2", ("linux", "arm64", "v8.7", ""), True),  # v9.x ~ v8.(x+5)
+    ("linux/arm64/v9.2", ("linux", "arm64", "v8.8", ""), False),
+    ("linux/arm64/v9.2", ("linux", "arm64", "v9.1", ""), True),
+    ("linux/arm64/v9", ("linux", "arm", "v9", ""), True),       # quirk: v9 (no minor) -> arm/v9..v5
+    ("linux/arm64/v9.1", ("linux", "arm", "v9", ""), False),    # v9.x (with minor) -> arm/v8..v5
+    # derived: platform_windows_compat.go (newest: the version check applies whenever
+    # the wanted OS is windows, on any host) + defaults_windows_test.go ABI cases
+    ("windows(10.0.17763)/amd64", ("windows", "amd64", "", ""), True),  # unversioned (HPC) always ok
+    ("windows(10.0.17763)/amd64", ("windows", "amd64", "", "10.0.17763.1"), True),
+    ("windows(10.0.17763)/amd64", ("windows", "amd64", "", "10.0.17764.1"), False),
+    ("windows(10.0.17763)/amd64", ("windows", "amd64", "", "10.0.20348"), False),
+    ("windows(10.0.20348)/amd64", ("windows", "amd64", "", "10.0.17763"), False),
+    ("windows(10.0.20348)/amd64", ("windows", "amd64", "", "10.0.20348"), True),
+    ("windows(10.0.22621)/amd64", ("windows", "amd64", "", "10.0.20348"), True),  # stable ABI >= ltsc2022
+    ("windows(10.0.22621)/amd64", ("windows", "amd64", "", "10.0.17763"), False),
+]
+
+# OnlyStrict (compare_test.go TestOnlyStrict): no fall-backs at all, only normalisation.
+PLATFORM_MATCH_STRICT = [
+    ("linux/amd64", ("linux", "amd64", "", ""), True),
+    ("linux/amd64", ("linux", "386", "", ""), False),
+    ("linux/arm/v7", ("linux", "arm", "", ""), True),
+    ("linux/arm/v7", ("linux", "arm", "v6", ""), False),
+    ("linux/arm64", ("linux", "arm64", "v8", ""), True),
+    ("linux/arm64", ("linux", "arm", "v7", ""), False),
+    ("linux/arm64/v9", ("linux", "arm64", "v9.0", ""), True),
+    ("linux/arm64/v9", ("linux", "arm64", "v8", ""), False),
+    ("linux/arm64/v8.1", ("linux", "arm64", "v8", ""), False),
+    ("windows(10.0.17763)/amd64", ("windows", "amd64", "", ""), True),
+]
+
+
+# --------------------------------------------------------------------------- ranking
+# (wanted, [candidates in index order], expected_best | None)
+# Derived from compare.go: Only() builds an ordered vector of acceptable platforms and
+# Ordered.Less ranks a candidate by the first vector entry it matches; ties keep the
+# index order (sort.SliceStable in moby's filterManifests).  None = nothing matches.
+PLATFORM_ORDER = [
+    ("linux/arm64", [("linux", "arm", "v7", ""), ("linux", "arm64", "", "")], ("linux", "arm64", "", "")),
+    ("linux/arm64", [("linux", "arm", "v5", ""), ("linux", "arm", "v7", ""), ("linux", "arm", "v6", "")],
+     ("linux", "arm", "v7", "")),
+    ("linux/arm64", [("linux", "arm", "v7", ""), ("linux", "arm", "v8", "")], ("linux", "arm", "v8", "")),
+    ("linux/arm64", [("linux", "arm", "v6", ""), ("linux", "arm", "", "")], ("linux", "arm", "", "")),
+    ("linux/arm64", [("linux", "arm64", "v8.1", ""), ("linux", "arm", "v7", "")], ("linux", "arm", "v7", "")),
+    ("linux/arm64", [("linux", "amd64", "", ""), ("linux", "386", "", "")], None),
+    ("linux/arm64", [("linux", "arm64", "v8", ""), ("linux", "arm64", "", "")], ("linux", "arm64", "v8", "")),  # tie
+    ("linux/amd64", [("linux", "386", "", ""), ("linux", "amd64", "", "")], ("linux", "amd64", "", "")),
+    ("linux/amd64", [("linux", "arm64", "", ""), ("linux", "386", "", "")], ("linux", "386", "", "")),
+    ("linux/amd64", [("linux", "amd64", "v2", ""), ("linux", "386", "", "")], ("linux", "386", "", "")),
+    ("linux/amd64/v3", [("linux", "amd64", "", ""), ("linux", "amd64", "v4", ""), ("linux", "amd64", "v2", "")],
+     ("linux", "amd64", "v2", "")),
+    ("linux/amd64/v3", [("linux", "386", "", ""), ("linux", "amd64", "", "")], ("linux", "amd64", "", "")),
+    ("linux/arm/v7", [("linux", "arm", "v5", ""), ("linux", "arm", "v6", "")], ("linux", "arm", "v6", "")),
+    ("linux/arm/v7", [("linux", "arm", "v8", ""), ("linux", "arm", "v6", "")], ("linux", "arm", "v6", "")),
+    ("linux/arm/v7", [("linux", "arm64", "", ""), ("linux", "arm", "v5", "")], ("linux", "arm", "v5", "")),
+    ("linux/arm/v6", [("linux", "arm", "", ""), ("linux", "arm", "v7", "")], None),
+    ("linux/arm64/v8.2", [("linux", "arm64", "", ""), ("linux", "arm64", "v8.3", ""), ("linux", "arm64", "v8.1", "")],
+     ("linux", "arm64", "v8.1", "")),
+    ("linux/arm64/v9", [("linux", "arm64", "", ""), ("linux", "arm64", "v8.5", "")], ("linux", "arm64", "v8.5", "")),
+    ("linux/arm64/v9.1", [("linux", "arm64", "v8.6", ""), ("linux", "arm64", "v9", "")], ("linux", "arm64", "v9", "")),
+    ("linux/arm64/v9.1", [("linux", "arm64", "v8.7", ""), ("linux", "arm64", "", "")], ("linux", "arm64", "", "")),
+]
+
+
+# --------------------------------------------------------------------------- references
+_F64 = "f" * 64
+_HEX_BE = "be178c0543eb17f5f3043021c9e5fcf30285e557a4fc309cce97ff9ca6182912"
+_HEX_DB = "dbcc1c35ac38df41fd2f5e4130b32ffdb93ebae8b3dbe638c23575912276fc9c"
+_HEX_86 = "86e0e091d0da6bde2456dbb48306f3956bbeb2eae1b5b9a43045843f69fe4aaa"
+_HEX_1A = "1a3f5e7d9c1b3a5f7e9d1c3b5a7f9e1d3c5b7a9f1e3d5d7c9b1a3f5e7d9c1b3a"
+_SONG = "thisisthesongthatneverendsitgoesonandonandonthisisthesongthatnev"  # 64 chars, not hex
+H = "docker.io"
+L = "latest"
+
+# (input, (registry, repository, tag, digest))
+REFERENCE_OK = [
+    # normalize_test.go TestValidateReferenceName (valid)
+    ("docker/docker", (H, "docker/docker", L, None)),
+    ("library/debian", (H, "library/debian", L, None)),
+    ("debian", (H, "library/debian", L, None)),
+    ("docker.io/docker/docker", (H, "docker/docker", L, None)),
+    ("docker.io/library/debian", (H, "library/debian", L, None)),
+    ("docker.io/debian", (H, "library/debian", L, None)),
+    ("index.docker.io/docker/docker", (H, "docker/docker", L, None)),
+    ("index.docker.io/library/debian", (H, "library/debian", L, None)),
+    ("index.docker.io/debian", (H, "library/debian", L, None)),
+    ("127.0.0.1:5000/docker/docker", ("127.0.0.1:5000", "docker/docker", L, None)),
+    ("127.0.0.1:5000/library/debian", ("127.0.0.1:5000", "library/debian", L, None)),
+    ("127.0.0.1:5000/debian", ("127.0.0.1:5000", "debian", L, None)),       # no library/ off the Hub
+    ("192.168.0.1", (H, "library/192.168.0.1", L, None)),                  # one component: never a host
+    ("192.168.0.1:80", (H, "library/192.168.0.1", "80", None)),            # ...and ":80" is a tag
+    ("192.168.0.1:8/debian", ("192.168.0.1:8", "debian", L, None)),
+    ("192.168.0.2:25000/debian", ("192.168.0.2:25000", "debian", L, None)),
+    (_SONG, (H, "library/" + _SONG, L, None)),
+    ("[fc00::1]:5000/docker", ("[fc00::1]:5000", "docker", L, None)),
+    ("[fc00::1]:5000/docker/docker", ("[fc00::1]:5000", "docker/docker", L, None)),
+    ("[fc00:1:2:3:4:5:6:7]:5000/library/debian", ("[fc00:1:2:3:4:5:6:7]:5000", "library/debian", L, None)),
+    ("docker.io/" + _HEX_1A, (H, "library/" + _HEX_1A, L, None)),         # 64-hex ok once a host is given
+    ("Docker/docker", ("Docker", "docker", L, None)),                     # upper case first part = a host
+    ("DOCKER/docker", ("DOCKER", "docker", L, None)),
+    # normalize_test.go TestValidateRemoteName (valid)
+    ("docker-rules/docker", (H, "docker-rules/docker", L, None)),
+    ("docker---rules/docker", (H, "docker---rules/docker", L, None)),
+    ("d/docker", (H, "d/docker", L, None)),
+    ("jess/t", (H, "jess/t", L, None)),
+    ("dock__er/docker", (H, "dock__er/docker", L, None)),
+    # normalize_test.go TestParseRepositoryInfo
+    ("index.docker.io/fooo/bar", (H, "fooo/bar", L, None)),
+    ("other/library", (H, "other/library", L, None)),
+    ("127.0.0.1:8000/private/moonbase", ("127.0.0.1:8000", "private/moonbase", L, None)),
+    ("example.com:8000/privatebasee", ("example.com:8000", "privatebasee", L, None)),
+    ("ubuntu-12.04-base", (H, "library/ubuntu-12.04-base", L, None)),
+    ("library/foo/bar", (H, "library/foo/bar", L, None)),
+    ("store/foo/bar", (H, "store/foo/bar", L, None)),
+    ("Foo/bar", ("Foo", "bar", L, None)),
+    ("FOO/bar", ("FOO", "bar", L, None)),
+    # normalize_test.go TestParseReferenceWithTagAndDigest / TestParseAnyReference
+    ("busybox:latest@sha256:" + _HEX_86, (H, "library/busybox", "latest", "sha256:" + _HEX_86)),
+    ("redis@sha256:" + _HEX_DB, (H, "library/redis", None, "sha256:" + _HEX_DB)),
+    ("dmcgowan/myapp:latest", (H, "dmcgowan/myapp", "latest", None)),
+    (_HEX_DB[:63], (H, "library/" + _HEX_DB[:63], L, None)),              # 63 hex digits: a name
+    ("dbcc1", (H, "library/dbcc1", L, None)),
+    # normalize_test.go TestNormalizedSplitHostname
+    ("test_com/foo", (H, "test_com/foo", L, None)),
+    ("test-com:8080/foo", ("test-com:8080", "foo", L, None)),
+    ("xn--n3h.com:18080/foo", ("xn--n3h.com:18080", "foo", L, None)),
+    ("docker.io/library/foo/bar", (H, "library/foo/bar", L, None)),
+    # normalize_test.go TestParseDockerRef
+    ("gcr.io/library/busybox", ("gcr.io", "library/busybox", L, None)),
+    # reference_test.go TestReferenceParse (normalised)
+    ("test.com:5000", (H, "library/test.com", "5000", None)),
+    ("test:5000/repo@sha256:" + _F64, ("test:5000", "repo", None, "sha256:" + _F64)),
+    ("test:5000/repo:tag@sha256:" + _F64, ("test:5000", "repo", "tag", "sha256:" + _F64)),
+    ("lowercase:Uppercase", (H, "library/lowercase", "Uppercase", None)),
+    ("sub-dom1.foo.com/bar/baz/quux:some-long-tag", ("sub-dom1.foo.com", "bar/baz/quux", "some-long-tag", None)),
+    ("b.gcr.io/test.example.com/my-app:test.example.com",
+     ("b.gcr.io", "test.example.com/my-app", "test.example.com", None)),
+    ("xn--7o8h.com/myimage:xn--7o8h.com@sha512:" + "f" * 128,
+     ("xn--7o8h.com", "myimage", "xn--7o8h.com", "sha512:" + "f" * 128)),
+    ("foo_bar.com:8080", (H, "library/foo_bar.com", "8080", None)),
+    ("foo/foo_bar.com:8080", (H, "foo/foo_bar.com", "8080", None)),
+    ("[2001:db8::1]/repo", ("[2001:db8::1]", "repo", L, None)),
+    ("[2001:db8:1:2:3:4:5:6]/repo:tag", ("[2001:db8:1:2:3:4:5:6]", "repo", "tag", None)),
+    ("[2001:db8::]:5000/repo", ("[2001:db8::]:5000", "repo", L, None)),
+    ("[::1]:5000/repo", ("[::1]:5000", "repo", L, None)),
+    ("[2001:db8::1]:5000/repo:tag@sha256:" + _F64, ("[2001:db8::1]:5000", "repo", "tag", "sha256:" + _F64)),
+    # reference_test.go: the 255 limit is on the path only (distribution/reference PR #9, 2024)
+    ("example.com/" + "a" * 255 + ":tag", ("example.com", "a" * 255, "tag", None)),
+    ("a/" * 127 + "a:tag-puts-this-over-max", (H, "a/" * 127 + "a", "tag-puts-this-over-max", None)),
+    # regexp_test.go
+    ("Asdf.com/foo/bar", ("Asdf.com", "foo/bar", L, None)),               # upper-case host allowed
+    ("localhost:8080/bar", ("localhost:8080", "bar", L, None)),
+    ("localhost:8080@sha256:" + _HEX_BE, (H, "library/localhost", "8080", "sha256:" + _HEX_BE)),
+    ("localhost@sha256:" + _HEX_BE, (H, "library/localhost", None, "sha256:" + _HEX_BE)),
+    ("registry.io/foo/project--id.module--name.ver---sion--name",
+     ("registry.io", "foo/project--id.module--name.ver---sion--name", L, None)),
+    ("example.com/some_separator__underscore/myimage",
+     ("example.com", "some_separator__underscore/myimage", L, None)),
+    ("do__cker/docker", (H, "do__cker/docker", L, None)),
+    # derived from normalize.go splitDockerDomain / reference.go Parse
+    ("localhost/foo", ("localhost", "foo", L, None)),
+    ("LOCALDOMAIN/debian", ("LOCALDOMAIN", "debian", L, None)),          # upper case => host
+    ("Docker.io/foo", ("Docker.io", "foo", L, None)),                    # exact-case compare: not the Hub
+    ("a" * 247, (H, "library/" + "a" * 247, L, None)),                   # path "library/"+247 = 255
+    ("foo:" + "a" * 128, (H, "library/foo", "a" * 128, None)),           # tag max 128
+    ("foo:_tag", (H, "library/foo", "_tag", None)),
+    (_HEX_1A + ":latest", (H, "library/" + _HEX_1A, "latest", None)),    # only the *bare* 64-hex is refused
+    ("foo@sha384:" + "f" * 96, (H, "library/foo", None, "sha384:" + "f" * 96)),  # go-digest knows sha384
+    ("192.168.1.1:75050/repo", ("192.168.1.1:75050", "repo", L, None)),  # port = [0-9]+, never range-checked
+    ("[fd00123123123]:5000/repo", ("[fd00123123123]:5000", "repo", L, None)),  # [hex/colon] is not validated
+]
+
+# (input, why)
+REFERENCE_BAD = [
+    # normalize_test.go TestValidateReferenceName (invalid)
+    ("https://github.com/docker/docker", "scheme: 'https:' is no host"),
+    ("docker/Docker", "upper case in the repository path"),
+    ("-docker", "component starts with '-'"),
+    ("-docker/docker", "component starts with '-'"),
+    ("-docker.io/docker/docker", "host label starts with '-'"),
+    ("docker///docker", "empty path components"),
+    ("docker.io/docker/Docker", "upper case in the repository path"),
+    ("docker.io/docker///docker", "empty path components"),
+    ("[fc00::1]", "one component: not a host, and '[' is no name character"),
+    ("[fc00::1]:5000", "host without a repository"),
+    ("fc00::1:5000/debian", "IPv6 without brackets"),
+    ("[fe80::1%eth0]:5000/debian", "IPv6 zone identifier"),
+    ("[2001:db8:3:4::192.0.2.33]:5000/debian", "IPv6 with embedded IPv4 is outside the grammar"),
+    (_HEX_1A, "bare 64-hex string (looks like an image ID)"),
+    # normalize_test.go TestValidateRemoteName (invalid)
+    ("docker-/docker", "component ends with '-'"),
+    ("-docker-/docker", "component starts with '-'"),
+    ("____/____", "underscore-only components"),
+    ("_docker/_docker", "component starts with '_'"),
+    ("dock..er/docker", "two periods"),
+    ("dock_.er/docker", "mixed separators"),
+    ("dock-.er/docker", "mixed separators"),
+    ("docker/", "empty last component"),
+    ("_".join(["this_is_not_a_valid_namespace_because_its_lenth_is_greater_than_255"] * 4) + "/docker",
+     "path longer than 255"),
+    # reference_test.go TestReferenceParse errors
+    ("", "empty"),
+    (":justtag", "no name"),
+    ("@sha256:" + _F64, "no name"),
+    ("repo@sha256:" + "f" * 34, "digest too short for sha256"),
+    ("validname@invaliddigest:" + _F64, "unsupported digest algorithm"),
+    ("Uppercase:tag", "upper case in a one-component name"),
+    ("test:5000/Uppercase/lowercase:tag", "upper case in the repository path"),
+    ("domain/" + "a" * 256 + ":tag", "path longer than 255"),
+    ("aa/asdf$$^/aa", "illegal characters"),
+    ("[2001:db8::1]:tag", "one component with brackets"),
+    ("[fe80::1%@invalidzone]:5000/repo", "IPv6 zone identifier"),
+    # regexp_test.go
+    ("registry.com:8080/myapp@sha256:badbadbadbad", "digest too short"),
+    ("registry.com:8080/myapp:invalid~tag", "'~' in tag"),
+    ("bad_hostname.com:8080/myapp:tag", "'_' in a host"),
+    ("localhost:http/name@sha256:" + _HEX_BE, "non-numeric port"),
+    ("registry.com:8080/myapp@bad", "digest without algorithm"),
+    ("registry.com:8080/myapp@2bad", "digest algorithm must start with a letter"),
+    ("foo.com:http/bar", "non-numeric port"),
+    ("example.com/__underscore/myimage", "component starts with '_'"),
+    ("example.com/.dots/myimage", "component starts with '.'"),
+    ("docker./docker", "host ends with '.'"),
+    ("Foo/FarB", "upper case in the repository path (Foo is taken as host)"),
+    ("a//a/a", "empty path component"),
+    # derived from reference.go / normalize.go / go-digest
+    ("a" * 248, "Hub path 'library/'+248 chars is longer than 255"),
+    ("example.com/" + "a" * 256, "path longer than 255"),
+    ("foo:", "empty tag"),
+    ("foo:-tag", "tag must start with [A-Za-z0-9_]"),
+    ("foo:" + "a" * 129, "tag longer than 128"),
+    ("foo@sha256:" + _HEX_DB.upper(), "digest hex must be lower case"),
+    ("7EC43B381E5AEFE6E04EFB0B3F0693FF2A4A50652D64AEC573905F2DB5889A1C", "upper case (and not an ID either)"),
+    (" foo", "white space"),
+    ("foo@sha256:" + _F64 + "@sha256:" + _F64, "two digests"),
+]
+
+
+# Deliberate differences from upstream, each for a reason:
+# - "windows/amd64:10.0.17763" (crane's syntax) is accepted too, as issue 11 asks;
+# - a sha384 digest, a port above 65535 and a bracketed host that is no IPv6 address are refused at
+#   once rather than at connection time.
+PLATFORM_PARSE_OURS = {"windows/amd64:10.0.17763": ("windows", "amd64", "", "10.0.17763")}
+REFERENCE_STRICTER = ("sha384:", ":75050/", "[fd00123123123]")
+
+
+def index_of(platforms):
+    return [rp.Descriptor(rp.MANIFEST_TYPES[0], "sha256:%064x" % (i + 1), 100,
+                          rp.Platform(p[0], p[1], p[2], p[3]) if p is not None else None, None)
+            for i, p in enumerate(platforms)]
+
+
+class UpstreamTableTests(unittest.TestCase):
+    def test_platform_parse(self):
+        host = rp.host_platform()
+        for text, expected in PLATFORM_PARSE:
+            expected = PLATFORM_PARSE_OURS.get(text, expected)
+            with self.subTest(case=text):
+                expected = canonical(substitute_host(expected, host.architecture, host.variant))
+                try:
+                    p = rp.parse_platform(text).normalized()
+                    got = (p.os, p.architecture, p.variant, p.os_version)
+                except rp.UsageError:
+                    got = None
+                self.assertEqual(got, expected)
+
+    def test_platform_match(self):
+        for wanted, candidate, matches in PLATFORM_MATCH:
+            with self.subTest(case=(wanted, candidate)):
+                try:
+                    chosen = rp.select_platform(index_of([candidate]), rp.parse_platform(wanted), "img")
+                except rp.NoMatchingPlatform:
+                    chosen = None
+                self.assertEqual(chosen is not None, matches)
+
+    def test_platform_order(self):
+        for wanted, candidates, best in PLATFORM_ORDER:
+            with self.subTest(case=(wanted, candidates)):
+                index = index_of(candidates)
+                try:
+                    chosen = candidates[index.index(rp.select_platform(index, rp.parse_platform(wanted), "img"))]
+                except rp.NoMatchingPlatform:
+                    chosen = None
+                self.assertEqual(chosen, best)
+
+    def test_entry_without_platform_is_the_last_resort(self):
+        index = index_of([("linux", "s390x", "", ""), None, ("linux", "amd64", "", "")])
+        self.assertEqual(rp.select_platform(index, rp.parse_platform("linux/amd64"), "img"), index[2])
+        self.assertEqual(rp.select_platform(index, rp.parse_platform("linux/arm64"), "img"), index[1])
+
+    def test_references(self):
+        for text, (registry, repository, tag, digest) in REFERENCE_OK:
+            if any(s in text for s in REFERENCE_STRICTER):
+                continue
+            with self.subTest(case=text):
+                r = rp.parse_reference(text)
+                self.assertEqual((r.registry, r.repository, r.tag, r.digest), (registry, repository, tag, digest))
+        for text, why in REFERENCE_BAD:
+            with self.subTest(case=text, why=why):
+                with self.assertRaises(rp.InvalidReference):
+                    rp.parse_reference(text)
+        for text in [t for t, _ in REFERENCE_OK if any(s in t for s in REFERENCE_STRICTER)]:
+            with self.subTest(case=text, stricter=True):
+                with self.assertRaises(rp.PullError):
+                    rp.parse_reference(text)
+
+
+class PlatformPullTests(Base):
+    def test_arm64_host_takes_arm_v7_when_that_is_all(self):
+        reg = self.registry()
+        reg.push_index("only/arm", "v1", [Image("arm", "v7"), Image("s390x")])
+        code, out, err = self.main("--home", self.home, "--json", "-v", "--platform", "linux/aarch64",
+                                   reg.host + "/only/arm:v1")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(doc["platform"], "linux/arm/v7")
+        self.assertIn("compatible", doc["platform_match"])
+        self.assertIn("compatible", err)  # -v says which entry was chosen and why
+
+    def test_single_image_for_another_platform_is_refused_unless_pinned(self):
+        reg = self.registry()
+        img = reg.push("single/arm", "v1", Image("arm64", "v8"))
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/single/arm:v1")
+        self.assertEqual(code, 4, err)
+        self.assertIn("by digest", err)
+        self.assertEqual(self.image_rows(), [])
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64",
+                                   reg.host + "/single/arm@" + img.digest)
+        self.assertEqual(code, 0, err)
+        self.assertIn("is an image for linux/arm64/v8, not linux/amd64", err)
+
+    def test_windows_os_version_chooses_among_windows_entries(self):
+        reg = self.registry()
+        old, new = Image("amd64"), Image("amd64")
+        for img, version in ((old, "10.0.17763.5000"), (new, "10.0.20348.2000")):
+            img.edit(config=lambda cfg, v=version: cfg.update({"os": "windows", "os.version": v}))
+        reg.push_index("win/app", "v1", [old, new], attestations=False)
+        doc = json.loads(reg.manifests[("win/app", "v1")][1])
+        doc["manifests"][0]["platform"].update({"os": "windows", "os.version": "10.0.17763.5000"})
+        doc["manifests"][1]["platform"].update({"os": "windows", "os.version": "10.0.20348.2000"})
+        data = json.dumps(doc).encode()
+        reg.manifests[("win/app", "v2")] = (rp.MT_OCI_INDEX, data)
+        reg.manifests[("win/app", sha256(data))] = (rp.MT_OCI_INDEX, data)
+        res = self.pull(reg, "win/app:v2", platform="windows(10.0.20348)/amd64")
+        self.assertEqual(res.manifest_digest, new.digest)
+        self.assertEqual(res.platform.os_version, "10.0.20348.2000")
+        res = self.pull(reg, "win/app:v2", platform="windows/amd64:10.0.17763")
+        self.assertEqual(res.manifest_digest, old.digest)
+        self.assertEqual(res.to_json()["platform_details"]["os.version"], "10.0.17763.5000")
 
 
 class ChallengeTests(unittest.TestCase):
@@ -599,9 +1161,8 @@ class PullTests(Base):
     def test_reference_straight_to_manifest(self):
         reg = self.registry()
         img = reg.push("single", "v1", Image("arm64", "v8"))
-        with self.assertLogs("registry_pull", "WARNING") as logs:
-            res = self.pull(reg, "single:v1", platform="linux/amd64")  # no index: the manifest is the image
-        self.assertIn("is an image for linux/arm64/v8, not linux/amd64", logs.output[0])
+        res = self.pull(reg, "single:v1", platform="linux/arm64")  # no index: the manifest is the image
+        self.assertEqual(res.platform_match, "exact")
         self.assertIsNone(res.index_digest)
         self.assertEqual(res.manifest_digest, img.digest)
         self.assertEqual(str(res.platform), "linux/arm64/v8")
@@ -678,7 +1239,7 @@ class PullTests(Base):
         index_digest = reg.push_index("db/app", "2", images)
         res = self.pull(reg, "db/app:2")
         with contextlib.closing(sqlite3.connect(os.path.join(self.home, "oci.db"))) as conn:
-            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 1)
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
             row = conn.execute("SELECT id, reference, size_bytes, manifest_digest, index_digest, platform "
                                "FROM images").fetchone()
@@ -1018,7 +1579,7 @@ class CliTests(Base):
         cases = [
             (2, ["Bad/Ref"], "invalid reference"),
             (2, ["--jobs", "0", open_reg.host + "/y/app:v1"], "jobs"),
-            (2, ["--platform", "linux", open_reg.host + "/y/app:v1"], "platform"),
+            (2, ["--platform", "linux/", open_reg.host + "/y/app:v1"], "platform"),
             (3, [reg.host + "/x/app:v1"], "refused"),
             (4, [open_reg.host + "/nope:v1"], "not found"),
             (4, ["--platform", "linux/amd64", open_reg.host + "/y/app:v1"], "linux/arm64/v8"),
@@ -1085,7 +1646,7 @@ class CliTests(Base):
         self.assertEqual(doc["index_digest"], img)
         self.assertEqual(doc["platform"], "linux/arm64/v8")
         proc = subprocess.run([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
-                               "UPPER/case"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+                               "lower/UPPER"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 2)
         self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
 
