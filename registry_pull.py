@@ -754,6 +754,114 @@ def _registry_error(body):
         return "", ""
 
 
+class _Pool:
+    """Idle keep-alive connections by (kind, host:port, CONNECT tunnel), shared by a pull's
+    threads: the registry, its token service and a blob CDN each pay their TCP and TLS
+    handshakes once per parallel stream, not once per request."""
+
+    def __init__(self):
+        self._idle = {}  # type: Dict[Tuple[str, str, Optional[str]], List[http.client.HTTPConnection]]
+        self._lock = threading.Lock()
+        self.opened = 0  # connections opened (-vv says each; the benchmark counts them)
+
+    def get(self, key):
+        """An idle connection for ``key`` that the server has not closed meanwhile, or None."""
+        import select
+
+        while True:
+            with self._lock:
+                conns = self._idle.get(key)
+                conn = conns.pop() if conns else None
+            if conn is None:
+                return None
+            try:  # readable while idle: the server closed it (or broke the protocol)
+                if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
+                    return conn
+            except (OSError, ValueError):
+                pass
+            conn.close()
+
+    def put(self, key, conn):
+        with self._lock:
+            self._idle.setdefault(key, []).append(conn)
+
+    def close(self):
+        with self._lock:
+            conns = [c for cs in self._idle.values() for c in cs]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+class _KeepAlive:
+    """urllib handler mixin: HTTP/1.1 requests over the pool's connections (urllib's own
+    handlers send ``Connection: close`` and open a connection per request).  Proxies keep
+    working: plain HTTP through the proxy's connection, HTTPS through a CONNECT tunnel."""
+
+    def __init__(self, pool, *args, **kw):
+        super().__init__(*args, **kw)
+        self.pool = pool
+
+    def _pooled(self, conn_class, req, **conn_args):
+        host = req.host
+        if not host:
+            raise urllib.error.URLError("no host given")
+        tunnel = getattr(req, "_tunnel_host", None)
+        key = (conn_class.__name__, host, tunnel)
+        headers = dict(req.unredirected_hdrs)
+        headers.update((k, v) for k, v in req.headers.items() if k not in headers)
+        headers = dict((k.title(), v) for k, v in headers.items())
+        tunnel_headers = {}
+        if "Proxy-Authorization" in headers:
+            tunnel_headers["Proxy-Authorization"] = headers.pop("Proxy-Authorization")
+        for attempt in (1, 2):
+            conn = self.pool.get(key) if attempt == 1 else None  # the retry: a fresh connection
+            reused = conn is not None
+            if conn is None:
+                conn = conn_class(host, timeout=req.timeout, **conn_args)
+                if tunnel:
+                    conn.set_tunnel(tunnel, headers=tunnel_headers)
+                with self.pool._lock:
+                    self.pool.opened += 1
+                log.debug("new connection to %s", _printable(tunnel or host, 100))
+            elif conn.sock is not None:
+                conn.sock.settimeout(req.timeout)
+            try:
+                conn.request(req.get_method(), req.selector, req.data, headers,
+                             encode_chunked=req.has_header("Transfer-encoding"))
+                resp = conn.getresponse()
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
+                conn.close()  # RemoteDisconnected is a ConnectionResetError
+                if reused and attempt == 1:
+                    continue  # closed while idle (nginx, S3 front ends do): once more, on a fresh connection
+                raise urllib.error.URLError(e)
+            except OSError as e:
+                conn.close()
+                raise urllib.error.URLError(e)
+            except BaseException:
+                conn.close()
+                raise
+            break
+        resp.url = req.get_full_url()
+        resp.msg = resp.reason
+        resp._rp_pool = (self.pool, key, conn)
+        return resp
+
+
+class _HTTPHandler(_KeepAlive, urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self._pooled(http.client.HTTPConnection, req)
+
+
+def _https_handler(pool, context):
+    """A pooled HTTPS handler (defined on demand: without ssl, urllib has no HTTPSHandler)."""
+    class _HTTPSHandler(_KeepAlive, urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self._pooled(http.client.HTTPSConnection, req, context=self._context)
+
+    return _HTTPSHandler(pool, context=context)
+
+
 class _Response:
     """An HTTP response with its final URL; closes its connection when done."""
 
@@ -789,10 +897,32 @@ class _Response:
             self.close()
 
     def close(self):
+        """Done with it: a connection whose answer was read to the end goes back to the pool
+        (a short rest is read first); any other is closed, never reused half-read."""
+        pooled = getattr(self.raw, "_rp_pool", None)
+        reuse = False
         try:
+            if pooled is not None and not self.raw.will_close:
+                left = 65536
+                while not self.raw.isclosed() and left > 0:
+                    length = self.raw.length
+                    if length is not None and length > left:
+                        break
+                    data = self.raw.read(min(left, 16384))
+                    if not data:
+                        break
+                    left -= len(data)
+                reuse = self.raw.isclosed()
             self.raw.close()
-        except Exception:
-            pass
+        except Exception:  # a broken connection is simply not reused
+            reuse = False
+        if pooled is not None:
+            pool, key, conn = pooled
+            self.raw._rp_pool = None
+            if reuse:
+                pool.put(key, conn)
+            else:
+                conn.close()
 
 
 def _redact(url):
@@ -983,8 +1113,8 @@ class _Client:
     """
 
     def __init__(self, registry, *, insecure=False, ca_file=None, credentials=None, cancel=None, endpoint=None,
-                 scheme=None, mirror=False):
-        # type: (str, bool, Optional[str], Optional[Credentials], Any, Optional[str], Optional[str], bool) -> None
+                 scheme=None, mirror=False, pool=None):
+        # type: (str, bool, Optional[str], Optional[Credentials], Any, Optional[str], Optional[str], bool, Optional[_Pool]) -> None
         self.registry = registry
         self.endpoint = endpoint or (_DOCKER_HUB_ENDPOINT if registry == _DOCKER_HUB else registry)
         self.insecure = insecure
@@ -992,6 +1122,7 @@ class _Client:
         self.credentials = credentials
         self.cancel = cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)
         self.mirror = mirror  # a mirror that cannot be reached is skipped at once, not retried
+        self.pool = pool if pool is not None else _Pool()
         self.loopback = _is_loopback(self.endpoint)
         self._scheme = scheme  # type: Optional[str]
         self._public = None  # type: Optional[bool]
@@ -1036,10 +1167,10 @@ class _Client:
                 proxies = {} if _is_loopback(host) else None
                 # No redirect or error processors: every status comes back as a response,
                 # and redirects are followed (and checked) by _request_once.
-                handlers = [urllib.request.ProxyHandler(proxies), urllib.request.HTTPHandler()]
+                handlers = [urllib.request.ProxyHandler(proxies), _HTTPHandler(self.pool)]
                 if scheme == "https":
                     ctx = self._ssl_context(verify)  # first: without ssl there is no HTTPSHandler either
-                    handlers.append(urllib.request.HTTPSHandler(context=ctx))
+                    handlers.append(_https_handler(self.pool, ctx))
                 opener = urllib.request.OpenerDirector()
                 for h in handlers:
                     opener.add_handler(h)
@@ -1064,6 +1195,25 @@ class _Client:
             self._discover_scheme()
         return "%s://%s" % (self._scheme, self.endpoint)
 
+    def scheme_known(self):
+        # type: () -> bool
+        return self._scheme is not None
+
+    def remembered(self, info):
+        # type: (Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]) -> None
+        """Start from what an earlier pull learnt of this host (the store's ``hosts`` row):
+        its scheme, and its challenge, so credentials or a token go with the first request."""
+        if not info:
+            return
+        scheme, kind, realm, service = info
+        if scheme in ("http", "https") and self._scheme is None and (scheme == "https" or self.loopback
+                                                                      or self.insecure):
+            self._scheme = scheme
+        if kind == "basic" and self.credentials:
+            self._challenge = ("basic", {})
+        elif kind == "bearer" and realm:
+            self._challenge = ("bearer", dict([("realm", realm)] + ([("service", service)] if service else [])))
+
     def _discover_scheme(self):
         """HTTPS, except that loopback (or --insecure) registries may speak plain HTTP.
 
@@ -1075,21 +1225,53 @@ class _Client:
             return
         errors = []
         timed_out = False
-        for scheme in (("http", "https") if self.loopback else ("https", "http")):
+        # Both probes at once (the second in a thread): the second costs no round trip more.
+        order = ("http", "https") if self.loopback else ("https", "http")
+        answers = {}  # type: Dict[str, Any]
+
+        def probe(scheme):
             try:
-                resp = self._open_once("GET", "%s://%s/v2/" % (scheme, self.endpoint), {}, timeout=10.0)
-                resp.close()
-            except (OSError, http.client.HTTPException) as e:
-                why, slow = _network_failure(e, self.endpoint, self.ca_file, self.mirror)
+                answers[scheme] = self._open_once("GET", "%s://%s/v2/" % (scheme, self.endpoint), {}, timeout=10.0)
+            except BaseException as e:  # looked at below
+                answers[scheme] = e
+
+        second = threading.Thread(target=probe, args=(order[1],), daemon=True)
+        second.start()
+        probe(order[0])
+        for scheme in order:
+            if scheme == order[1]:
+                while second.is_alive():
+                    second.join(0.1)
+                    self.cancel.check()
+            resp = answers.get(scheme)
+            if isinstance(resp, (OSError, http.client.HTTPException)):
+                why, slow = _network_failure(resp, self.endpoint, self.ca_file)
                 timed_out = timed_out or slow
                 errors.append("%s: %s" % (scheme, why))
                 continue
+            if isinstance(resp, BaseException):
+                raise resp
             if scheme == "http" and resp.status == 400:
+                resp.close()
                 errors.append("http: 400")
                 continue  # an HTTPS server refusing plain HTTP
             log.debug("%s speaks %s", self.endpoint, scheme)
             self._scheme = scheme
+            if resp.status == 401 and self._challenge is None:
+                # The probe's challenge serves the first real request: no second 401 for it.
+                challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
+                by_kind = dict((k, p) for k, p in reversed(challenges))
+                if "bearer" in by_kind and by_kind["bearer"].get("realm"):
+                    self._challenge = ("bearer", by_kind["bearer"])
+                elif "basic" in by_kind and self.credentials:
+                    self._challenge = ("basic", by_kind["basic"])
+            resp.close()
+            other = answers.get(order[1]) if scheme == order[0] else None
+            if isinstance(other, _Response):
+                other.close()
             return
+        if self.mirror:  # a shortcut, not a place to wait
+            raise RegistryError("cannot reach %s (%s)" % (self.endpoint, "; ".join(errors)))
         raise _Retryable("cannot reach %s (%s)" % (self.endpoint, "; ".join(errors)), timed_out=timed_out)
 
     # -- requests with retries, redirects and auth ------------------------------------
@@ -1509,7 +1691,8 @@ def parse_manifest(data, content_type="", what="manifest"):
 
 # Version 2: an image is a (reference, platform) pair, so two platforms of one tag are two
 # images; a manifest may list the same layer twice (one manifest_layers row per position).
-_SCHEMA_VERSION = 2
+# Version 3: the hosts table.
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1586,6 +1769,16 @@ CREATE TABLE IF NOT EXISTS manifest_layers (
     modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     position INTEGER,
     UNIQUE(manifest_id, position)
+);
+-- What a registry host speaks (never a secret): the next process sends its credentials, or
+-- fetches its token, before the first request instead of after a 401.
+CREATE TABLE IF NOT EXISTS hosts (
+    host TEXT PRIMARY KEY,
+    scheme TEXT NOT NULL,
+    challenge TEXT,
+    realm TEXT,
+    service TEXT,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP
 );
 CREATE INDEX IF NOT EXISTS idx_indexes_image_id ON indexes(image_id);
 CREATE INDEX IF NOT EXISTS idx_manifests_image_id ON manifests(image_id);
@@ -1724,7 +1917,8 @@ class _Store:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version >= _SCHEMA_VERSION:
             return
-        statements = [s.strip() for s in _SCHEMA.split(";") if s.strip()]
+        statements = [s for s in ("\n".join(ln for ln in stmt.splitlines() if not ln.strip().startswith("--")).strip()
+                                  for stmt in _SCHEMA.split(";")) if s]
         conn.execute("PRAGMA foreign_keys = OFF")  # a table rebuilt below must not cascade its rows away
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -1743,6 +1937,8 @@ class _Store:
                 for stmt in statements:
                     if stmt.startswith("CREATE INDEX"):
                         conn.execute(stmt)
+            if 1 <= version < 3:
+                conn.execute(next(s for s in statements if s.startswith("CREATE TABLE IF NOT EXISTS hosts ")))
             conn.execute("PRAGMA user_version = %d" % _SCHEMA_VERSION)
             conn.execute("COMMIT")
         except BaseException:
@@ -1830,6 +2026,44 @@ class _Store:
         finally:
             conn.close()
         return True
+
+    def _query(self, sql, args, write=False):
+        """One statement on its own connection; None without sqlite3 (or for an unreadable db when
+        only reading: what it would say is an optimisation)."""
+        if not write and not os.path.exists(os.path.join(self.home, "oci.db")):
+            return None  # a fresh store: nothing to say, and no database made just to say so
+        conn = self.connect()
+        if conn is None:
+            return None
+        import sqlite3
+
+        try:
+            with conn:
+                return conn.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            if write:
+                raise StorageError("cannot update %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
+            return None
+        finally:
+            conn.close()
+
+    def knows(self, reference):
+        # type: (str) -> bool
+        """Has an image of this reference been pulled (so a HEAD could confirm it is current)?"""
+        return bool(self._query("SELECT 1 FROM images WHERE reference = ? LIMIT 1", (reference,)))
+
+    def host(self, host):
+        # type: (str) -> Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]
+        """(scheme, challenge kind, realm, service) remembered for a registry host."""
+        rows = self._query("SELECT scheme, challenge, realm, service FROM hosts WHERE host = ?", (host,))
+        return tuple(rows[0]) if rows else None  # type: ignore[return-value]
+
+    def remember_host(self, host, scheme, challenge):
+        # type: (str, str, Optional[Tuple[str, Dict[str, str]]]) -> None
+        kind, params = challenge if challenge else (None, {})
+        self._query("INSERT OR REPLACE INTO hosts (host, scheme, challenge, realm, service, modified_at)"
+                    " VALUES (?,?,?,?,?,?)", (host, scheme, kind, params.get("realm"), params.get("service"),
+                                              time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())), write=True)
 
     def touch(self, reference, manifest_digest):
         # type: (str, str) -> bool
@@ -2041,7 +2275,7 @@ class _Downloader:
         retry = _Retry(cancel, "%s %s" % (what, desc.digest))
         while True:
             headers = {"Range": "bytes=%d-" % have} if have else {}
-            resp = self.client.request("GET", path, headers=headers, scope=None)
+            resp = self.client.request("GET", path, headers=headers, scope="repository:%s:pull" % self.repository)
             began = have
             try:
                 if resp.status == 404:
@@ -3214,27 +3448,35 @@ def pull(
     if mirrors is None and ref.registry == _DOCKER_HUB:
         mirrors = [m for m in re.split(r"[\s,]+", os.environ.get("REGISTRY_PULL_MIRRORS", "")) if m]
     mirrors = [_parse_mirror(m, insecure) for m in mirrors or ()]
-    result = None
-    for host, scheme in mirrors:
-        # As Docker's registry-mirrors: each mirror in turn, then the registry itself. A mirror
-        # gets its own credentials, never the upstream's; one that cannot be reached is skipped
-        # at once.  Each attempt has its own cancellation: a failed one stops only its own downloads.
-        mirror_client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, endpoint=host, scheme=scheme,
-                                cancel=_Cancel(cancel, deadline, timeout), mirror=True,
-                                credentials=find_credentials(host, repository=ref.repository))
-        try:
-            result = _Puller(mirror_client, store, ref, want, jobs, progress, job).run()
-            break
-        except (RegistryError, NotFound, AuthError, IntegrityError, UnsupportedError) as e:
-            if cancel is not None and cancel.is_set():
-                raise
-            if deadline is not None and time.monotonic() >= deadline:
-                raise
-            log.warning("mirror %s failed (%s); trying the next", host, e)
-    if result is None:
-        client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds,
-                         cancel=_Cancel(cancel, deadline, timeout))
-        result = _Puller(client, store, ref, want, jobs, progress, job).run()
+    # One pool for the whole pull: the registry, its token service, a blob CDN and mirrors each
+    # keep their connections from request to request.
+    pool = _Pool()
+    try:
+        result = None
+        for host, scheme in mirrors:
+            # As Docker's registry-mirrors: each mirror in turn, then the registry itself. A mirror
+            # gets its own credentials, never the upstream's; one that cannot be reached is skipped
+            # at once.  Each attempt has its own cancellation: a failed one stops only its own downloads.
+            mirror_client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, endpoint=host, scheme=scheme,
+                                    cancel=_Cancel(cancel, deadline, timeout), mirror=True, pool=pool,
+                                    credentials=find_credentials(host, repository=ref.repository))
+            try:
+                result = _Puller(mirror_client, store, ref, want, jobs, progress, job).run()
+                break
+            except (RegistryError, NotFound, AuthError, IntegrityError, UnsupportedError) as e:
+                if cancel is not None and cancel.is_set():
+                    raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                log.warning("mirror %s failed (%s); trying the next", host, e)
+        if result is None:
+            client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds,
+                             cancel=_Cancel(cancel, deadline, timeout), pool=pool)
+            client.remembered(store.host(client.endpoint))
+            result = _Puller(client, store, ref, want, jobs, progress, job).run()
+    finally:
+        log.debug("%d connections opened", pool.opened)
+        pool.close()
     outputs = []
     try:
         if oci_layout is not None:
@@ -3292,8 +3534,9 @@ class _Puller:
                 return ref_or_digest, data, parse_manifest(data, "", what)
         path = "/v2/%s/manifests/%s" % (self.ref.repository, ref_or_digest)
         headers = {"Accept": MANIFEST_ACCEPT}
-        if not is_digest:
-            # A warm re-pull asks only this: the digest says whether anything changed.
+        if not is_digest and self.store.knows(str(self.ref)):
+            # A warm re-pull asks only this: the digest says whether anything changed.  On a cold
+            # store there is nothing to confirm: the GET below is the first request.
             resp = self.client.request("HEAD", path, headers=headers, scope=self.scope)
             resp.close()
             digest = resp.header("Docker-Content-Digest").strip()
@@ -3395,6 +3638,8 @@ class _Puller:
         )
         recorded = self.store.touch(str(ref), digest) or \
             self.store.record(result, index.doc if index else None, manifest.doc, config_doc)
+        if recorded and self.client.scheme_known():
+            self.store.remember_host(self.client.endpoint, self.client._scheme, self.client._challenge)
         if recorded:
             _write_store_index(self.store)
         elif not _have_sqlite():

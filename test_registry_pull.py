@@ -16,7 +16,10 @@ import io
 import json
 import os
 import re
-import sqlite3
+try:
+    import sqlite3
+except ImportError:  # a Python built without it: the product works, these tests skip what needs it
+    sqlite3 = None
 import subprocess
 import sys
 import tarfile
@@ -417,6 +420,8 @@ class Base(unittest.TestCase):
         return found
 
     def image_rows(self):
+        if sqlite3 is None:
+            self.skipTest("this Python has no sqlite3 module")
         db = os.path.join(self.home, "oci.db")
         if not os.path.exists(db):
             return []
@@ -534,9 +539,15 @@ class PlatformTests(unittest.TestCase):
             rp.select_platform(only_att, rp.parse_platform("unknown/unknown"), "img")
 
     def test_host_platform(self):
-        p = rp.host_platform()
-        self.assertEqual(p.os, "linux")
-        self.assertNotIn(p.architecture, ("x86_64", "aarch64"))
+        real = platform_mod.machine
+        self.addCleanup(setattr, platform_mod, "machine", real)
+        cases = {"x86_64": "linux/amd64", "AMD64": "linux/amd64", "aarch64": "linux/arm64", "arm64": "linux/arm64",
+                 "armv7l": "linux/arm/v7", "armv8l": "linux/arm/v7", "armv6l": "linux/arm/v6", "i686": "linux/386",
+                 "ppc64le": "linux/ppc64le", "s390x": "linux/s390x", "riscv64": "linux/riscv64"}
+        for machine, want in cases.items():
+            with self.subTest(case=machine):
+                platform_mod.machine = lambda machine=machine: machine
+                self.assertEqual(str(rp.host_platform()), want)
 
     def test_parse_platform_errors(self):
         for bad in ("linux/", "a/b/c/d", "linux//arm", "foo", ""):
@@ -1204,8 +1215,10 @@ class PullTests(Base):
         registry_requests = [(m, p) for m, p in reg.requests() if p.startswith("/v2/")]
         manifest_ok = [r for r in registry_requests if "/manifests/" in r[1]]
         self.assertEqual(reg.requests(kind="blobs"), [])
-        # One HEAD answered 401 (the challenge), one HEAD with the token; nothing else.
-        self.assertEqual(manifest_ok, [("HEAD", "/v2/warm/app/manifests/latest")] * 2)
+        # The store remembers the host's scheme and challenge: the token is fetched first and one
+        # HEAD is the only request to the registry.
+        self.assertEqual(registry_requests, [("HEAD", "/v2/warm/app/manifests/latest")])
+        self.assertEqual(manifest_ok, registry_requests)
         self.assertEqual(res.downloaded_bytes, 0)
 
     def test_head_405_falls_back_to_get(self):
@@ -1233,13 +1246,14 @@ class PullTests(Base):
             self.pull(reg, "big:v1")
         self.assertIn("larger than", str(cm.exception))
 
+    @unittest.skipIf(sqlite3 is None, "this Python has no sqlite3 module")
     def test_database_rows(self):
         reg = self.registry()
         images = [Image("amd64"), Image("arm64", "v8")]
         index_digest = reg.push_index("db/app", "2", images)
         res = self.pull(reg, "db/app:2")
         with contextlib.closing(sqlite3.connect(os.path.join(self.home, "oci.db"))) as conn:
-            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
             row = conn.execute("SELECT id, reference, size_bytes, manifest_digest, index_digest, platform "
                                "FROM images").fetchone()
@@ -1381,9 +1395,11 @@ class AuthTests(Base):
     def test_access_token_only_and_no_expiry(self):
         reg = self.registry(auth="bearer")
         reg.token_answer = "access_token"
+        reg.send_expires_in = False
         img = reg.push("at/app", "v1", Image())
         self.pull(reg, "at/app:v1")
         self.assertStoreHas(img)
+        self.assertEqual(len(reg.token_requests), 1)  # without expires_in the token still serves the pull
 
     def test_redirect_drops_authorization(self):
         reg = self.registry(auth="bearer")
@@ -1440,9 +1456,13 @@ class FaultTests(Base):
         with open(partial, "wb") as f:
             f.write(img.layers[0][:1024 * 1024])
         reg.honour_range = False
-        self.pull(reg, "norange/app:v1")
+        res = self.pull(reg, "norange/app:v1")
         self.assertStoreHas(img)
         self.assertEqual(self.stray_files(), [])
+        # It asked to resume; the server's 200 was taken as the whole blob, from byte 0.
+        ranges = [hd.get("Range") for m, p, hd in reg.log if m == "GET" and p.endswith(big)]
+        self.assertEqual(ranges, ["bytes=%d-" % (1024 * 1024)])
+        self.assertEqual(res.downloaded_bytes, img.size)
 
     def test_resume_partial_with_range(self):
         reg = self.registry()
@@ -1475,8 +1495,12 @@ class FaultTests(Base):
                 return True
             return False
         reg.fault = wrong_range
-        self.pull(reg, "badcr/app:v1")
+        res = self.pull(reg, "badcr/app:v1")
         self.assertStoreHas(img)
+        # The resume was answered from the wrong offset: dropped unread, and the blob asked again whole.
+        ranges = [hd.get("Range") for m, p, hd in reg.log if m == "GET" and p.endswith(big)]
+        self.assertEqual(ranges, ["bytes=1000-", None])
+        self.assertEqual(res.downloaded_bytes, img.size)
 
     def test_429_retry_after(self):
         reg = self.registry()
@@ -1512,8 +1536,15 @@ class FaultTests(Base):
         with self.assertRaises(rp.DigestMismatch) as cm:
             self.pull(reg, "corrupt/app:v1")
         self.assertEqual(cm.exception.exit_code, 5)
-        self.assertFalse(os.path.exists(os.path.join(self.home, "blobs", "sha256", bad.split(":")[1])))
-        self.assertEqual(self.stray_files(), [])
+        blobs = os.path.join(self.home, "blobs", "sha256")
+        self.assertFalse(os.path.exists(os.path.join(blobs, bad.split(":")[1])))
+        self.assertFalse(os.path.exists(os.path.join(blobs, bad.split(":")[1] + ".partial")))
+        # Downloads cancelled with it keep their .partial (to resume); whatever has a final name is right.
+        self.assertEqual([f for f in self.stray_files() if not f.endswith(".partial")], [])
+        for name in os.listdir(blobs):
+            if re.match(r"^[0-9a-f]{64}$", name):
+                with open(os.path.join(blobs, name), "rb") as f:
+                    self.assertEqual(hashlib.sha256(f.read()).hexdigest(), name)
         self.assertEqual(self.image_rows(), [])
 
     def test_overlong_body_stopped(self):
@@ -3109,7 +3140,13 @@ class InterruptionTests(Base):
         stall = threading.Event()
         self.addCleanup(stall.set)
         reg.fault = slow_blob(reg, digest, stall=stall)  # one chunk, then silence
-        proc = self.cli(reg.host + "/int/app:v1")
+        # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started, and a test
+        # run in the background (`cmd &` in a script) ignores it: the child installs the handler itself.
+        code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
+        proc = subprocess.Popen([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64",
+                                 reg.host + "/int/app:v1"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(end_process, proc)
         self.assertTrue(wait_for(lambda: os.path.exists(final + ".partial") and
                                  os.path.getsize(final + ".partial") > 0))
         time.sleep(0.2)
@@ -3723,6 +3760,828 @@ class MirrorTests(Base):
         code, out, err = self.main("--home", self.home, "--mirror", "ftp://x/y", "alpine")
         self.assertEqual(code, 2, err)
         self.assertIn("invalid mirror", err)
+
+
+
+# --------------------------------------------------------------------------- issue 9
+
+import platform as platform_mod  # noqa: E402
+
+HOSTILE_CODE = "\x1b]52;c;cm0gLXJmIH4K\x07"  # OSC 52: writes the clipboard
+HOSTILE_MESSAGE = "\x1b[2Jscreen cleared"
+
+
+def end_process(proc):
+    """Kill ``proc`` if it still runs, reap it and close its pipes (a cleanup)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+class Issue9Base(Base):
+    def set_constant(self, name, value):
+        """rp.NAME = value for this test (created if this version of the module lacks it)."""
+        missing = object()
+        old = getattr(rp, name, missing)
+        setattr(rp, name, value)
+        self.addCleanup(lambda: delattr(rp, name) if old is missing else setattr(rp, name, old))
+
+    def no_network_names(self):
+        """No proxy, and no name resolved but loopback: any other getaddrinfo fails as an unknown
+        name does (and is recorded), so nothing leaves the machine whatever the code under test does."""
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+            for var in (name, name.lower()):
+                self.addCleanup(self._restore_env, var, os.environ.get(var))
+                os.environ.pop(var, None)
+        real = socket.getaddrinfo
+        asked = []
+
+        def stub(host, *args, **kw):
+            text = host.decode() if isinstance(host, bytes) else str(host)
+            if text != "localhost":
+                try:
+                    import ipaddress
+                    ipaddress.ip_address(text.split("%")[0])
+                except ValueError:
+                    asked.append(text)
+                    raise socket.gaierror(-2, "Name or service not known")
+            return real(host, *args, **kw)
+        socket.getaddrinfo = stub
+        self.addCleanup(setattr, socket, "getaddrinfo", real)
+        return asked
+
+    def blob_path(self, digest):
+        return os.path.join(self.home, "blobs", "sha256", digest.split(":")[1])
+
+    def cli_args(self, *argv):
+        return ("--home", self.home, "--platform", "linux/amd64") + argv
+
+    def assertOneErrorLine(self, err):
+        self.assertTrue(err.startswith("registry_pull: error: "), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("internal error", err)
+
+    def error_line(self, err):
+        """The error line that ends stderr (warnings, e.g. retries, may come before it)."""
+        self.assertTrue(err.endswith("\n"), err)
+        last = err.splitlines()[-1]
+        self.assertTrue(last.startswith("registry_pull: error: "), err)
+        self.assertNotIn("Traceback", err)
+        self.assertNotIn("internal error", err)
+        return last
+
+
+class TrustBoundaryTests(Issue9Base):
+    """Issue 9: credentials, token realms, mirrors and the servers' own words stay within bounds."""
+
+    def test_401_from_a_redirect_target_never_starts_authentication(self):
+        reg = self.registry(auth="basic")
+        img = reg.push("basic/app", "v1", Image())
+        seen = []
+
+        class Attacker(QuietHandler):
+            def answer(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                seen.append((self.command, self.path, dict(self.headers)))
+                if self.path.startswith("/steal"):
+                    status, body, headers = 200, json.dumps({"token": "stolen", "expires_in": 300}).encode(), {}
+                else:
+                    status, body = 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"log in"}]}'
+                    headers = {"WWW-Authenticate": 'Bearer realm="http://%s/steal",service=x' % attacker}
+                self.send_response(status)
+                headers.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_POST = answer
+
+        _, attacker = serve(self, Attacker)
+        reg.redirect_to = "http://" + attacker
+        auth = base64.b64encode(b"alice:s3cret").decode()
+        path = os.path.join(self.home, "auth.json")
+        with open(path, "w") as f:
+            json.dump({"auths": {reg.host: {"auth": auth}}}, f)
+        os.environ["REGISTRY_AUTH_FILE"] = path
+        code, out, err = self.main(*self.cli_args(reg.host + "/basic/app:v1"))
+        self.assertTrue(seen, "the blob was redirected to the second server")
+        self.assertEqual([p for _, p, _ in seen if p.startswith("/steal")], [], "a request reached its realm")
+        self.assertEqual([p for _, p, h in seen if "Authorization" in h], [], "credentials reached it")
+        self.assertEqual(code, 3, err)
+        self.assertOneErrorLine(err)
+        self.assertIn(attacker, err)  # names the redirect host, not only the registry
+        self.assertNotIn(sha256(img.layers[0])[7:], os.listdir(os.path.join(self.home, "blobs", "sha256")))
+
+    def test_public_registry_naming_a_private_token_realm_is_refused(self):
+        reg = self.registry()
+        reg.push("realm/app", "v1", Image())
+        tokens = self.registry()  # only its /token would be used: a service on a private address
+
+        def challenge(h, method, path):
+            if path.startswith("/v2/") and "Authorization" not in h.headers:
+                h.error(401, "UNAUTHORIZED", method == "HEAD", {
+                    "WWW-Authenticate": 'Bearer realm="http://%s/token",service="x"' % tokens.host})
+                return True
+            return False
+        reg.fault = challenge
+        real = rp._Client._registry_is_public
+        rp._Client._registry_is_public = lambda client: True  # as if the registry resolved to a public address
+        self.addCleanup(setattr, rp._Client, "_registry_is_public", real)
+        code, out, err = self.main(*self.cli_args(reg.host + "/realm/app:v1"))
+        self.assertEqual(code, 3, err)
+        self.assertOneErrorLine(err)
+        self.assertIn("realm", err)
+        self.assertIn("refused", err)
+        self.assertEqual(tokens.log, [])  # refused before any request to it
+        self.assertEqual(tokens.token_requests, [])
+
+    def test_https_registry_naming_a_plain_http_realm_is_refused_unless_insecure(self):
+        self.no_network_names()  # registry.example.com is a name only: never looked up
+        tokens = self.registry()
+        params = {"realm": "http://%s/token" % tokens.host, "service": "test-registry"}
+        client = rp._Client("registry.example.com")
+        client._scheme, client._public = "https", False  # an HTTPS registry; the SSRF rule is not what is tested
+        with self.assertRaises(rp.AuthError) as cm:  # even on loopback, as a redirect from HTTPS to HTTP is
+            client._fetch_token(params, "repository:a/b:pull")
+        self.assertIn("realm", str(cm.exception))
+        self.assertIn("refused", str(cm.exception))
+        self.assertEqual(tokens.log, [])
+        client = rp._Client("registry.example.com", insecure=True)
+        client._scheme, client._public = "https", False
+        token, lifetime = client._fetch_token(params, "repository:a/b:pull")
+        self.assertTrue(token)
+        self.assertEqual(len(tokens.token_requests), 1)
+
+    def test_plain_http_mirror_needs_insecure_unless_loopback(self):
+        asked = self.no_network_names()
+        reg = self.registry()
+        img = reg.push("mir/app", "v1", Image())
+        code, out, err = self.main(*self.cli_args("--mirror", "http://example.invalid:5000", reg.host + "/mir/app:v1"))
+        self.assertEqual(code, 2, err)
+        self.assertOneErrorLine(err)
+        self.assertIn("--insecure", err)
+        self.assertEqual(reg.log, [])
+        self.assertEqual(asked, [])
+        os.environ["REGISTRY_PULL_MIRRORS"] = "http://mirror.invalid"
+        self.addCleanup(os.environ.pop, "REGISTRY_PULL_MIRRORS", None)
+        code, out, err = self.main(*self.cli_args("alpine"))
+        self.assertEqual(code, 2, err)
+        self.assertIn("--insecure", err)
+        self.assertEqual(asked, [])  # neither the mirror nor Docker Hub was looked up
+        del os.environ["REGISTRY_PULL_MIRRORS"]
+        mirror = self.registry()
+        mirror.push("mir/app", "v1", img)
+        code, out, err = self.main(*self.cli_args("--mirror", "http://" + mirror.host, reg.host + "/mir/app:v1"))
+        self.assertEqual(code, 0, err)
+        self.assertTrue(mirror.requests("GET", "blobs"))
+        self.assertEqual(reg.requests(kind="blobs"), [])
+
+    def test_token_with_a_newline_is_refused_and_never_shown(self):
+        reg = self.registry(auth="bearer")
+        reg.push("nl/app", "v1", Image())
+
+        def token(h, method, path):
+            if path == "/token":
+                h.send(200, json.dumps({"token": "SECRET\nX", "expires_in": 300}).encode(),
+                       {"Content-Type": "application/json"})
+                return True
+            return False
+        reg.fault = token
+        code, out, err = self.main(*self.cli_args(reg.host + "/nl/app:v1"))
+        self.assertEqual(code, 3, err)
+        self.assertOneErrorLine(err)
+        self.assertNotIn("SECRET", err)
+
+    def test_server_words_never_reach_the_terminal_as_escapes(self):
+        reg = self.registry()
+        img = reg.push("esc/app", "v1", Image())
+        body = json.dumps({"errors": [{"code": HOSTILE_CODE, "message": HOSTILE_MESSAGE}]}).encode()
+        index = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX, "manifests": [
+            {"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest),
+             "platform": {"os": "linux", "architecture": "\x1b]0;title\x07"}}]}).encode()
+        reg.manifests[("esc/idx", "v1")] = (rp.MT_OCI_INDEX, index)
+        by_digest = reg.host + "/esc/app@" + sha256(b"absent")  # a digest: the manifest GET, whose body is read
+        cases = [
+            ("404 manifest", 404, {}, by_digest, 4),
+            ("403", 403, {}, by_digest, 3),
+            ("401", 401, {"WWW-Authenticate": 'Basic realm="x"'}, by_digest, 3),
+            ("no matching platform", None, {}, reg.host + "/esc/idx:v1", 4),
+        ]
+        for name, status, headers, ref, want in cases:
+            with self.subTest(case=name):
+                def hostile(h, method, path, status=status, headers=headers):
+                    if status and "/manifests/" in path:
+                        h.send(status, body, dict(headers, **{"Content-Type": "application/json"}), method == "HEAD")
+                        return True
+                    return False
+                reg.fault = hostile
+                code, out, err = self.main(*self.cli_args(ref))
+                self.assertEqual(code, want, err)
+                self.assertOneErrorLine(err)
+                self.assertNotIn("\x1b", err)
+                self.assertNotIn("\x07", err)
+                self.assertIn("\\x1b", err)  # shown escaped, not dropped
+
+    def test_auth_file_entries_keyed_by_namespace(self):
+        users = {"usera": "pa", "userb": "pb", "userc": "pc"}
+        reg = self.registry(auth="basic", users=users)
+
+        def entry(user):
+            return {"auth": base64.b64encode(("%s:%s" % (user, users[user])).encode()).decode()}
+        path = os.path.join(self.home, "auth.json")
+        with open(path, "w") as f:
+            json.dump({"auths": {reg.host: entry("usera"), reg.host + "/org-b": entry("userb"),
+                                 reg.host + "/org-b/app": entry("userc")}}, f)
+        env = {"REGISTRY_AUTH_FILE": path, "HOME": self.home, "DOCKER_CONFIG": os.path.join(self.home, "none")}
+        for repository, user in (("org-b/app", "userc"), ("org-b/app/sub", "userc"), ("org-b/other", "userb"),
+                                 ("org-b/application", "userb"), ("org-a/x", "usera"), ("org-bb/x", "usera")):
+            with self.subTest(case=repository):
+                creds = rp.find_credentials(reg.host, env, repository=repository)
+                self.assertEqual(creds.username, user)
+        self.assertEqual(rp.find_credentials(reg.host, env).username, "usera")  # no repository: the host's
+        os.environ["REGISTRY_AUTH_FILE"] = path
+        for repository, user in (("org-b/app", "userc"), ("org-b/other", "userb"), ("org-a/x", "usera")):
+            with self.subTest(case="pull " + repository):
+                img = reg.push(repository, "v1", Image())
+                self.pull(reg, repository + ":v1")
+                self.assertStoreHas(img)
+                sent = set(hd.get("Authorization") for m, p, hd in reg.log
+                           if p.startswith("/v2/%s/" % repository) and hd.get("Authorization"))
+                self.assertEqual(sent, {"Basic " + entry(user)["auth"]})
+
+
+class FailFastTests(Issue9Base):
+    """Issue 9: a pull that cannot succeed ends soon and says why; one that can, does."""
+
+    def test_timeout_option_ends_a_stalled_pull(self):
+        reg = self.registry()
+        img = reg.push("to/app", "v1", Image(layers=[make_layer({"big": os.urandom(1 << 20)}),
+                                                      make_layer({"s": b"s"})]))
+        stall = threading.Event()
+        self.addCleanup(stall.set)
+        reg.fault = slow_blob(reg, sha256(img.layers[0]), stall=stall)  # one chunk, then silence
+        start = time.monotonic()
+        code, out, err = self.main(*self.cli_args("--timeout", "2", reg.host + "/to/app:v1"))
+        elapsed = time.monotonic() - start
+        self.assertEqual(code, 6, err)
+        self.assertIn("timeout", self.error_line(err))
+        self.assertLess(elapsed, 5.0)
+        self.assertEqual(self.image_rows(), [])
+
+    def test_timeout_argument_of_pull(self):
+        reg = self.registry()
+        img = reg.push("to/api", "v1", Image(layers=[make_layer({"big": os.urandom(1 << 20)}),
+                                                      make_layer({"s": b"s"})]))
+        stall = threading.Event()
+        self.addCleanup(stall.set)
+        reg.fault = slow_blob(reg, sha256(img.layers[0]), stall=stall)
+        start = time.monotonic()
+        with self.assertRaises(rp.RegistryError) as cm:
+            self.pull(reg, "to/api:v1", timeout=2)
+        self.assertLess(time.monotonic() - start, 5.0)
+        self.assertIn("timeout", str(cm.exception))
+        self.assertEqual(cm.exception.exit_code, 6)
+
+    def test_dripping_server_is_a_stall_resumed_then_refused(self):
+        self.set_constant("STALL_SECONDS", 0.3)
+        self.set_constant("STALL_BYTES", 4096)
+        reg = self.registry()
+        img = reg.push("drip/app", "v1", Image(layers=[make_layer({"d": os.urandom(200000)}),
+                                                        make_layer({"s": b"s"})]))
+        digest = sha256(img.layers[0])
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+
+        def drip(h, method, path):  # 10 bytes every 50 ms: 200 B/s, honouring Range
+            if not (path.endswith(digest) and method == "GET"):
+                return False
+            data = reg.blobs[digest]
+            m = re.match(r"^bytes=(\d+)-$", h.headers.get("Range") or "")
+            start = int(m.group(1)) if m else 0
+            h.send_response(206 if start else 200)
+            h.send_header("Content-Length", str(len(data) - start))
+            if start:
+                h.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(data) - 1, len(data)))
+            h.end_headers()
+            try:
+                for pos in range(start, len(data), 10):
+                    if stop.is_set():
+                        break
+                    h.wfile.write(data[pos:pos + 10])
+                    h.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            h.close_connection = True
+            return True
+        reg.fault = drip
+        cancel = threading.Event()
+        outcome = {}
+
+        def run():
+            try:
+                outcome["result"] = self.pull(reg, "drip/app:v1", cancel=cancel)
+            except BaseException as e:
+                outcome["error"] = e
+        thread = threading.Thread(target=run, daemon=True)
+        start = time.monotonic()
+        thread.start()
+        thread.join(8)
+        if thread.is_alive():
+            cancel.set()
+            thread.join(5)
+            self.fail("no stall detected: still dripping after 8 s")
+        self.assertLess(time.monotonic() - start, 5.0)
+        error = outcome.get("error")
+        self.assertIsInstance(error, rp.RegistryError, outcome)
+        self.assertEqual(error.exit_code, 6)
+        self.assertIn("stall", str(error))
+        ranges = [hd.get("Range") for m, p, hd in reg.log if m == "GET" and p.endswith(digest)]
+        self.assertEqual(len(ranges), rp.RETRIES + 1, ranges)  # RETRIES resumes after the first try
+        self.assertIsNone(ranges[0])
+        self.assertTrue(all(r and r.startswith("bytes=") for r in ranges[1:]), ranges)  # resumed, as a cut is
+
+    def test_unknown_host_fails_at_once_and_says_what_to_check(self):
+        asked = self.no_network_names()
+        start = time.monotonic()
+        code, out, err = self.main(*self.cli_args("nonexistent.invalid:5000/x/y"))
+        self.assertLess(time.monotonic() - start, 2.0)
+        self.assertEqual(code, 6, err)
+        self.assertOneErrorLine(err)
+        for words in ("nonexistent.invalid", "HTTPS_PROXY", "--mirror"):
+            self.assertIn(words, err)
+        self.assertLessEqual(asked.count("nonexistent.invalid"), 2, "a name that does not resolve was retried")
+
+    def test_redirect_to_an_unusable_url_is_not_retried(self):
+        reg = self.registry()
+        img = reg.push("loc/app", "v1", Image())
+        target = sha256(img.layers[1])
+        for location in ("ftp://127.0.0.1/x", "http://[::1/x"):
+            with self.subTest(case=location):
+                reg.log.clear()
+                reg.fault = lambda h, m, p, loc=location: p.endswith(target) and (
+                    h.send(307, headers={"Location": loc}) or True)
+                code, out, err = self.main(*self.cli_args(reg.host + "/loc/app:v1"))
+                self.assertEqual(code, 6, err)
+                self.assertOneErrorLine(err)
+                self.assertEqual(len([p for m, p in reg.requests("GET") if p.endswith(target)]), 1)
+
+    def test_dead_mirror_is_skipped_at_once(self):
+        reg = self.registry()
+        img = reg.push("dm/app", "v1", Image())
+        dead = free_port()  # nothing listens: connection refused
+        tries = []
+        real = socket.create_connection
+
+        def counting(address, *args, **kw):
+            if address[1] == dead:
+                tries.append(address)
+            return real(address, *args, **kw)
+        socket.create_connection = counting
+        self.addCleanup(setattr, socket, "create_connection", real)
+        start = time.monotonic()
+        code, out, err = self.main(*self.cli_args("--mirror", "http://127.0.0.1:%d" % dead, reg.host + "/dm/app:v1"))
+        self.assertLess(time.monotonic() - start, 2.0)
+        self.assertEqual(code, 0, err)
+        self.assertStoreHas(img)
+        self.assertTrue(reg.requests("GET", "blobs"))  # the registry itself served the image
+        self.assertLessEqual(len(tries), 2, "the dead mirror was retried: %d connection attempts" % len(tries))
+
+    def test_retries_are_said_without_verbose(self):
+        reg = self.registry()
+        img = reg.push("flaky/app", "v1", Image())
+        hits = []
+
+        def flaky(h, method, path):
+            if "/blobs/" in path and len(hits) < 2:
+                hits.append(path)
+                h.error(503, "UNAVAILABLE")
+                return True
+            return False
+        reg.fault = flaky
+        code, out, err = self.main(*self.cli_args(reg.host + "/flaky/app:v1"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(hits), 2)
+        self.assertIn("retrying", err)
+        self.assertStoreHas(img)
+
+    def test_mirror_failing_mid_download_falls_back_without_cancelling_the_caller(self):
+        reg = self.registry()
+        img = reg.push("fb/app", "v1", Image())
+        mirror = self.registry()
+        mirror.push("fb/app", "v1", img)
+        missing = sha256(img.layers[1])
+        del mirror.blobs[missing]  # the mirror has the manifest and the config, not this layer
+        cancel = threading.Event()
+        res = self.pull(reg, "fb/app:v1", mirrors=["http://" + mirror.host], cancel=cancel)
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertStoreHas(img)
+        self.assertTrue(mirror.requests("GET", "blobs"), "downloads had started from the mirror")
+        self.assertTrue([p for m, p in reg.requests("GET", "blobs") if p.endswith(missing)])
+        self.assertFalse(cancel.is_set(), "the caller's cancel event was set by the failed mirror")
+        home2 = tempfile.mkdtemp(prefix="rp-home2-")
+        self.addCleanup(shutil.rmtree, home2, True)
+        res = self.pull(reg, "fb/app:v1", home=home2, mirrors=["http://" + mirror.host], cancel=cancel)
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertFalse(cancel.is_set())
+
+    def test_cut_after_every_256_kib_still_completes(self):
+        reg = self.registry()
+        img = reg.push("cut256/app", "v1", Image(layers=[make_layer({"big": os.urandom(2 << 20)}),
+                                                          make_layer({"s": b"s"})]))
+        big = sha256(img.layers[0])
+        starts = []
+
+        def cut(h, method, path):
+            if not (path.endswith(big) and method == "GET"):
+                return False
+            data = reg.blobs[big]
+            m = re.match(r"^bytes=(\d+)-$", h.headers.get("Range") or "")
+            start = int(m.group(1)) if m else 0
+            starts.append(start)
+            h.send_response(206 if start else 200)
+            h.send_header("Content-Length", str(len(data) - start))
+            if start:
+                h.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(data) - 1, len(data)))
+            h.end_headers()
+            try:
+                h.wfile.write(data[start:start + 256 * 1024])  # then the line drops
+                h.wfile.flush()
+            except OSError:
+                pass
+            h.close_connection = True
+            return True
+        reg.fault = cut
+        self.pull(reg, "cut256/app:v1")
+        self.assertStoreHas(img)
+        self.assertGreater(len(starts), rp.RETRIES + 1)  # more cuts than RETRIES: each one after progress
+        self.assertEqual(starts, sorted(set(starts)))  # every try resumed further on
+
+
+class StoreRecoveryTests(Issue9Base):
+    """Issue 9: what earlier runs, other processes or other users left in HOME."""
+
+    def test_complete_partial_is_verified_without_a_request(self):
+        reg = self.registry()
+        img = reg.push("done/app", "v1", Image())
+        layer = img.layers[1]
+        digest = sha256(layer)
+        final = self.blob_path(digest)
+        os.makedirs(os.path.dirname(final))
+        with open(final + ".partial", "wb") as f:
+            f.write(layer)  # killed after the last byte, before the rename
+        self.pull(reg, "done/app:v1")
+        self.assertStoreHas(img)
+        self.assertEqual([(m, p) for m, p in reg.requests() if p.endswith(digest)], [])
+        self.assertFalse(os.path.exists(final + ".partial"))
+
+    def test_planted_partial_symlink_never_writes_through(self):
+        reg = self.registry()
+        img = reg.push("link/app", "v1", Image())
+        layer = img.layers[1]
+        final = self.blob_path(sha256(layer))
+        elsewhere = tempfile.mkdtemp(prefix="rp-victim-")
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        victim = os.path.join(elsewhere, "victim")
+        with open(victim, "wb") as f:
+            f.write(b"victim")
+        before = os.stat(victim)
+        os.makedirs(os.path.dirname(final))
+        os.symlink(victim, final + ".partial")
+        code, out, err = self.main(*self.cli_args(reg.host + "/link/app:v1"))
+        with open(victim, "rb") as f:
+            self.assertEqual(f.read(), b"victim")
+        after = os.stat(victim)
+        self.assertEqual((after.st_size, after.st_mtime_ns), (before.st_size, before.st_mtime_ns))
+        if code == 0:
+            st = os.lstat(final)
+            self.assertTrue(stat.S_ISREG(st.st_mode), "the final blob is not a regular file")
+            with open(final, "rb") as f:
+                self.assertEqual(f.read(), layer)
+        else:
+            self.assertEqual(code, 7, err)
+            self.assertOneErrorLine(err)
+            self.assertIn(".partial", err)
+
+    def test_files_follow_the_umask(self):
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        reg = self.registry()
+        img = Image()
+        index_digest = reg.push_index("mode/app", "v1", [img], attestations=False)
+        layout = os.path.join(self.home, "layout")
+        archive = os.path.join(self.home, "image.tar")
+        self.pull(reg, "mode/app:v1", oci_layout=layout, docker_archive=archive)
+        paths = [os.path.join(self.home, "index.json"), os.path.join(self.home, "oci-layout"),
+                 self.blob_path(index_digest), self.blob_path(img.digest), self.blob_path(sha256(img.config)),
+                 self.blob_path(sha256(img.layers[0])), os.path.join(layout, "index.json"),
+                 os.path.join(layout, "oci-layout"), archive]
+        for path in paths:
+            with self.subTest(case=os.path.relpath(path, self.home)):
+                self.assertEqual(oct(stat.S_IMODE(os.stat(path).st_mode)), oct(0o644))
+
+    def test_waiting_for_another_process_is_said_with_its_pid(self):
+        reg = self.registry()
+        img = reg.push("lock/app", "v1", Image())
+        final = self.blob_path(sha256(img.layers[1]))
+        os.makedirs(os.path.dirname(final))
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, "
+             "0o644); fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+             final + ".partial"], stdout=subprocess.PIPE)
+        self.addCleanup(end_process, holder)
+        self.assertEqual(holder.stdout.readline().strip(), b"locked")
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"), "-v",
+                                 *self.cli_args(reg.host + "/lock/app:v1")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(end_process, proc)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, b"")), daemon=True)
+        reader.start()
+        said = lambda: [ln for ln in lines if b"waiting for another registry_pull" in ln]  # noqa: E731
+        self.assertTrue(wait_for(said, timeout=3.5), b"".join(lines))
+        self.assertIn(str(holder.pid).encode(), said()[0])
+        self.assertEqual(proc.poll(), None)  # still waiting, not failed
+        holder.kill()
+        holder.wait()
+        self.assertEqual(proc.wait(timeout=20), 0, b"".join(lines))
+        self.assertStoreHas(img)
+
+    def test_short_final_blob_is_fetched_again(self):
+        reg = self.registry()
+        img = reg.push("short/app", "v1", Image())
+        layer = img.layers[1]
+        final = self.blob_path(sha256(layer))
+        os.makedirs(os.path.dirname(final))
+        with open(final, "wb") as f:
+            f.write(layer[:len(layer) // 2])  # renamed before its data reached the disk, then the power went
+        code, out, err = self.main(*self.cli_args(reg.host + "/short/app:v1"))
+        self.assertEqual(code, 0, err)
+        self.assertStoreHas(img)
+        self.assertFalse(os.path.exists(final + ".partial"))
+
+
+OLD_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    reference TEXT NOT NULL UNIQUE,
+    size_bytes INTEGER NOT NULL,
+    last_used_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    manifest_digest TEXT,
+    index_digest TEXT,
+    platform TEXT
+);
+CREATE TABLE IF NOT EXISTS indexes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    schema_version INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    platform_os TEXT,
+    platform_arch TEXT,
+    platform_variant TEXT,
+    annotations_json TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS manifests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    index_id INTEGER REFERENCES indexes(id) ON DELETE CASCADE,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    schema_version INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    annotations_json TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS configs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    manifest_id INTEGER NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    media_type TEXT NOT NULL,
+    created DATETIME,
+    architecture TEXT,
+    os TEXT,
+    os_variant TEXT,
+    config_env_json TEXT,
+    config_cmd_json TEXT,
+    config_working_dir TEXT,
+    config_entrypoint_json TEXT,
+    config_volumes_json TEXT,
+    config_exposed_ports_json TEXT,
+    config_user TEXT,
+    rootfs_type TEXT,
+    rootfs_diff_ids_json TEXT,
+    history_json TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS layers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    media_type TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,
+    diff_id TEXT,
+    size_bytes INTEGER NOT NULL,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS manifest_layers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    manifest_id INTEGER NOT NULL REFERENCES manifests(id) ON DELETE CASCADE,
+    layer_id INTEGER NOT NULL REFERENCES layers(id) ON DELETE CASCADE,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
+    position INTEGER,
+    UNIQUE(manifest_id, layer_id)
+);
+CREATE INDEX IF NOT EXISTS idx_indexes_image_id ON indexes(image_id);
+CREATE INDEX IF NOT EXISTS idx_manifests_image_id ON manifests(image_id);
+CREATE INDEX IF NOT EXISTS idx_configs_manifest_id ON configs(manifest_id);
+CREATE INDEX IF NOT EXISTS idx_manifest_layers_manifest_id ON manifest_layers(manifest_id);
+"""
+
+
+@unittest.skipIf(sqlite3 is None, "this Python has no sqlite3 module")
+class DatabaseSchemaTests(Issue9Base):
+    """Issue 9: schema 2 (an image per reference and platform; a layer listed twice is two rows)."""
+
+    def db(self):
+        conn = sqlite3.connect(os.path.join(self.home, "oci.db"))
+        self.addCleanup(conn.close)
+        return conn
+
+    def test_layer_listed_twice_is_two_rows(self):
+        reg = self.registry()
+        layer = make_layer({"same": os.urandom(5000)})
+        img = reg.push("twice/app", "v1", Image(layers=[layer, layer]))
+        self.pull(reg, "twice/app:v1")
+        rows = self.db().execute(
+            "SELECT ml.position, l.digest FROM manifest_layers ml JOIN manifests m ON m.id = ml.manifest_id "
+            "JOIN layers l ON l.id = ml.layer_id WHERE m.digest = ? ORDER BY ml.position", (img.digest,)).fetchall()
+        self.assertEqual(rows, [(0, sha256(layer[0])), (1, sha256(layer[0]))])
+
+    def test_one_tag_two_platforms_is_two_images(self):
+        reg = self.registry()
+        amd, arm = Image("amd64"), Image("arm64", "v8")
+        reg.push_index("two/app", "v1", [amd, arm])
+        self.pull(reg, "two/app:v1", platform="linux/amd64")
+        res = self.pull(reg, "two/app:v1", platform="linux/arm64")
+        self.pull(reg, "two/app:v1", platform="linux/amd64")  # again: replaced, not added
+        rows = self.db().execute("SELECT manifest_digest, platform FROM images WHERE reference = ?",
+                                 (res.reference,)).fetchall()
+        self.assertEqual(sorted(rows), sorted([(amd.digest, "linux/amd64"), (arm.digest, "linux/arm64/v8")]))
+        with open(os.path.join(self.home, "index.json")) as f:
+            entries = [m for m in json.load(f)["manifests"]
+                       if m["annotations"]["org.opencontainers.image.ref.name"] == res.reference]
+        self.assertEqual(sorted(m["digest"] for m in entries), sorted([amd.digest, arm.digest]))
+
+    def test_version_1_store_is_upgraded_in_place(self):
+        now = "2025-01-01 00:00:00"
+        old_ref = "old.example/app:v1"
+        conn = sqlite3.connect(os.path.join(self.home, "oci.db"), isolation_level=None)
+        conn.executescript(OLD_SCHEMA_V1)
+        conn.execute("PRAGMA user_version = 1")
+        image_id = conn.execute(
+            "INSERT INTO images (reference, size_bytes, last_used_at, created_at, modified_at, manifest_digest,"
+            " index_digest, platform) VALUES (?,?,?,?,?,?,?,?)",
+            (old_ref, 123, now, now, now, sha256(b"old manifest"), sha256(b"old index"), "linux/amd64")).lastrowid
+        index_id = conn.execute(
+            "INSERT INTO indexes (image_id, schema_version, media_type, platform_os, platform_arch, digest)"
+            " VALUES (?,?,?,?,?,?)", (image_id, 2, rp.MT_OCI_INDEX, "linux", "amd64", sha256(b"old index"))).lastrowid
+        manifest_id = conn.execute(
+            "INSERT INTO manifests (index_id, image_id, schema_version, media_type, digest) VALUES (?,?,?,?,?)",
+            (index_id, image_id, 2, rp.MT_OCI_MANIFEST, sha256(b"old manifest"))).lastrowid
+        conn.execute("INSERT INTO configs (manifest_id, media_type, architecture, os, digest) VALUES (?,?,?,?,?)",
+                     (manifest_id, rp.MT_OCI_CONFIG, "amd64", "linux", sha256(b"old config")))
+        for pos, name in enumerate((b"old layer 0", b"old layer 1")):
+            layer_id = conn.execute("INSERT INTO layers (media_type, digest, size_bytes) VALUES (?,?,?)",
+                                    (OCI["layer"], sha256(name), 10)).lastrowid
+            conn.execute("INSERT INTO manifest_layers (manifest_id, layer_id, position) VALUES (?,?,?)",
+                         (manifest_id, layer_id, pos))
+        conn.close()
+        reg = self.registry()
+        amd, arm = Image("amd64"), Image("arm64", "v8")
+        reg.push_index("new/app", "v1", [amd, arm])
+        self.pull(reg, "new/app:v1", platform="linux/amd64")
+        res = self.pull(reg, "new/app:v1", platform="linux/arm64")
+        conn = self.db()
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
+        images = conn.execute("SELECT reference, platform FROM images ORDER BY id").fetchall()
+        self.assertEqual(images, [(old_ref, "linux/amd64"), (res.reference, "linux/amd64"),
+                                  (res.reference, "linux/arm64/v8")])
+        counts = [conn.execute(q, (sha256(b"old manifest"),)).fetchone()[0] for q in (
+            "SELECT COUNT(*) FROM manifests WHERE digest = ?",
+            "SELECT COUNT(*) FROM indexes i JOIN manifests m ON m.index_id = i.id WHERE m.digest = ?",
+            "SELECT COUNT(*) FROM configs c JOIN manifests m ON m.id = c.manifest_id WHERE m.digest = ?",
+            "SELECT COUNT(*) FROM manifest_layers ml JOIN manifests m ON m.id = ml.manifest_id WHERE m.digest = ?")]
+        self.assertEqual(counts, [1, 1, 1, 2])  # the old image's rows survived the rebuild (no cascade)
+        self.assertEqual(conn.execute("PRAGMA foreign_key_check").fetchall(), [])
+        self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+
+
+class StrictParsingTests(Issue9Base):
+    """Issue 9: a trailing newline is not part of a digest, a platform or a layout name."""
+
+    def test_trailing_newline_refused(self):
+        with self.assertRaises(rp.IntegrityError):
+            rp.check_digest("sha256:" + "a" * 64 + "\n")
+        with self.assertRaises(rp.UsageError):
+            rp.parse_platform("linux/amd64\n")
+        reg = self.registry()
+        reg.push("nl/app", "v1", Image())
+        layout = os.path.join(self.home, "layout")
+        for argv in (("--oci-layout", layout + ":name\n"), ("--platform", "linux/amd64\n")):
+            with self.subTest(case=argv):
+                code, out, err = self.main("--home", self.home, *argv, reg.host + "/nl/app:v1")
+                self.assertEqual(code, 2, err)
+                self.assertOneErrorLine(err)
+        self.assertEqual(reg.requests(kind="blobs"), [])
+        self.assertFalse(os.path.exists(layout))
+
+
+# --------------------------------------------------------------------------- issue 10: connections and round trips
+
+
+def count_connections(reg):
+    """Count the TCP connections the in-process registry accepts from now on."""
+    count = [0]
+    real = reg.server.get_request
+
+    def get_request():
+        count[0] += 1
+        return real()
+    reg.server.get_request = get_request
+    return count
+
+
+class ConnectionTests(Base):
+    def many_layers(self, n=6):
+        return Image(layers=[make_layer({"f%d" % i: os.urandom(20000)}) for i in range(n)])
+
+    def test_cold_pull_opens_at_most_jobs_plus_one_connections_and_a_warm_one_exactly_one(self):
+        reg = self.registry()
+        img = reg.push("conn/app", "v1", self.many_layers())
+        opened = count_connections(reg)
+        self.pull(reg, "conn/app:v1", jobs=3)
+        self.assertStoreHas(img)
+        requests = len(reg.log)
+        # The loopback scheme probe tries HTTPS too (one connection that answers nothing); the
+        # manifests share a connection that a download thread then reuses.
+        self.assertLessEqual(opened[0], 3 + 1, "%d connections for %d requests" % (opened[0], requests))
+        self.assertGreater(requests, opened[0])  # connections were reused
+        self.assertEqual([m for m, p in reg.requests() if "/manifests/" in p], ["GET"])  # cold: no HEAD
+        opened[0] = 0
+        reg.log.clear()
+        self.pull(reg, "conn/app:v1", jobs=3)
+        self.assertEqual(opened[0], 1)
+        self.assertEqual(reg.requests(), [("HEAD", "/v2/conn/app/manifests/v1")])
+
+    def test_basic_credentials_go_with_the_first_request_of_the_next_pull(self):
+        reg = self.registry(auth="basic")
+        reg.push("basic/app", "v1", Image())
+        self.pull(reg, "basic/app:v1", username="alice", password="s3cret")
+        reg.log.clear()
+        os.unlink(os.path.join(self.home, "index.json"))  # any change; the host row stays
+        with contextlib.closing(sqlite3.connect(os.path.join(self.home, "oci.db"))) as conn, conn:
+            conn.execute("DELETE FROM images")  # a cold store for this reference, the host remembered
+        self.pull(reg, "basic/app:v1", username="alice", password="s3cret")
+        first = reg.log[0]
+        self.assertTrue(first[2].get("Authorization", "").startswith("Basic "), reg.log)
+        self.assertNotIn("/v2/", [p for _, p, _ in reg.log])  # no probe either
+
+    def test_server_closing_idle_connections_costs_one_retry_not_the_pull(self):
+        reg = self.registry()
+        img = reg.push("idle/app", "v1", self.many_layers(5))
+        dropped = []
+
+        def close_second_request(h, method, path):
+            served = getattr(h, "rp_served", 0)
+            h.rp_served = served + 1
+            if served == 1:  # the keep-alive connection's second request: closed unanswered
+                dropped.append(path)
+                h.close_connection = True
+                return True
+            return False
+        reg.fault = close_second_request
+        opened = count_connections(reg)
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--jobs", "2",
+                                   reg.host + "/idle/app:v1")
+        self.assertEqual(code, 0, err)
+        self.assertStoreHas(img)
+        self.assertTrue(dropped)
+        self.assertNotIn("retrying", err)  # the pool's own one retry, not the retry policy's
+        self.assertLessEqual(len(dropped), opened[0])  # at most one retried request per connection
 
 
 if __name__ == "__main__":
