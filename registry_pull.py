@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "pull",
+    "pull_platforms",
     "main",
     "PullResult",
     "LayerResult",
@@ -86,6 +88,12 @@ __all__ = [
     "export_oci_layout",
     "export_docker_archive",
     "extract_rootfs",
+    "inspect",
+    "list_tags",
+    "images",
+    "remove",
+    "collect_garbage",
+    "verify",
     "PullError",
     "UsageError",
     "InvalidReference",
@@ -163,26 +171,34 @@ _DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 
 
 class PullError(Exception):
-    """Base class for everything registry_pull raises; ``exit_code`` is the CLI's."""
+    """Base class for everything registry_pull raises; ``exit_code`` is the CLI's exit status.
+
+    The message (``str(e)``) is one line for a person; servers' words in it are made printable.
+    """
 
     exit_code = 1
 
 
 class UsageError(PullError):
+    """A bad argument: an option, a platform, a mirror URL, an output path (exit 2)."""
+
     exit_code = 2
 
 
 class InvalidReference(UsageError):
-    """The image reference (or a digest) does not follow the grammar."""
+    """The image reference does not follow distribution/reference's grammar (exit 2)."""
 
 
 class AuthError(PullError):
-    """The registry refused our credentials, or we had none where it wants some."""
+    """The registry or its token service refused us (401/403), we had no credentials where it
+    wants some, a credential helper failed, or a redirect target asked for credentials (exit 3)."""
 
     exit_code = 3
 
 
 class NotFound(PullError):
+    """The repository, tag, digest or a blob does not exist on the registry (exit 4)."""
+
     exit_code = 4
 
 
@@ -197,12 +213,15 @@ class NoMatchingPlatform(NotFound):
 
 
 class IntegrityError(PullError):
-    """Bytes from the registry are not what was promised, or are malformed/hostile."""
+    """Bytes from the registry are not what was promised, or are malformed or hostile: a digest
+    or size mismatch, bad JSON, a layer that climbs out of the root (exit 5)."""
 
     exit_code = 5
 
 
 class DigestMismatch(IntegrityError):
+    """A blob or manifest hashed to another digest than promised (``digest``, ``actual``); exit 5."""
+
     def __init__(self, what, digest, actual):
         super().__init__(
             "%s %s hashed to %s: the download is corrupt and was discarded" % (what, digest, actual)
@@ -211,6 +230,8 @@ class DigestMismatch(IntegrityError):
 
 
 class SizeMismatch(IntegrityError):
+    """A blob's length differs from its descriptor (``expected``, ``actual``); exit 5."""
+
     def __init__(self, what, digest, expected, actual):
         super().__init__(
             "%s %s: expected %d bytes, the registry sent %s: discarded"
@@ -220,20 +241,30 @@ class SizeMismatch(IntegrityError):
 
 
 class RegistryError(PullError):
-    """The registry is unreachable, speaks no protocol we know, or keeps failing."""
+    """The registry is unreachable, its TLS certificate is not trusted, it keeps failing after
+    the retries, it redirects somewhere refused, or --timeout was reached (exit 6)."""
 
     exit_code = 6
 
 
 class StorageError(PullError):
+    """The local file system refused: HOME or an output not writable, disk full, a file size
+    limit, a planted symbolic link, an sqlite3 error (exit 7)."""
+
     exit_code = 7
 
 
 class UnsupportedError(PullError):
+    """Something valid we do not handle: a schema 1 manifest, an artifact that is no image, an
+    unknown media type or digest algorithm, a zstd layer without a decoder (exit 1)."""
+
     exit_code = 1
 
 
 class Interrupted(PullError):
+    """The pull was cancelled (Ctrl-C, or the caller's ``cancel`` event); partial downloads are
+    kept and resume next time (exit 130)."""
+
     exit_code = 130
 
 
@@ -496,6 +527,8 @@ _MACHINE_ARCH = {
 
 def host_platform():
     # type: () -> Platform
+    """linux and this machine's architecture (``platform.machine()`` in containerd's terms):
+    the platform pulled when none is given."""
     machine = _platform_mod.machine().lower()
     arch, variant = _MACHINE_ARCH.get(machine, (machine, ""))
     return Platform("linux", arch, variant)
@@ -1333,6 +1366,8 @@ class _Client:
                 why, timed_out = _network_failure(e, urllib.parse.urlsplit(url).netloc, self.ca_file, self.mirror)
                 raise _Retryable("cannot reach %s: %s" % (_redact(url), why), timed_out=timed_out) from None
             resp.sent_auth, resp.own = h.get("Authorization"), own_host
+            if own_host and resp.header("RateLimit-Remaining"):  # Docker Hub's pull limit, as it counts it
+                log.info("%s: pull limit remaining %s", self.endpoint, _printable(resp.header("RateLimit-Remaining"), 60))
             if resp.status in (301, 302, 303, 307, 308) and redirect_ok:
                 location = resp.header("Location")
                 resp.close()
@@ -1340,6 +1375,14 @@ class _Client:
                 if resp.status == 303 and method != "HEAD":
                     method = "GET"  # See Other: fetch the named resource
                 continue
+            if resp.status == 429 and self.registry == _DOCKER_HUB and own_host:
+                code, msg = _registry_error(resp.excerpt())
+                # Docker Hub's pull limit resets in hours: waiting a minute is not a plan.
+                raise RegistryError(
+                    "Docker Hub answered 429 (%s): the %s pull limit was reached; log in (--username, or "
+                    "docker/podman login) or pull through a mirror (--mirror, REGISTRY_PULL_MIRRORS)"
+                    % (msg or code or "too many requests",
+                       "anonymous" if not self.credentials else "account's"))
             if resp.status in RETRY_STATUSES:
                 retry_after = _retry_after(resp.header("Retry-After"))
                 code, msg = _registry_error(resp.excerpt())
@@ -1822,6 +1865,7 @@ def _mkstemp(directory, **kw):
 
 def default_home():
     # type: () -> str
+    """The store when none is given: $REGISTRY_PULL_HOME, else ${XDG_DATA_HOME:-~/.local/share}/registry_pull."""
     if os.environ.get("REGISTRY_PULL_HOME"):
         return os.environ["REGISTRY_PULL_HOME"]
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
@@ -2047,6 +2091,23 @@ class _Store:
         finally:
             conn.close()
 
+    @contextlib.contextmanager
+    def _locked(self, shared, cancel=None):
+        fd = os.open(os.path.join(self.home, "blobs"), os.O_RDONLY)
+        try:
+            _flock(fd, "the store %s" % self.home, cancel, shared=shared)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
+    def shared(self, cancel=None):
+        """Held by a pull from its first request until its image is recorded and written out:
+        collect_garbage() (which holds it exclusively) never deletes a blob a pull is about to use."""
+        return self._locked(True, cancel)
+
+    def exclusive(self):
+        return self._locked(False)
+
     def knows(self, reference):
         # type: (str) -> bool
         """Has an image of this reference been pulled (so a HEAD could confirm it is current)?"""
@@ -2123,17 +2184,17 @@ def _lock_holder(fd):
     return "another registry_pull"
 
 
-def _flock(fd, what, cancel=None):
-    # type: (int, str, Optional[_Cancel]) -> None
-    """An exclusive flock on ``fd``; says so after a second of waiting, and keeps waiting
-    (as long as ``cancel`` allows: Ctrl-C and --timeout still end it)."""
+def _flock(fd, what, cancel=None, shared=False):
+    # type: (int, str, Optional[_Cancel], bool) -> None
+    """A flock on ``fd`` (exclusive, or ``shared``); says so after a second of waiting, and
+    keeps waiting (as long as ``cancel`` allows: Ctrl-C and --timeout still end it)."""
     if _fcntl is None:
         return
     said = False
     started = time.monotonic()
     while True:
         try:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            _fcntl.flock(fd, (_fcntl.LOCK_SH if shared else _fcntl.LOCK_EX) | _fcntl.LOCK_NB)
             return
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -2538,24 +2599,7 @@ def export_oci_layout(result, target):
     """Write the pulled image into the OCI layout ``DIR[:NAME]`` (hard links where possible)."""
     default = parse_reference(result.reference).tag or "latest"
     directory, name = _split_layout_arg(target, default)
-    try:
-        os.makedirs(os.path.join(directory, "blobs", "sha256"), exist_ok=True)
-        for path in result.blob_paths():
-            algo = os.path.basename(os.path.dirname(path))
-            os.makedirs(os.path.join(directory, "blobs", algo), exist_ok=True)
-            dest = os.path.join(directory, "blobs", algo, os.path.basename(path))
-            if os.path.exists(dest):
-                continue
-            tmp = dest + ".tmp-%d" % os.getpid()
-            _unlink(tmp)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        _update_layout_index(directory, [_result_entry(result, name)])
-    except OSError as e:
-        raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
+    _export_blobs(result.blob_paths(), directory, [_result_entry(result, name)])
     return directory
 
 
@@ -3419,16 +3463,32 @@ def pull(
     timeout=None,
 ):
     # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[str], Optional[str], Optional[List[str]], Optional[float]) -> PullResult
-    """Pull ``reference`` into the store at ``home`` and return what was pulled.
+    """Pull ``reference`` into the store at ``home`` and return a :class:`PullResult`.
 
-    ``platform`` is a Platform or ``"os/arch[/variant]"`` (default: linux/this machine).
-    ``progress(digest, bytes_done, bytes_total)`` is called from download threads.
-    Credentials: ``username``/``password`` if given, else the Podman/Docker files.
-    Outputs, each written only once the image is verified: ``oci_layout`` ("DIR[:NAME]"),
-    ``docker_archive`` (a `docker save` tar) and ``rootfs`` (a directory, whole or absent).
-    ``mirrors``: URLs tried in order before the registry (default for docker.io:
-    $REGISTRY_PULL_MIRRORS, comma- or space-separated).
-    Raises a PullError subclass on failure; nothing is recorded for a failed pull.
+    Parameters (all but ``reference`` keyword-only):
+
+    - ``reference``: a string (``[REGISTRY/]PATH[:TAG][@DIGEST]``, docker.io by default) or a
+      :class:`Reference`.
+    - ``home``: the store directory (default :func:`default_home`).
+    - ``platform``: a :class:`Platform` or a string as ``--platform`` takes it (default
+      :func:`host_platform`).
+    - ``jobs``: parallel blob downloads, 1 to 32 (default 4).
+    - ``progress``: ``progress(digest, bytes_done, bytes_total)``, called from download threads.
+    - ``insecure``: allow plain HTTP and unverified TLS for this registry (loopback registries
+      may use plain HTTP anyway).
+    - ``ca_file``: an extra trusted CA bundle (a private CA); SSL_CERT_FILE is honoured too.
+    - ``username``/``password``: credentials; without them the Podman/Docker files are read.
+    - ``cancel``: a :class:`threading.Event`; set it (from another thread) to stop the pull,
+      which then raises :class:`Interrupted`. The pull never sets it itself.
+    - ``oci_layout`` (``"DIR[:NAME]"``), ``docker_archive`` (a ``docker save`` tar path) and
+      ``rootfs`` (a directory that does not exist or is empty): outputs, each written only once
+      the image is verified (the rootfs is extracted while layers arrive, and put in place last).
+    - ``mirrors``: URLs tried in order before the registry (default for docker.io:
+      $REGISTRY_PULL_MIRRORS, comma- or space-separated).
+    - ``timeout``: seconds the whole pull may take, else :class:`RegistryError`.
+
+    Raises a :class:`PullError` subclass on failure (its ``exit_code`` is the CLI's); nothing is
+    recorded for a failed pull.
     """
     ref = reference if isinstance(reference, Reference) else parse_reference(reference)
     want = platform if isinstance(platform, Platform) else (parse_platform(platform) if platform else host_platform())
@@ -3451,6 +3511,8 @@ def pull(
     # One pool for the whole pull: the registry, its token service, a blob CDN and mirrors each
     # keep their connections from request to request.
     pool = _Pool()
+    lock = store.shared(_Cancel(cancel, deadline, timeout))
+    lock.__enter__()  # released when the outputs are written (or the pull failed)
     try:
         result = None
         for host, scheme in mirrors:
@@ -3474,6 +3536,9 @@ def pull(
                              cancel=_Cancel(cancel, deadline, timeout), pool=pool)
             client.remembered(store.host(client.endpoint))
             result = _Puller(client, store, ref, want, jobs, progress, job).run()
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
     finally:
         log.debug("%d connections opened", pool.opened)
         pool.close()
@@ -3489,7 +3554,123 @@ def pull(
         if job is not None:
             job.discard()
         raise
+    finally:
+        lock.__exit__(None, None, None)
     return dataclasses.replace(result, outputs=tuple(outputs))
+
+
+def pull_platforms(reference, platforms="all", *, home=None, jobs=4, progress=None, insecure=False, ca_file=None,
+                   username=None, password=None, cancel=None, oci_layout=None, timeout=None):
+    # type: (Any, Any, Optional[str], int, Any, bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[float]) -> Tuple[str, List[PullResult]]
+    """Pull several platforms of an index (repeated ``--platform``, or ``--platform all``).
+
+    ``platforms`` is ``"all"`` (every manifest the index lists, attestation manifests included:
+    an ``oci_layout`` then gets the registry's index byte for byte, as ``skopeo copy --all``
+    writes it) or a list of platforms (the best entry for each, attestations skipped; the
+    layout gets a new index listing what was pulled). Other parameters as :func:`pull`.
+    Returns (the digest of the index written to the layout or, without one, the registry's;
+    a PullResult per image pulled). Each image is recorded as (reference, platform).
+    """
+    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+    if not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise UsageError("jobs must be between 1 and %d, not %r" % (MAX_JOBS, jobs))
+    wants = None if platforms == "all" else [p if isinstance(p, Platform) else parse_platform(p) for p in platforms]
+    if oci_layout is not None:
+        _split_layout_arg(oci_layout, "latest")
+    deadline = time.monotonic() + timeout if timeout else None
+    store = _Store(home or default_home())
+    pool = _Pool()
+    results = []  # type: List[PullResult]
+    with store.shared(_Cancel(cancel, deadline, timeout)):
+        try:
+            client = _client_for(ref, insecure, ca_file, username, password, pool, store)
+            client.cancel = _Cancel(cancel, deadline, timeout)
+            top_digest, top_data, top = _Puller(client, store, ref, host_platform(), jobs, progress)._manifest(
+                ref.ref, set())
+            if not top.is_index:
+                raise UsageError("%s is a single image, not an index: several platforms need an index" % ref)
+            raw_entries = top.doc.get("manifests") or []
+            if wants is None:
+                chosen = list(range(len(top.manifests)))
+            else:
+                chosen = []
+                for want in wants:
+                    d = select_platform(list(top.manifests), want, str(ref))
+                    i = top.manifests.index(d)
+                    if i not in chosen:
+                        chosen.append(i)
+            blobs = [store.path(top_digest)]
+            for i in chosen:
+                d = top.manifests[i]
+                if d.annotations and d.annotations.get(_ANNOTATION_REF_TYPE) == "attestation-manifest" \
+                        or d.platform is None or d.platform.architecture in ("", "unknown"):
+                    blobs += _fetch_artifact(client, store, ref, d, jobs, progress)
+                    continue
+                res = _Puller(client, store, ref, d.platform, jobs, progress).run()
+                results.append(res)
+                blobs += res.blob_paths()
+        finally:
+            pool.close()
+        if wants is None:
+            index_digest, index_data = top_digest, top_data
+        else:
+            doc = {"schemaVersion": 2, "mediaType": top.media_type, "manifests": [raw_entries[i] for i in chosen]}
+            index_data = json.dumps(doc, indent=2).encode() + b"\n"
+            index_digest = _hash("sha256", index_data)
+            store.put(index_digest, index_data)
+            blobs[0] = store.path(index_digest)
+        if oci_layout is not None:
+            directory, name = _split_layout_arg(oci_layout, ref.tag or "latest")
+            entry = {"mediaType": top.media_type, "digest": index_digest, "size": len(index_data),
+                     "annotations": {_REF_NAME: name}}
+            _export_blobs(blobs, directory, [entry])
+    return index_digest, results
+
+
+def _fetch_artifact(client, store, ref, desc, jobs, progress):
+    # type: (_Client, _Store, Reference, Descriptor, int, Any) -> List[str]
+    """A manifest that is no image (an attestation: in-toto layers), fetched and verified blob
+    by blob as it is, for a complete layout; returns the paths of its blobs."""
+    path = "/v2/%s/manifests/%s" % (ref.repository, desc.digest)
+    data = store.read(desc.digest)
+    if data is None:
+        resp = client.request("GET", path, headers={"Accept": MANIFEST_ACCEPT + ", " + desc.media_type},
+                              scope="repository:%s:pull" % ref.repository)
+        try:
+            if resp.status != 200:
+                raise NotFound("%s@%s: manifest not found (%d)" % (ref.name, desc.digest, resp.status))
+            data = resp.read(MAX_MANIFEST_BYTES)
+        finally:
+            resp.close()
+        _verify_bytes("manifest", data, desc.digest)
+        store.put(desc.digest, data)
+    doc = _loads_json(data, "manifest %s" % desc.digest)
+    parts = [doc.get("config")] + (doc.get("layers") if isinstance(doc.get("layers"), list) else [])
+    descs = [Descriptor.parse(p, "blob of %s" % desc.digest) for p in parts if p is not None]
+    downloader = _Downloader(client, store, ref.repository, progress)
+    return [store.path(desc.digest)] + [downloader.fetch(d, "blob") for d in descs]
+
+
+def _export_blobs(paths, directory, entries):
+    # type: (List[str], str, List[dict]) -> None
+    """Blobs into the OCI layout DIR (hard links where possible) and ``entries`` into its index."""
+    try:
+        for path in paths:
+            algo = os.path.basename(os.path.dirname(path))
+            os.makedirs(os.path.join(directory, "blobs", algo), exist_ok=True)
+            dest = os.path.join(directory, "blobs", algo, os.path.basename(path))
+            if os.path.exists(dest):
+                continue
+            tmp = dest + ".tmp-%d" % os.getpid()
+            _unlink(tmp)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        _update_layout_index(directory, entries)
+    except OSError as e:
+        raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
 
 
 class _Puller:
@@ -3713,6 +3894,324 @@ def _have_sqlite():
     return True
 
 
+# --------------------------------------------------------------------------- Inspect, tags and the store
+
+
+def _client_for(ref, insecure=False, ca_file=None, username=None, password=None, pool=None, store=None):
+    # type: (Reference, bool, Optional[str], Optional[str], Optional[str], Optional[_Pool], Optional[_Store]) -> _Client
+    if username is not None or password is not None:
+        creds = Credentials(username or "", password or "", source="arguments")  # type: Optional[Credentials]
+    else:
+        creds = find_credentials(ref.registry, repository=ref.repository)
+    client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, pool=pool)
+    if store is not None:
+        client.remembered(store.host(client.endpoint))
+    return client
+
+
+def inspect(reference, *, home=None, platform=None, insecure=False, ca_file=None, username=None, password=None):
+    # type: (Any, Optional[str], Any, bool, Optional[str], Optional[str], Optional[str]) -> dict
+    """What a pull of ``reference`` would fetch, without fetching a layer (``--inspect``).
+
+    Returns one dict with the fields ``skopeo inspect`` prints (``Name``, ``Digest`` (of what the
+    reference names: the index for a multi-platform image), ``Created``, ``DockerVersion``,
+    ``Labels``, ``Architecture``, ``Os``, ``Variant``, ``Layers``, ``LayersData``, ``Env``) and
+    ``ManifestDigest`` (the chosen image's), ``Platform``, ``PlatformMatch``, ``Config``
+    (Entrypoint, Cmd, WorkingDir, ExposedPorts, User), ``Size`` (compressed) and, for an index,
+    ``Index`` with every platform it offers, its compressed size and which one this host takes.
+    Only manifests and the config are fetched, and only they are stored.
+    """
+    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+    want = platform if isinstance(platform, Platform) else (parse_platform(platform) if platform else host_platform())
+    store = _Store(home or default_home())
+    pool = _Pool()
+    try:
+        client = _client_for(ref, insecure, ca_file, username, password, pool, store)
+        puller = _Puller(client, store, ref, want, 1, None)
+        seen = set()  # type: set
+        top, _, manifest = puller._manifest(ref.ref, seen)
+        index = None  # type: Optional[dict]
+        digest, how = top, "exact"
+        if manifest.is_index:
+            chosen, how = _choose_platform(list(manifest.manifests), want, str(ref))
+            entries = []
+            for d in manifest.manifests:
+                entry = {"Digest": d.digest, "MediaType": d.media_type, "Platform": str(d.platform or ""),
+                         "Chosen": d.digest == chosen.digest}  # type: Dict[str, Any]
+                kind = (d.annotations or {}).get(_ANNOTATION_REF_TYPE)
+                if kind:
+                    entry["Kind"] = kind
+                elif d.media_type in MANIFEST_TYPES:
+                    _, _, m = puller._manifest(d.digest, set())
+                    entry["Size"] = sum(x.size for x in m.layers) + (m.config.size if m.config else 0)
+                entries.append(entry)
+            index = {"Digest": top, "MediaType": manifest.media_type, "Manifests": entries}
+            digest, _, manifest = puller._manifest(chosen.digest, seen)
+            if manifest.is_index:
+                raise UnsupportedError("%s: nested indexes cannot be inspected" % ref)
+        assert manifest.config is not None
+        _Downloader(client, store, ref.repository).fetch(manifest.config, "config")
+        config = _loads_json(store.read(manifest.config.digest) or b"{}", "config")
+    finally:
+        pool.close()
+    cfg = config.get("config") if isinstance(config.get("config"), dict) else {}
+    out = {
+        "Name": ref.name,
+        "Digest": top,
+        "ManifestDigest": digest,
+        "Created": config.get("created"),
+        "DockerVersion": config.get("docker_version", ""),
+        "Labels": cfg.get("Labels"),
+        "Architecture": config.get("architecture", ""),
+        "Os": config.get("os", ""),
+        "Layers": [x.digest for x in manifest.layers],
+        "LayersData": [{"MIMEType": x.media_type, "Digest": x.digest, "Size": x.size,
+                        "Annotations": x.annotations} for x in manifest.layers],
+        "Env": cfg.get("Env"),
+        "Platform": str(Platform(str(config.get("os", "")), str(config.get("architecture", "")),
+                                 str(config.get("variant") or ""))),
+        "PlatformMatch": how,
+        "Config": dict((k, cfg.get(k)) for k in ("Entrypoint", "Cmd", "WorkingDir", "ExposedPorts", "User")),
+        "Size": sum(x.size for x in manifest.layers) + manifest.config.size,
+    }  # type: Dict[str, Any]
+    if config.get("variant"):
+        out["Variant"] = config["variant"]
+    if index is not None:
+        out["Index"] = index
+    return out
+
+
+def list_tags(reference, *, insecure=False, ca_file=None, username=None, password=None, page_size=1000, home=None):
+    # type: (Any, bool, Optional[str], Optional[str], Optional[str], int, Optional[str]) -> List[str]
+    """Every tag of a repository (``--list-tags``), following the registry's pagination
+    (``?n=`` and the ``Link`` header, on the registry's own host only) to the end."""
+    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+    store = _Store(home or default_home()) if home else None
+    pool = _Pool()
+    tags = []  # type: List[str]
+    try:
+        client = _client_for(ref, insecure, ca_file, username, password, pool, store)
+        path = "/v2/%s/tags/list?n=%d" % (ref.repository, page_size)  # type: Optional[str]
+        scope = "repository:%s:pull" % ref.repository
+        pages = 0
+        while path:
+            pages += 1
+            if pages > 100000:
+                raise IntegrityError("%s: the tag list never ends" % ref.name)
+            resp = client.request("GET", path, headers={"Accept": "application/json"}, scope=scope)
+            try:
+                if resp.status == 404:
+                    code, msg = _registry_error(resp.excerpt())
+                    raise NotFound("%s: repository not found (%s)" % (ref.name, code or msg or "404"))
+                if resp.status != 200:
+                    raise RegistryError("%s answered %d for the tag list" % (client.endpoint, resp.status))
+                doc = _loads_json(resp.read(MAX_MANIFEST_BYTES * 4), "tag list")
+            finally:
+                resp.close()
+            page = doc.get("tags") or []
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise IntegrityError("%s: the tag list is not a list of strings" % ref.name)
+            tags += page
+            path = _next_link(resp.header("Link"), client, path)
+    finally:
+        pool.close()
+    return tags
+
+
+def _next_link(header, client, current):
+    # type: (str, _Client, str) -> Optional[str]
+    """The path of a ``Link: <...>; rel="next"`` on the registry's own host, or None."""
+    m = re.search(r'<([^>]*)>\s*;[^,]*rel="?next"?', header or "")
+    if not m:
+        return None
+    parts = urllib.parse.urlsplit(urllib.parse.urljoin(client._base() + current, m.group(1)))
+    if parts.netloc.lower() != client.endpoint.lower() or not parts.path.startswith("/v2/"):
+        raise RegistryError("%s sent a tag list Link to another place (%s): refused"
+                            % (client.endpoint, _redact(m.group(1))))
+    return parts.path + ("?" + parts.query if parts.query else "")
+
+
+def images(*, home=None):
+    # type: (Optional[str]) -> List[dict]
+    """What the store holds (``--images``): one dict per image (reference, platform, manifest
+    digest, size, pulled_at, last_used_at), from sqlite3."""
+    store = _Store(home or default_home())
+    rows = store._query("SELECT reference, platform, manifest_digest, index_digest, size_bytes, created_at,"
+                        " last_used_at FROM images ORDER BY reference, platform", ())
+    keys = ("reference", "platform", "manifest_digest", "index_digest", "size", "pulled_at", "last_used_at")
+    return [dict(zip(keys, row)) for row in rows or []]
+
+
+def remove(reference, *, home=None, platform=None):
+    # type: (Any, Optional[str], Any) -> int
+    """Forget an image (``--remove``): its rows and its ``index.json`` entry (every platform, or
+    only ``platform``). Blobs stay until collect_garbage(). Returns how many images went;
+    NotFound when none matched."""
+    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+    store = _Store(home or default_home())
+    sql, args = "DELETE FROM images WHERE reference = ?", [str(ref)]
+    if platform is not None:
+        want = platform if isinstance(platform, Platform) else parse_platform(platform)
+        rows = store._query("SELECT id, platform FROM images WHERE reference = ?", (str(ref),)) or []
+        ids = [i for i, p in rows if _recorded_platform(p).normalized() == want.normalized()]
+        sql, args = "DELETE FROM images WHERE id IN (%s)" % ",".join("?" * len(ids)), ids
+        if not ids:
+            raise NotFound("%s for %s is not in the store %s" % (ref, want, store.home))
+    with store.exclusive():
+        conn = store.connect()
+        if conn is None:
+            raise UnsupportedError("this Python has no sqlite3 module: the store has no image list")
+        try:
+            with conn:
+                n = conn.execute(sql, args).rowcount
+        finally:
+            conn.close()
+        if not n:
+            raise NotFound("%s is not in the store %s" % (ref, store.home))
+        _write_store_index(store)
+    return n
+
+
+def _recorded_platform(text):
+    # type: (Optional[str]) -> Platform
+    spec, _, version = (text or "").partition(":")
+    parts = (spec + "//").split("/")
+    return Platform(parts[0], parts[1], parts[2], version)
+
+
+def _referenced(store):
+    # type: (_Store) -> Dict[str, List[str]]
+    """digest -> the references of the images that need it (manifests, indexes, configs, layers)."""
+    rows = store._query(
+        "SELECT i.reference, i.manifest_digest, i.index_digest, c.digest, l.digest FROM images i"
+        " LEFT JOIN manifests m ON m.image_id = i.id LEFT JOIN configs c ON c.manifest_id = m.id"
+        " LEFT JOIN manifest_layers ml ON ml.manifest_id = m.id LEFT JOIN layers l ON l.id = ml.layer_id", ())
+    refs = {}  # type: Dict[str, List[str]]
+    for row in rows or []:
+        for digest in row[1:]:
+            if digest and row[0] not in refs.setdefault(digest, []):
+                refs[digest].append(row[0])
+        # What the index lists beside the images (attestation manifests and their blobs, pulled
+        # with --platform all) belongs to the image too.
+        for digest in _listed(store, row[2]):
+            if row[0] not in refs.setdefault(digest, []):
+                refs[digest].append(row[0])
+    return refs
+
+
+def _listed(store, index_digest):
+    # type: (_Store, Optional[str]) -> List[str]
+    """Digests of the manifests an index in the store lists, and of their blobs, where stored."""
+    out = []  # type: List[str]
+    try:
+        data = store.read(index_digest) if index_digest else None
+        entries = _loads_json(data, "index").get("manifests") if data else None
+        for entry in entries if isinstance(entries, list) else []:
+            digest = entry.get("digest") if isinstance(entry, dict) else None
+            sub = store.read(digest) if isinstance(digest, str) else None
+            if sub is None:
+                continue
+            doc = _loads_json(sub, "manifest")
+            out.append(digest)
+            for d in [doc.get("config")] + (doc.get("layers") if isinstance(doc.get("layers"), list) else []):
+                if isinstance(d, dict) and isinstance(d.get("digest"), str):
+                    out.append(d["digest"])
+    except PullError:
+        pass  # a blob that is not what it should be: verify() is the place to say so
+    return out
+
+
+def _blob_files(store):
+    # type: (_Store) -> List[Tuple[str, str]]
+    """(digest or "", path) of every file under HOME/blobs ("" for .partial and temporaries)."""
+    out = []
+    for algo in _DIGEST_HEX:
+        directory = os.path.join(store.home, "blobs", algo)
+        for name in sorted(os.listdir(directory)):
+            full = "%s:%s" % (algo, name)
+            out.append((full if re.fullmatch(r"[0-9a-f]{%d}" % _DIGEST_HEX[algo], name) else "",
+                        os.path.join(directory, name)))
+    return out
+
+
+def collect_garbage(*, home=None, partial_age=86400.0):
+    # type: (Optional[str], float) -> Tuple[int, int]
+    """Delete blobs no image references, and ``.partial`` files older than ``partial_age``
+    seconds that no process holds (``--gc``). Safe while other processes pull into the same
+    HOME: it holds the store's lock exclusively, which every pull holds shared from its first
+    request until its image is recorded. Returns (files deleted, bytes freed)."""
+    store = _Store(home or default_home())
+    if not _have_sqlite():
+        raise UnsupportedError("this Python has no sqlite3 module: without the image list no blob is known unused")
+    files = freed = 0
+    with store.exclusive():
+        keep = _referenced(store)
+        now = time.time()
+        for digest, path in _blob_files(store):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if digest:
+                if digest in keep:
+                    continue
+            elif path.endswith(".partial") or os.path.basename(path).startswith((".tmp-", ".probe-")):
+                if now - st.st_mtime < partial_age or not _unlocked(path):
+                    continue
+            else:
+                continue  # not ours: left alone
+            _unlink(path)
+            files += 1
+            freed += st.st_size
+            log.info("deleted %s (%s)", path, _human(st.st_size))
+    return files, freed
+
+
+def _unlocked(path):
+    # type: (str) -> bool
+    """Does no process hold ``path``'s flock (a download in progress)?"""
+    if _fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def verify(*, home=None):
+    # type: (Optional[str]) -> List[Tuple[str, List[str]]]
+    """Hash every blob again (``--verify``); remove the corrupt ones. Returns [(digest, the
+    references of the images it breaks)], empty when all is well (the CLI exits 5 otherwise)."""
+    store = _Store(home or default_home())
+    bad = []
+    with store.exclusive():
+        users = _referenced(store) if _have_sqlite() else {}
+        for digest, path in _blob_files(store):
+            if not digest:
+                continue
+            h = hashlib.new(digest.split(":")[0])
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd, "rb") as f:
+                    for chunk in iter(lambda: f.read(CHUNK), b""):
+                        h.update(chunk)
+            except OSError as e:
+                raise StorageError("cannot read %s: %s" % (path, e.strerror or e)) from None
+            if "%s:%s" % (h.name, h.hexdigest()) != digest:
+                _unlink(path)
+                bad.append((digest, users.get(digest, [])))
+    if bad:
+        _write_store_index(store)  # an image that lost a blob leaves index.json
+    return bad
+
+
 # --------------------------------------------------------------------------- Command line
 
 _EXIT_CODES = """exit codes:
@@ -3744,10 +4243,26 @@ def _parser():
         "$XDG_RUNTIME_DIR/containers/auth.json, $DOCKER_CONFIG/config.json (~/.docker/config.json)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("reference", help="image reference, e.g. alpine, library/alpine:3.20, ghcr.io/o/i@sha256:...")
+    p.add_argument("reference", nargs="?",
+                   help="image reference, e.g. alpine, library/alpine:3.20, ghcr.io/o/i@sha256:... (pulled, "
+                   "unless an action below says otherwise)")
+    actions = p.add_argument_group("other actions (instead of a pull; an image may be called anything)")
+    one = actions.add_mutually_exclusive_group()
+    one.add_argument("--inspect", action="store_true", help="show what a pull of REFERENCE would fetch: "
+                     "digests, platforms, config; fetches no layer")
+    one.add_argument("--list-tags", action="store_true", help="list every tag of REFERENCE's repository")
+    one.add_argument("--images", action="store_true", help="list the images in the store")
+    one.add_argument("--remove", action="store_true", help="forget REFERENCE (every platform, or --platform's); "
+                     "its blobs stay until --gc")
+    one.add_argument("--gc", action="store_true", help="delete blobs no image needs, and .partial files older "
+                     "than a day that no pull holds")
+    one.add_argument("--verify", action="store_true", help="hash every blob again; remove the corrupt ones and "
+                     "name the images they break (exit 5 if any)")
     p.add_argument("--home", metavar="DIR", help="the store (default $REGISTRY_PULL_HOME, else "
                    "${XDG_DATA_HOME:-~/.local/share}/registry_pull)")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: linux/%s" % host_platform().architecture)
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", action="append",
+                   help="default: linux/%s; repeat it for several platforms of an index, or 'all' for every "
+                   "manifest it lists (attestations included)" % host_platform().architecture)
     p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel blob downloads, 1-%d (default 4)"
                    % MAX_JOBS)
     p.add_argument("--insecure", action="store_true",
@@ -3771,8 +4286,63 @@ def _parser():
     return p
 
 
+def _out(args, doc, lines):
+    # type: (Any, Any, List[str]) -> None
+    """--json: one JSON document on stdout; else lines for a person (server strings made printable)."""
+    if args.json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        sys.stdout.write("".join(_printable(line, 4000) + "\n" for line in lines))
+
+
+def _store_action(args):
+    # type: (Any) -> int
+    if args.images:
+        rows = images(home=args.home)
+        _out(args, rows, ["%-50s %-16s %s %9s  %s" % (r["reference"], r["platform"], r["manifest_digest"][:19],
+                                                       _human(r["size"]), r["pulled_at"]) for r in rows])
+        return 0
+    if args.gc:
+        files, freed = collect_garbage(home=args.home)
+        _out(args, {"deleted": files, "freed_bytes": freed}, ["deleted %d files, freed %s" % (files, _human(freed))])
+        return 0
+    bad = verify(home=args.home)
+    _out(args, [{"digest": d, "breaks": users} for d, users in bad],
+         ["corrupt, removed: %s (breaks %s)" % (d, ", ".join(users) or "no image") for d, users in bad]
+         or ["every blob is what its digest says"])
+    return 5 if bad else 0
+
+
+def _reference_action(args, ref, password):
+    # type: (Any, Reference, Optional[str]) -> int
+    if args.remove:
+        n = remove(ref, home=args.home, platform=args.platform)
+        _out(args, {"removed": n}, ["removed %d image%s of %s" % (n, "" if n == 1 else "s", ref)])
+        return 0
+    creds = dict(insecure=args.insecure, ca_file=args.ca_file, username=args.username, password=password)
+    if args.list_tags:
+        tags = list_tags(ref, home=args.home, **creds)  # type: ignore[arg-type]
+        _out(args, {"Repository": ref.name, "Tags": tags}, tags)
+        return 0
+    doc = inspect(ref, home=args.home, platform=args.platform, **creds)  # type: ignore[arg-type]
+    lines = ["%s  %s" % (doc["Name"], doc["Digest"])]
+    for entry in (doc.get("Index") or {}).get("Manifests", []):
+        lines.append("  %s %-24s %s%s" % ("*" if entry["Chosen"] else " ", entry.get("Platform") or entry.get("Kind", ""),
+                                          entry["Digest"], "  " + _human(entry["Size"]) if "Size" in entry else ""))
+    lines += ["image     %s (%s, %s)" % (doc["ManifestDigest"], doc["Platform"], doc["PlatformMatch"]),
+              "created   %s" % doc["Created"],
+              "layers    %d, %s" % (len(doc["Layers"]), _human(doc["Size"]))]
+    lines += ["%-9s %s" % (k.lower(), json.dumps(v)) for k, v in sorted(doc["Config"].items()) if v]
+    lines += ["env       %s" % e for e in doc["Env"] or []]
+    lines += ["label     %s=%s" % kv for kv in sorted((doc["Labels"] or {}).items())]
+    _out(args, doc, lines)
+    return 0
+
+
 def main(argv=None):
     # type: (Optional[List[str]]) -> int
+    """The command line (``argv`` without the program name; default sys.argv[1:]): returns the
+    exit status (README's table) and never raises, whatever goes wrong."""
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -3794,12 +4364,34 @@ def main(argv=None):
             password = sys.stdin.readline().rstrip("\r\n")
         elif args.username:
             raise UsageError("--username needs --password-stdin (passwords are never taken as arguments)")
+        if args.images or args.gc or args.verify:
+            if args.reference:
+                raise UsageError("--images, --gc and --verify take no REFERENCE")
+            return _store_action(args)
+        if not args.reference:
+            raise UsageError("a REFERENCE is needed (e.g. alpine:3.20); see --help")
         ref = parse_reference(args.reference)
-        want = parse_platform(args.platform) if args.platform else host_platform()
+        platforms = args.platform or []
+        several = len(platforms) > 1 or "all" in platforms
+        if several and (args.rootfs or args.docker_archive or args.inspect or args.remove):
+            raise UsageError("--rootfs, --docker-archive, --inspect and --remove take exactly one platform")
+        args.platform = platforms[0] if platforms else None
+        if args.inspect or args.list_tags or args.remove:
+            return _reference_action(args, ref, password)
         progress = None
         if not args.quiet and not args.json and sys.stderr.isatty():
             progress = _Bars(sys.stderr)
         started = time.monotonic()
+        if several:
+            index_digest, results = pull_platforms(
+                ref, "all" if platforms == ["all"] else platforms, home=args.home, jobs=args.jobs,
+                progress=progress, insecure=args.insecure, ca_file=args.ca_file, username=args.username,
+                password=password, cancel=cancel, oci_layout=args.oci_layout, timeout=args.timeout)
+            _out(args, {"index_digest": index_digest, "images": [r.to_json() for r in results]},
+                 ["pulled %s (%s) %s" % (r.reference, r.platform, r.manifest_digest) for r in results]
+                 + ["index %s, %.1fs" % (index_digest, time.monotonic() - started)])
+            return 0
+        want = parse_platform(args.platform) if args.platform else host_platform()
         result = pull(ref, home=args.home, platform=want, jobs=args.jobs, progress=progress,
                       insecure=args.insecure, ca_file=args.ca_file, username=args.username,
                       password=password, cancel=cancel, oci_layout=args.oci_layout,
