@@ -3091,21 +3091,40 @@ class _Unpacker:
         self.dirs[rel] = (info.mode & 0o7777, info.uid, info.gid, info.mtime)
 
     def _make_file(self, tar, info, rel, path):
-        self._clear(rel, path)
-        src = tar.extractfile(info)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-                     | getattr(os, "O_CLOEXEC", 0), 0o600)
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out, CHUNK)
-            out.flush()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:  # most names are new: no look before, and O_EXCL never follows or reuses what is there
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            self._clear(rel, path)
+            fd = os.open(path, flags, 0o600)
+        try:
+            if info.sparse is None:
+                # Straight from the stream (tarfile's file object adds two buffers per byte).
+                left = info.size
+                while left:
+                    chunk = tar.fileobj.read(min(CHUNK, left))
+                    if not chunk:
+                        raise IntegrityError("layer %s is truncated inside %r" % (self.layer, rel[:200]))
+                    left -= len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            else:
+                with os.fdopen(os.dup(fd), "wb") as out:
+                    shutil.copyfileobj(tar.extractfile(info), out, CHUNK)
             self._set_meta(fd, info)
+        finally:
+            os.close(fd)
         if info.mode & 0o6000:
             self.special += 1
         self._mark(rel)
 
     def _make_symlink(self, tar, info, rel, path):
-        self._clear(rel, path)
-        os.symlink(info.linkname, path)
+        try:
+            os.symlink(info.linkname, path)
+        except FileExistsError:
+            self._clear(rel, path)
+            os.symlink(info.linkname, path)
         self._set_meta(path, info, link=True)
         self._mark(rel)
 
