@@ -795,6 +795,7 @@ class _Pool:
     def __init__(self):
         self._idle = {}  # type: Dict[Tuple[str, str, Optional[str]], List[http.client.HTTPConnection]]
         self._lock = threading.Lock()
+        self._closed = False
         self.opened = 0  # connections opened (-vv says each; the benchmark counts them)
 
     def get(self, key):
@@ -807,23 +808,68 @@ class _Pool:
                 conn = conns.pop() if conns else None
             if conn is None:
                 return None
-            try:  # readable while idle: the server closed it (or broke the protocol)
-                if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
-                    return conn
-            except (OSError, ValueError):
-                pass
+            if _idle_alive(conn.sock, select):
+                return conn
             conn.close()
+
+    def warm(self, key, make, n):
+        # type: (Tuple[str, str, Optional[str]], Callable[[], http.client.HTTPConnection], int) -> None
+        """Open ``n`` connections for ``key`` in the background (their TCP and TLS handshakes
+        overlap the manifest requests, so the first blob requests find them ready)."""
+        def one():
+            conn = make()
+            try:
+                conn.connect()
+            except Exception:  # a connection that could not be made: the request makes its own
+                conn.close()
+                return
+            with self._lock:
+                self.opened += 1
+            self.put(key, conn)
+        for _ in range(n):
+            threading.Thread(target=one, name="registry_pull-connect", daemon=True).start()
+
 
     def put(self, key, conn):
         with self._lock:
-            self._idle.setdefault(key, []).append(conn)
+            if not self._closed:
+                self._idle.setdefault(key, []).append(conn)
+                return
+        conn.close()  # the pull is over
 
     def close(self):
         with self._lock:
+            self._closed = True
             conns = [c for cs in self._idle.values() for c in cs]
             self._idle.clear()
         for conn in conns:
             conn.close()
+
+
+def _idle_alive(sock, select):
+    # type: (Any, Any) -> bool
+    """Is an idle connection still usable? Readable while idle means the server closed it (or
+    broke the protocol), except for TLS records that carry no data (a TLS 1.3 session ticket)."""
+    try:
+        if sock is None:
+            return False
+        if not select.select([sock], [], [], 0)[0]:
+            return True
+        if not hasattr(sock, "pending"):  # plain TCP: EOF or stray bytes
+            return False
+        import ssl
+
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            sock.recv(1)  # data or EOF: either way not reusable
+            return False
+        except ssl.SSLWantReadError:
+            return True  # only TLS bookkeeping was there
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, ValueError):
+        return False
 
 
 class _KeepAlive:
@@ -1156,6 +1202,7 @@ class _Client:
         self.cancel = cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)
         self.mirror = mirror  # a mirror that cannot be reached is skipped at once, not retried
         self.pool = pool if pool is not None else _Pool()
+        self._preconnect = 0  # connections to open as soon as the scheme is known
         self.loopback = _is_loopback(self.endpoint)
         self._scheme = scheme  # type: Optional[str]
         self._public = None  # type: Optional[bool]
@@ -1232,6 +1279,29 @@ class _Client:
         # type: () -> bool
         return self._scheme is not None
 
+    def preconnect(self, n):
+        # type: (int) -> None
+        """Open ``n`` connections to the registry ahead of a cold pull's downloads (not through
+        a proxy: those are made per request as urllib makes them)."""
+        scheme = self._scheme
+        if scheme is None:
+            self._preconnect = n  # once the probe has found the scheme
+            return
+        if n <= 0:
+            return
+        if not self.loopback and urllib.request.getproxies().get(scheme) and \
+                not urllib.request.proxy_bypass(_split_hostport(self.endpoint)[0]):
+            return
+        if scheme == "https":
+            opener = self._opener(scheme, self.endpoint)
+            handler = next(h for h in opener.handlers if isinstance(h, _KeepAlive) and hasattr(h, "https_open"))
+            ctx = handler._context
+            key = ("HTTPSConnection", self.endpoint, None)
+            self.pool.warm(key, lambda: http.client.HTTPSConnection(self.endpoint, timeout=TIMEOUT, context=ctx), n)
+        else:
+            key = ("HTTPConnection", self.endpoint, None)
+            self.pool.warm(key, lambda: http.client.HTTPConnection(self.endpoint, timeout=TIMEOUT), n)
+
     def remembered(self, info):
         # type: (Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]) -> None
         """Start from what an earlier pull learnt of this host (the store's ``hosts`` row):
@@ -1290,6 +1360,7 @@ class _Client:
                 continue  # an HTTPS server refusing plain HTTP
             log.debug("%s speaks %s", self.endpoint, scheme)
             self._scheme = scheme
+            self.preconnect(self._preconnect)
             if resp.status == 401 and self._challenge is None:
                 # The probe's challenge serves the first real request: no second 401 for it.
                 challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
@@ -3784,6 +3855,10 @@ class _Puller:
         seen = set()  # type: set
         index_digest = index = None
         platform_match = ""
+        if not ref.digest and not self.client.mirror and not self.store.knows(str(ref)):
+            # A cold pull (from the registry: a mirror may be dead): blobs are coming. Their connections' handshakes overlap the manifest
+            # requests, from the moment the registry's scheme is known.
+            self.client.preconnect(self.jobs - 1)
         digest, data, manifest = self._manifest(ref.ref, seen)
         depth = 0
         while manifest.is_index:
