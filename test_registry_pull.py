@@ -4065,32 +4065,7 @@ class FailFastTests(Issue9Base):
         img = reg.push("drip/app", "v1", Image(layers=[make_layer({"d": os.urandom(200000)}),
                                                         make_layer({"s": b"s"})]))
         digest = sha256(img.layers[0])
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-
-        def drip(h, method, path):  # 10 bytes every 50 ms: 200 B/s, honouring Range
-            if not (path.endswith(digest) and method == "GET"):
-                return False
-            data = reg.blobs[digest]
-            m = re.match(r"^bytes=(\d+)-$", h.headers.get("Range") or "")
-            start = int(m.group(1)) if m else 0
-            h.send_response(206 if start else 200)
-            h.send_header("Content-Length", str(len(data) - start))
-            if start:
-                h.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(data) - 1, len(data)))
-            h.end_headers()
-            try:
-                for pos in range(start, len(data), 10):
-                    if stop.is_set():
-                        break
-                    h.wfile.write(data[pos:pos + 10])
-                    h.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:
-                pass
-            h.close_connection = True
-            return True
-        reg.fault = drip
+        reg.fault = slow_blob(reg, digest, chunk=10, delay=0.05)  # 200 B/s, honouring Range
         cancel = threading.Event()
         outcome = {}
 
