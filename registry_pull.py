@@ -690,8 +690,10 @@ def _match_auths(auths, registry, repository=None):
     for key, entry in auths.items():  # "https://host/v1/" and similar spellings
         if not isinstance(entry, dict) or not isinstance(key, str):
             continue
-        host = key.split("://", 1)[-1].split("/", 1)[0].lower()
-        if host in (k.split("://", 1)[-1] for k in keys):
+        host, _, path = key.split("://", 1)[-1].partition("/")
+        if path.strip("/") not in ("", "v1", "v2"):
+            continue  # a namespace key (HOST/ORG) covers only that namespace: matched above
+        if host.lower() in (k.split("://", 1)[-1] for k in keys):
             return entry
     return None
 
@@ -891,7 +893,7 @@ class _KeepAlive:
         headers.update((k, v) for k, v in req.headers.items() if k not in headers)
         headers = dict((k.title(), v) for k, v in headers.items())
         tunnel_headers = {}
-        if "Proxy-Authorization" in headers:
+        if tunnel and "Proxy-Authorization" in headers:  # for the CONNECT, not the tunnelled request
             tunnel_headers["Proxy-Authorization"] = headers.pop("Proxy-Authorization")
         for attempt in (1, 2):
             conn = self.pool.get(key) if attempt == 1 else None  # the retry: a fresh connection
@@ -949,6 +951,7 @@ class _Response:
         self.host = urllib.parse.urlsplit(url).netloc
         self.sent_auth = None  # type: Optional[str]
         self.own = True  # answered by the registry's own host, not a redirect target
+        self.cancel = None  # type: Optional[_Cancel]
         self.status = raw.status
         self.headers = raw.headers
 
@@ -958,19 +961,37 @@ class _Response:
 
     def read(self, limit):
         # type: (int) -> bytes
-        """The whole body, refusing one longer than ``limit``."""
-        data = self.raw.read(limit + 1)
-        if len(data) > limit:
-            self.close()
-            raise IntegrityError("%s: the answer is larger than %d bytes" % (_redact(self.url), limit))
-        return data
+        """The whole body, refusing one longer than ``limit``; a body that stalls (the stall
+        rule) or outlives --timeout is given up, not waited for byte by byte."""
+        chunks, got = [], 0
+        window, window_bytes = time.monotonic(), 0
+        while True:
+            if self.cancel is not None:
+                self.cancel.check()
+            chunk = self.raw.read1(min(CHUNK, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            if got > limit:
+                self.close()
+                raise IntegrityError("%s: the answer is larger than %d bytes" % (_redact(self.url), limit))
+            window_bytes += len(chunk)
+            now = time.monotonic()
+            if now - window >= STALL_SECONDS:
+                if window_bytes < STALL_BYTES:
+                    self.close()
+                    raise RegistryError("%s: the answer stalled (%d bytes in %.0fs)"
+                                        % (_redact(self.url), window_bytes, now - window))
+                window, window_bytes = now, 0
+        return b"".join(chunks)
 
     def excerpt(self, limit=65536):
         # type: (int) -> bytes
         """The start of an error body (to word a message), then closed; never raises."""
         try:
-            return self.raw.read(limit)
-        except (OSError, http.client.HTTPException):
+            return self.read(limit)
+        except (PullError, OSError, http.client.HTTPException):
             return b""
         finally:
             self.close()
@@ -981,7 +1002,8 @@ class _Response:
         pooled = getattr(self.raw, "_rp_pool", None)
         reuse = False
         try:
-            if pooled is not None and not self.raw.will_close:
+            if pooled is not None and not self.raw.will_close and pooled[2].sock is not None:
+                pooled[2].sock.settimeout(1.0)  # a short rest comes at once, or the connection goes
                 left = 65536
                 while not self.raw.isclosed() and left > 0:
                     length = self.raw.length
@@ -1267,7 +1289,9 @@ class _Client:
             raise RegistryError("cannot send a request to %s: a header or the URL is malformed"
                                 % _printable(parts.netloc, 100)) from None
         log.debug("%s %s -> %s", method, _redact(url), raw.status)
-        return _Response(raw, url)
+        resp = _Response(raw, url)
+        resp.cancel = self.cancel
+        return resp
 
     def _base(self):
         # type: () -> str
@@ -1795,9 +1819,13 @@ def parse_manifest(data, content_type="", what="manifest"):
             "%s is not a container image (config media type %s): artifacts are not supported"
             % (what, config.media_type[:100])
         )
+    sizes = {}  # type: Dict[str, int]
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise UnsupportedError("%s: layer %d has unsupported media type %s" % (what, i, layer.media_type[:100]))
+    for d in (config,) + layers:
+        if sizes.setdefault(d.digest, d.size) != d.size:
+            raise IntegrityError("%s gives blob %s two sizes (%d and %d)" % (what, d.digest, sizes[d.digest], d.size))
     return Manifest(mt, doc, config=config, layers=layers)
 
 
@@ -1966,9 +1994,12 @@ class _Store:
     def has(self, digest, size=None):
         # type: (str, Optional[int]) -> bool
         try:
-            st = os.stat(self.path(digest))
+            st = os.lstat(self.path(digest))
         except FileNotFoundError:
             return False
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError("%s is not a regular file: refused (only its owner may write a store, see README)"
+                               % self.path(digest))
         return size is None or st.st_size == size
 
     def read(self, digest, limit=MAX_MANIFEST_BYTES):
@@ -2736,6 +2767,18 @@ def export_docker_archive(result, path):
 # thread that creates files; zlib, zstd and hashlib release the GIL, so the two overlap.
 
 _WHITEOUT = ".wh."
+_MAX_TAR_HEADER = 1024 * 1024  # a pax or GNU long-name header's body: tarfile reads it whole
+
+
+class _LayerTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo, refusing the header bodies it would read whole into memory when
+    they are larger than any real name or pax record set (a 1 MB layer could declare 1 GiB)."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                         tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_TAR_HEADER:
+            raise IntegrityError("a layer has a %d-byte tar header: refused (hostile)" % self.size)
+        return super()._proc_member(tar)
 _OPAQUE = ".wh..wh..opq"
 _READ_AHEAD = 16  # decompressed chunks (at most CHUNK each) buffered ahead of the extractor
 
@@ -2839,7 +2882,8 @@ def _unzstd(f, path, name):
 
 def _decompressed(path, name):
     """The uncompressed tar stream of a layer blob, in chunks, by its magic bytes (media types lie)."""
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
         magic = f.read(4)
         f.seek(0)
         if magic[:2] == b"\x1f\x8b":
@@ -2987,7 +3031,7 @@ class _Unpacker:
         self.layer = name
         self.new_dirs, self.added = set(), set()
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_LayerTarInfo)
         except tarfile.ReadError as e:
             if str(e) == "empty file":  # only end-of-archive blocks: a layer that changes nothing
                 self.lower = True
@@ -2999,13 +3043,24 @@ class _Unpacker:
                 if info is None:
                     break
                 tar.members = []  # tarfile keeps every member it read: constant memory instead
-                self._entry(tar, info)
+                try:
+                    self._entry(tar, info)
+                except (OverflowError, ValueError) as e:  # numbers no file system takes
+                    raise _hostile(name, "%r: %s" % (info.name[:200], e)) from None
+                except OSError as e:
+                    if e.errno in (errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP, errno.EISDIR):
+                        # the entry's own doing (a name too long, a file where a directory must be)
+                        raise _hostile(name, "%r: %s" % (info.name[:200], e.strerror)) from None
+                    raise
         except (tarfile.TarError, EOFError) as e:
             raise IntegrityError("layer %s is not a valid tar archive: %s" % (name, e)) from None
         self.lower = True
 
     def _entry(self, tar, info):
         rel = _clean_name(info.name, self.layer)
+        if not (isinstance(info.mtime, (int, float)) and -2 ** 40 < info.mtime < 2 ** 40) or \
+                not (0 <= info.uid < 2 ** 32 and 0 <= info.gid < 2 ** 32):
+            raise _hostile(self.layer, "%r has an impossible time or owner" % info.name[:200])
         if not rel:
             if info.isdir():
                 self.root_info = info
@@ -3180,9 +3235,19 @@ class _Unpacker:
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view):]
-            else:
-                with os.fdopen(os.dup(fd), "wb") as out:
-                    shutil.copyfileobj(tar.extractfile(info), out, CHUNK)
+            else:  # a sparse file: its data segments, in order; the holes stay holes
+                for offset, length in info.sparse:
+                    while length:
+                        chunk = tar.fileobj.read(min(CHUNK, length))
+                        if not chunk:
+                            raise IntegrityError("layer %s is truncated inside %r" % (self.layer, rel[:200]))
+                        os.lseek(fd, offset, os.SEEK_SET)
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
+                        offset += len(chunk)
+                        length -= len(chunk)
+                os.ftruncate(fd, info.size)
             self._set_meta(fd, info)
         finally:
             os.close(fd)
@@ -3353,9 +3418,13 @@ class _RootfsJob:
         self.thread = threading.Thread(target=run, name="registry_pull-rootfs", daemon=True)
         self.thread.start()
 
-    def wait(self):
+    def wait(self, cancel=None):
+        # type: (Optional[_Cancel]) -> None
+        """The extraction's end (its error, if any); Ctrl-C and --timeout still end the wait."""
         while self.thread is not None and self.thread.is_alive():
             self.thread.join(0.25)
+            if cancel is not None:
+                cancel.check()
         if self.error is not None:
             raise self.error
 
@@ -3770,15 +3839,16 @@ class _Puller:
         self.jobs, self.progress, self.rootfs = jobs, progress, rootfs
         self.scope = "repository:%s:pull" % ref.repository
         self._fetched = threading.Condition()  # notified as each blob lands in the store
-        self._failed = False
+        self._failed = self._fetched_all = False
 
     def _ready(self, blob):
         # type: (LayerResult) -> None
         """Block until ``blob`` is verified in the store (the rootfs extraction follows the downloads)."""
         with self._fetched:
             while not self.store.has(blob.digest, blob.size):
-                if self._failed or self.client.cancel.is_set():
+                if self._failed or self._fetched_all:
                     raise Interrupted("interrupted")
+                self.client.cancel.check()
                 self._fetched.wait(0.25)
 
     def run(self):
@@ -3881,8 +3951,11 @@ class _Puller:
         downloader = _Downloader(self.client, self.store, ref.repository, self.progress)
         unique = list(dict((d.digest, d) for d in [config] + layers).values())
         self._fetch_all(downloader, unique, config)
+        with self._fetched:
+            self._fetched_all = True
+            self._fetched.notify_all()
         if self.rootfs is not None:
-            self.rootfs.wait()
+            self.rootfs.wait(self.client.cancel)
 
         config_data = self.store.read(config.digest) or b""
         config_doc = _loads_json(config_data, "config")
@@ -4049,6 +4122,10 @@ def inspect(reference, *, home=None, platform=None, insecure=False, ca_file=None
     finally:
         pool.close()
     cfg = config.get("config") if isinstance(config.get("config"), dict) else {}
+    for key, kind in (("Labels", dict), ("Env", list), ("Entrypoint", list), ("Cmd", list), ("ExposedPorts", dict),
+                      ("WorkingDir", str), ("User", str)):
+        if cfg.get(key) is not None and not isinstance(cfg.get(key), kind):
+            raise IntegrityError("config of %s: %s is not a %s" % (ref, key, kind.__name__))
     out = {
         "Name": ref.name,
         "Digest": top,
@@ -4087,11 +4164,11 @@ def list_tags(reference, *, insecure=False, ca_file=None, username=None, passwor
         client = _client_for(ref, insecure, ca_file, username, password, pool, store)
         path = "/v2/%s/tags/list?n=%d" % (ref.repository, page_size)  # type: Optional[str]
         scope = "repository:%s:pull" % ref.repository
-        pages = 0
+        seen = set()  # type: set
         while path:
-            pages += 1
-            if pages > 100000:
-                raise IntegrityError("%s: the tag list never ends" % ref.name)
+            if path in seen or len(tags) > 1000000:
+                raise IntegrityError("%s: the tag list never ends (a page links back, or a million tags)" % ref.name)
+            seen.add(path)
             resp = client.request("GET", path, headers={"Accept": "application/json"}, scope=scope)
             try:
                 if resp.status == 404:
@@ -4494,11 +4571,10 @@ def main(argv=None):
         if args.json:
             sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
         elif not args.quiet:
-            sys.stderr.write(
-                "registry_pull: pulled %s (%s) %s, %d layers, %s; downloaded %s in %.1fs\n"
+            sys.stderr.write(_printable(
+                "registry_pull: pulled %s (%s) %s, %d layers, %s; downloaded %s in %.1fs"
                 % (result.reference, result.platform, result.manifest_digest, len(result.layers),
-                   _human(result.size), _human(result.downloaded_bytes), time.monotonic() - started)
-            )
+                   _human(result.size), _human(result.downloaded_bytes), time.monotonic() - started), 2000) + "\n")
         return 0
     except KeyboardInterrupt:
         cancel.set()

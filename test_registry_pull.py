@@ -4015,6 +4015,12 @@ class TrustBoundaryTests(Issue9Base):
                 creds = rp.find_credentials(reg.host, env, repository=repository)
                 self.assertEqual(creds.username, user)
         self.assertEqual(rp.find_credentials(reg.host, env).username, "usera")  # no repository: the host's
+        with open(path, "w") as f:  # a namespace key alone covers only its namespace
+            json.dump({"auths": {reg.host + "/org-b": entry("userb")}}, f)
+        self.assertIsNone(rp.find_credentials(reg.host, env, repository="org-a/app"))
+        with open(path, "w") as f:
+            json.dump({"auths": {reg.host: entry("usera"), reg.host + "/org-b": entry("userb"),
+                                 reg.host + "/org-b/app": entry("userc")}}, f)
         os.environ["REGISTRY_AUTH_FILE"] = path
         for repository, user in (("org-b/app", "userc"), ("org-b/other", "userb"), ("org-a/x", "usera")):
             with self.subTest(case="pull " + repository):
@@ -4813,6 +4819,139 @@ class DockerHubLimitTests(Base):
         self.assertIn("pull limit", str(cm.exception))
         self.assertIn("--mirror", str(cm.exception))
         client.pool.close()
+
+
+# --------------------------------------------------------------------------- an outsider's review, reproduced
+
+
+class ReviewFindingTests(Base):
+    def test_one_digest_with_two_sizes_is_refused(self):
+        layer = {"mediaType": LAYER_TYPE["gzip"], "digest": "sha256:" + "a" * 64}
+        doc = {"schemaVersion": 2, "mediaType": rp.MT_OCI_MANIFEST,
+               "config": {"mediaType": rp.MT_OCI_CONFIG, "digest": "sha256:" + "b" * 64, "size": 2},
+               "layers": [dict(layer, size=98), dict(layer, size=97)]}
+        with self.assertRaises(rp.IntegrityError):
+            rp.parse_manifest(json.dumps(doc).encode())
+
+    def hostile_tar(self, build):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            build(tar)
+        raw = buf.getvalue()
+        return Image(layers=[(gzip.compress(raw, 1), sha256(raw))])
+
+    def test_huge_pax_header_and_impossible_numbers_are_hostile(self):
+        def huge(tar):
+            info = tarfile.TarInfo("f")
+            info.pax_headers = {"comment": "x" * (2 * 1024 * 1024)}
+            tar.addfile(info, io.BytesIO(b""))
+
+        def nan_time(tar):
+            info = tarfile.TarInfo("f")
+            info.pax_headers = {"mtime": "1e300"}
+            tar.addfile(info, io.BytesIO(b""))
+        reg = self.registry()
+        for name, build in (("huge", huge), ("time", nan_time)):
+            with self.subTest(case=name):
+                reg.push("hostile/" + name, "v1", self.hostile_tar(build))
+                target = os.path.join(self.home, "rootfs-" + name)
+                code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs", target,
+                                           reg.host + "/hostile/%s:v1" % name)
+                self.assertEqual(code, 5, err)
+                self.assertIn("hostile", err)
+                self.assertFalse(os.path.exists(target))
+
+    @unittest.skipUnless(shutil.which("tar") and shutil.which("truncate"), "needs GNU tar to make a sparse layer")
+    def test_sparse_files_keep_their_holes(self):
+        work = tempfile.mkdtemp(prefix="rp-sparse-")
+        self.addCleanup(shutil.rmtree, work, True)
+        big = os.path.join(work, "big")
+        with open(big, "wb") as f:
+            f.truncate(64 << 20)
+            f.seek(1 << 20)
+            f.write(b"hello")
+            f.seek(40 << 20)
+            f.write(b"world")
+        reg = self.registry()
+        for fmt in ("gnu", "posix"):
+            with self.subTest(case=fmt):
+                archive = os.path.join(work, fmt + ".tar")
+                subprocess.run(["tar", "--sparse", "--format=" + fmt, "-C", work, "-cf", archive, "big"], check=True)
+                with open(archive, "rb") as f:
+                    raw = f.read()
+                reg.push("sparse/" + fmt, "v1", Image(layers=[(gzip.compress(raw), sha256(raw))]))
+                target = os.path.join(self.home, "rootfs-" + fmt)
+                self.pull(reg, "sparse/%s:v1" % fmt, rootfs=target)
+                out = os.path.join(target, "big")
+                with open(out, "rb") as f, open(big, "rb") as g:
+                    self.assertEqual(hashlib.sha256(f.read()).digest(), hashlib.sha256(g.read()).digest())
+                self.assertLess(os.stat(out).st_blocks * 512, 8 << 20)  # the holes stayed holes
+
+    def test_a_dripped_manifest_ends_at_the_timeout(self):
+        reg = self.registry()
+        reg.push("drip/man", "v1", Image())
+
+        def drip(h, method, path):
+            if "/manifests/" not in path:
+                return False
+            h.send_response(200)
+            h.send_header("Content-Type", rp.MT_OCI_MANIFEST)
+            h.send_header("Content-Length", "100000")
+            h.end_headers()
+            try:
+                for _ in range(100):
+                    h.wfile.write(b" ")
+                    h.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            h.close_connection = True
+            return True
+        reg.fault = drip
+        start = time.monotonic()
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--timeout", "2",
+                                   reg.host + "/drip/man:v1")
+        self.assertEqual(code, 6, err)
+        self.assertLess(time.monotonic() - start, 5)
+
+    def test_a_tag_list_that_links_back_ends(self):
+        reg = self.registry()
+        reg.push("loop/app", "v1", Image())
+
+        def loop(h, method, path):
+            if "/tags/list" not in path:
+                return False
+            h.send(200, json.dumps({"name": "loop/app", "tags": ["v1"]}).encode(),
+                   {"Content-Type": "application/json", "Link": '</v2/loop/app/tags/list?n=1>; rel="next"'})
+            return True
+        reg.fault = loop
+        with self.assertRaises(rp.IntegrityError):
+            rp.list_tags(reg.host + "/loop/app", page_size=1)
+
+    def test_a_planted_final_blob_link_is_refused(self):
+        reg = self.registry()
+        img = reg.push("plant/app", "v1", Image())
+        victim_dir = tempfile.mkdtemp(prefix="rp-victim-")
+        self.addCleanup(shutil.rmtree, victim_dir, True)
+        victim = os.path.join(victim_dir, "victim")
+        with open(victim, "wb") as f:
+            f.write(img.layers[0])
+        blobs = os.path.join(self.home, "blobs", "sha256")
+        os.makedirs(blobs)
+        os.symlink(victim, os.path.join(blobs, sha256(img.layers[0]).split(":")[1]))
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/plant/app:v1")
+        self.assertEqual(code, 7, err)
+        self.assertIn("not a regular file", err)
+
+    def test_the_summary_line_carries_no_escape(self):
+        reg = self.registry()
+        img = Image("amd64")
+        img.edit(config=lambda cfg: cfg.update(variant="\x1b]0;owned\x07\x1b[2J"))
+        reg.push_index("esc/sum", "v1", [img])
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/esc/sum:v1")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("\x1b", err)
+        self.assertIn("\\x1b", err)
 
 
 if __name__ == "__main__":
