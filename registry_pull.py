@@ -964,7 +964,7 @@ class _Response:
         """The whole body, refusing one longer than ``limit``; a body that stalls (the stall
         rule) or outlives --timeout is given up, not waited for byte by byte."""
         chunks, got = [], 0
-        window, window_bytes = time.monotonic(), 0
+        stall = _Stall()
         while True:
             if self.cancel is not None:
                 self.cancel.check()
@@ -976,14 +976,10 @@ class _Response:
             if got > limit:
                 self.close()
                 raise IntegrityError("%s: the answer is larger than %d bytes" % (_redact(self.url), limit))
-            window_bytes += len(chunk)
-            now = time.monotonic()
-            if now - window >= STALL_SECONDS:
-                if window_bytes < STALL_BYTES:
-                    self.close()
-                    raise RegistryError("%s: the answer stalled (%d bytes in %.0fs)"
-                                        % (_redact(self.url), window_bytes, now - window))
-                window, window_bytes = now, 0
+            stalled = stall.check(len(chunk))
+            if stalled:
+                self.close()
+                raise RegistryError("%s: the answer %s" % (_redact(self.url), stalled))
         return b"".join(chunks)
 
     def excerpt(self, limit=65536):
@@ -1092,6 +1088,25 @@ class _Cancel:
             if left <= 0:
                 return
             self.event.wait(min(left, 0.1))
+
+
+class _Stall:
+    """The stall rule: fewer than STALL_BYTES arriving in STALL_SECONDS is a stall."""
+
+    def __init__(self):
+        self.since, self.bytes = time.monotonic(), 0
+
+    def check(self, n):
+        # type: (int) -> Optional[str]
+        """Count ``n`` bytes more; a reason when the transfer has stalled, else None."""
+        self.bytes += n
+        now = time.monotonic()
+        if now - self.since < STALL_SECONDS:
+            return None
+        if self.bytes < STALL_BYTES:
+            return "stalled (%d bytes in %.0fs)" % (self.bytes, now - self.since)
+        self.since, self.bytes = now, 0
+        return None
 
 
 class _Retryable(Exception):
@@ -2470,7 +2485,7 @@ class _Downloader:
                     )
                 raw = resp.raw
                 lost = None  # type: Optional[object]
-                window, window_bytes = time.monotonic(), 0  # the stall rule's measure
+                stall = _Stall()
                 while True:
                     cancel.check()
                     want = min(CHUNK, size - have + 1)  # one byte more than promised reveals overlong bodies
@@ -2492,13 +2507,10 @@ class _Downloader:
                     with self._count_lock:
                         self.fetched_bytes += n
                     self._report(desc, have)
-                    window_bytes += n
-                    now = time.monotonic()
-                    if now - window >= STALL_SECONDS:
-                        if window_bytes < STALL_BYTES and have < size:
-                            lost = "stalled (%d bytes in %.0fs)" % (window_bytes, now - window)
-                            break
-                        window, window_bytes = now, 0
+                    stalled = stall.check(n) if have < size else None
+                    if stalled:
+                        lost = stalled
+                        break
             finally:
                 resp.close()
             if have < size:
@@ -2672,10 +2684,7 @@ def _write_store_index(store):
                     size = os.stat(store.path(digest)).st_size
                 except (OSError, PullError):
                     continue  # a blob removed by hand: leave the image out rather than lie
-                spec, _, version = (plat or "").partition(":")  # as recorded: os/arch[/variant][:os.version]
-                parts = (spec + "//").split("/")
-                manifests.append(_layout_entry(media_type, digest, size, Platform(*parts[:3], os_version=version),
-                                               reference))
+                manifests.append(_layout_entry(media_type, digest, size, _recorded_platform(plat), reference))
             _write_layout(store.home, {"manifests": manifests})
     except OSError as e:
         raise StorageError("cannot write %s: %s" % (os.path.join(store.home, "index.json"), e.strerror or e)) \
@@ -3657,10 +3666,7 @@ def pull(
         raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
     deadline = time.monotonic() + timeout if timeout else None
     store = _Store(home or default_home())
-    if username is not None or password is not None:
-        creds = Credentials(username or "", password or "", source="arguments")  # type: Optional[Credentials]
-    else:
-        creds = find_credentials(ref.registry, repository=ref.repository)
+    creds = _credentials(ref, username, password)
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
     job = _RootfsJob(rootfs) if rootfs is not None else None  # a bad DIR is refused before any download
@@ -4064,13 +4070,18 @@ def _have_sqlite():
 # --------------------------------------------------------------------------- Inspect, tags and the store
 
 
+def _credentials(ref, username, password):
+    # type: (Reference, Optional[str], Optional[str]) -> Optional[Credentials]
+    """The caller's credentials if given, else those of the Podman/Docker files."""
+    if username is not None or password is not None:
+        return Credentials(username or "", password or "", source="arguments")
+    return find_credentials(ref.registry, repository=ref.repository)
+
+
 def _client_for(ref, insecure=False, ca_file=None, username=None, password=None, pool=None, store=None):
     # type: (Reference, bool, Optional[str], Optional[str], Optional[str], Optional[_Pool], Optional[_Store]) -> _Client
-    if username is not None or password is not None:
-        creds = Credentials(username or "", password or "", source="arguments")  # type: Optional[Credentials]
-    else:
-        creds = find_credentials(ref.registry, repository=ref.repository)
-    client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds, pool=pool)
+    client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=_credentials(ref, username, password),
+                     pool=pool)
     if store is not None:
         client.remembered(store.host(client.endpoint))
     return client
@@ -4245,6 +4256,7 @@ def remove(reference, *, home=None, platform=None):
 
 def _recorded_platform(text):
     # type: (Optional[str]) -> Platform
+    """A platform as the images table records it: os/arch[/variant][:os.version]."""
     spec, _, version = (text or "").partition(":")
     parts = (spec + "//").split("/")
     return Platform(parts[0], parts[1], parts[2], version)
