@@ -9,6 +9,7 @@ when those programs are absent.
 
 import base64
 import contextlib
+import glob
 import gzip
 import hashlib
 import http.server
@@ -1827,14 +1828,15 @@ def write_oci_layout(path, tag, images, with_index=False):
     return desc["digest"]
 
 
-def make_ca(directory):
-    """A CA and a server certificate for 127.0.0.1/localhost, made with openssl."""
+def make_ca(directory, critical=True):
+    """A CA and a server certificate for 127.0.0.1/localhost, made with openssl (``critical``:
+    the CA's basicConstraints marked critical, which OpenSSL's strict mode requires)."""
     def run(*args):
         subprocess.run(["openssl"] + list(args), check=True, cwd=directory,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(directory, "ca.ext"), "w") as f:
-        f.write("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
-                "subjectKeyIdentifier=hash\n")
+        f.write("basicConstraints=%sCA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+                "subjectKeyIdentifier=hash\n" % ("critical," if critical else ""))
     with open(os.path.join(directory, "leaf.ext"), "w") as f:
         f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
                 "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,DNS:registry.invalid\n"
@@ -1967,6 +1969,50 @@ class DistributionTests(Base):
                 self.assertEqual(code, 4, err)
 
     @unittest.skipUnless(OPENSSL and HTPASSWD, "needs openssl and htpasswd (apache2-utils)")
+    @unittest.skipUnless(OPENSSL, "needs openssl to make a CA")
+    def test_private_ca_that_go_and_openssl_accept_works_on_every_python(self):
+        # Python 3.13's create_default_context() sets VERIFY_X509_STRICT, which refuses a CA whose
+        # basicConstraints is not critical; skopeo, curl and Go accept it. Here 3.13's default is
+        # put on whatever Python runs the test, and a real 3.13 runs the CLI where there is one.
+        import ssl
+        certs = tempfile.mkdtemp(prefix="rp-certs-")
+        self.addCleanup(shutil.rmtree, certs, True)
+        tls = make_ca(certs, critical=False)
+        dist = Distribution(self, tls=tls)
+        img = Image()
+        dist.push("ca/app", [img])
+        real = ssl.create_default_context
+
+        def strict(*args, **kw):
+            ctx = real(*args, **kw)
+            ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+            return ctx
+        rp_ssl = __import__("ssl")
+        rp_ssl.create_default_context = strict
+        self.addCleanup(setattr, rp_ssl, "create_default_context", real)
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--ca-file", tls[0],
+                                   dist.host + "/ca/app:v1")
+        self.assertEqual(code, 0, err)
+        self.assertStoreHas(img)
+        wrong = os.path.join(certs, "other")
+        os.mkdir(wrong)
+        other = make_ca(wrong)
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--ca-file", other[0],
+                                   dist.host + "/ca/app:v2")
+        self.assertEqual(code, 6, err)
+        self.assertIn("although --ca-file %s was loaded" % other[0], err)
+        for py313 in glob.glob("/root/.pyenv/versions/3.13*/bin/python3.13") + [shutil.which("python3.13") or ""]:
+            if py313 and subprocess.run([py313, "-c", "import ssl"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL).returncode == 0:
+                break  # a real 3.13 (a pyenv shim without one fails)
+        else:
+            py313 = ""
+        if py313:
+            proc = subprocess.run([py313, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
+                                   "--platform", "linux/amd64", "--ca-file", tls[0], dist.host + "/ca/app:v1"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+
     def test_tls_and_htpasswd(self):
         certs = tempfile.mkdtemp(prefix="rp-certs-")
         self.addCleanup(shutil.rmtree, certs, True)
