@@ -60,10 +60,7 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 __all__ = [
     "pull",
@@ -92,6 +89,7 @@ __all__ = [
     "list_tags",
     "images",
     "remove",
+    "referrers",
     "collect_garbage",
     "verify",
     "PullError",
@@ -162,6 +160,8 @@ TIMEOUT_RETRIES = 1
 # and resumed like a lost connection (a server dripping a byte a minute cannot hold a pull).
 STALL_SECONDS = 30.0
 STALL_BYTES = 16 * 1024
+# Progress without a terminal: a total line at most this often (seconds) while bytes arrive.
+PROGRESS_INTERVAL = 10.0
 
 _ANNOTATION_REF_TYPE = "vnd.docker.reference.type"
 _DOCKER_HUB = "docker.io"
@@ -207,8 +207,8 @@ class NoMatchingPlatform(NotFound):
 
     def __init__(self, reference, wanted, available, hint=""):
         have = ", ".join(available) if available else "none"
-        super().__init__("%s has no image for %s (it has: %s)%s" % (reference, wanted, have,
-                                                                     "; " + hint if hint else ""))
+        super().__init__("%s has no image for %s (it has: %s)%s"
+                         % (reference, wanted, have, "; " + hint if hint else ""))
         self.wanted, self.available = wanted, list(available)
 
 
@@ -271,8 +271,7 @@ class Interrupted(PullError):
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
-def _printable(text, limit=300):
-    # type: (object, int) -> str
+def _printable(text: object, limit: int = 300) -> str:
     """A string from a server made safe for a terminal: control characters escaped
     (no escape sequence reaches the screen), length capped."""
     text = str(text)
@@ -295,8 +294,7 @@ _DIGEST_RE = re.compile(r"^(?P<algo>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA
 _DIGEST_HEX = {"sha256": 64, "sha512": 128}
 
 
-def check_digest(digest, what="digest"):
-    # type: (str, str) -> Tuple[str, str]
+def check_digest(digest: Any, what: str = "digest") -> Tuple[str, str]:
     """Validate ``ALGO:HEX`` strictly (it ends up in file paths); return (algo, hex)."""
     if not isinstance(digest, str):
         raise IntegrityError("%s is not a string: %r" % (what, digest))
@@ -323,19 +321,16 @@ class Reference:
     digest: Optional[str] = None
 
     @property
-    def ref(self):
-        # type: () -> str
+    def ref(self) -> str:
         """What to ask the registry for: the digest when there is one, else the tag."""
         return self.digest or self.tag or "latest"
 
     @property
-    def name(self):
-        # type: () -> str
+    def name(self) -> str:
         return "%s/%s" % (self.registry, self.repository)
 
     @property
-    def endpoint(self):
-        # type: () -> str
+    def endpoint(self) -> str:
         """host[:port] to connect to (docker.io is served by registry-1.docker.io)."""
         return _DOCKER_HUB_ENDPOINT if self.registry == _DOCKER_HUB else self.registry
 
@@ -348,8 +343,7 @@ class Reference:
         return s
 
 
-def parse_reference(text):
-    # type: (str) -> Reference
+def parse_reference(text: str) -> Reference:
     """Parse ``[REGISTRY/]PATH[:TAG][@DIGEST]`` the way Docker does; raise InvalidReference."""
 
     def bad(why):
@@ -422,8 +416,7 @@ class Platform:
     os_version: str = ""
     os_features: Tuple[str, ...] = ()
 
-    def normalized(self):
-        # type: () -> Platform
+    def normalized(self) -> Platform:
         """containerd's normal form: aliases mapped, lower case, the implied variant written
         out (arm64 = arm64/v8, arm = arm/v7, amd64 = amd64/v1), so equal means equal."""
         os_, arch, variant = _normalize_platform(self.os, self.architecture, self.variant)
@@ -436,8 +429,7 @@ class Platform:
         return s + ":" + self.os_version if self.os_version else s
 
 
-def _normalize_platform(os_, arch, variant):
-    # type: (str, str, str) -> Tuple[str, str, str]
+def _normalize_platform(os_: str, arch: str, variant: str) -> Tuple[str, str, str]:
     """Aliases and case as containerd normalises them (platforms/database.go)."""
     os_, arch, variant = os_.lower(), arch.lower(), variant.lower()
     if os_ == "macos":
@@ -466,8 +458,7 @@ def _normalize_platform(os_, arch, variant):
 #   arm64/v9.m -> arm64/v9.m-1 ... arm64/v9, arm64/v8.min(m+5, 9) ... arm64/v8, then arm/v8 ... arm/v5
 #                 (a bare arm64/v9 then also takes arm/v9, as containerd's vector does)
 # Every other architecture runs only itself.
-def _platform_vector(arch, variant):
-    # type: (str, str) -> List[Tuple[str, str]]
+def _platform_vector(arch: str, variant: str) -> List[Tuple[str, str]]:
     m = re.fullmatch(r"v(\d+)(?:\.(\d+))?", variant)
     if arch == "amd64" and m and not m.group(2):
         return [("amd64", "v%d" % n) for n in range(int(m.group(1)), 0, -1)] + [("386", "")]
@@ -483,14 +474,12 @@ def _platform_vector(arch, variant):
     return [(arch, variant)]
 
 
-def _windows_build(version):
-    # type: (str) -> Optional[int]
+def _windows_build(version: str) -> Optional[int]:
     parts = version.split(".")
     return int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else None
 
 
-def _os_version_matches(want, have):
-    # type: (str, str) -> bool
+def _os_version_matches(want: str, have: str) -> bool:
     """containerd's rule: no version wanted or none given matches; Windows builds before
     20348 must be equal, from 20348 on any build from 20348 up to the wanted one runs."""
     if not want or not have:
@@ -525,8 +514,7 @@ _MACHINE_ARCH = {
 }
 
 
-def host_platform():
-    # type: () -> Platform
+def host_platform() -> Platform:
     """linux and this machine's architecture (``platform.machine()`` in containerd's terms):
     the platform pulled when none is given."""
     machine = _platform_mod.machine().lower()
@@ -540,8 +528,7 @@ _KNOWN_ARCH = ("386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mip
                "ppc64le", "riscv64", "s390x", "sparc64", "wasm")
 
 
-def parse_platform(text):
-    # type: (str) -> Platform
+def parse_platform(text: str) -> Platform:
     """A --platform as containerd and Docker read it: ``OS/ARCH[/VARIANT]``, a bare ``ARCH``
     (linux) or ``OS`` (this machine's architecture), ``OS(VERSION)/ARCH`` (containerd) or
     ``OS/ARCH[/VARIANT]:VERSION`` (crane); aliases and case normalised (x86_64, aarch64, armhf...)."""
@@ -551,7 +538,9 @@ def parse_platform(text):
 
     if not isinstance(text, str):
         raise bad()
-    spec, version, features = text, "", ()  # type: str, str, Tuple[str, ...]
+    spec: str = text
+    version: str = ""
+    features: Tuple[str, ...] = ()
     m = re.fullmatch(r"([^:]+/[^:]+):([A-Za-z0-9_.-]+)", text)
     if m:
         spec, version = m.group(1), m.group(2)
@@ -578,8 +567,14 @@ def parse_platform(text):
     return Platform(os_, arch, variant, version, features)
 
 
-def _is_loopback(host):
-    # type: (str) -> bool
+def _recorded_platform(text: Optional[str]) -> Platform:
+    """A platform as the images table records it: os/arch[/variant][:os.version]."""
+    spec, _, version = (text or "").partition(":")
+    parts = (spec + "//").split("/")
+    return Platform(parts[0], parts[1], parts[2], version)
+
+
+def _is_loopback(host: str) -> bool:
     host = _split_hostport(host)[0]
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -589,8 +584,7 @@ def _is_loopback(host):
         return False
 
 
-def _split_hostport(hostport):
-    # type: (str) -> Tuple[str, Optional[int]]
+def _split_hostport(hostport: str) -> Tuple[str, Optional[int]]:
     if hostport.startswith("["):
         end = hostport.find("]")
         host, rest = hostport[1:end], hostport[end + 1 :]
@@ -606,10 +600,9 @@ def _split_hostport(hostport):
 _AUTH_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(,|$)')
 
 
-def parse_www_authenticate(value):
-    # type: (str) -> List[Tuple[str, Dict[str, str]]]
+def parse_www_authenticate(value: str) -> List[Tuple[str, Dict[str, str]]]:
     """Split a WWW-Authenticate header into [(scheme, {param: value}), ...] (RFC 7235)."""
-    challenges = []  # type: List[Tuple[str, Dict[str, str]]]
+    challenges: List[Tuple[str, Dict[str, str]]] = []
     if not isinstance(value, str):
         return challenges
     pos, n = 0, len(value)
@@ -618,7 +611,7 @@ def parse_www_authenticate(value):
         if not m or not m.group(1):
             break
         scheme, pos = m.group(1).lower(), m.end()
-        params = {}  # type: Dict[str, str]
+        params: Dict[str, str] = {}
         while pos < n:
             pm = _AUTH_PARAM_RE.match(value, pos)
             if not pm:
@@ -649,13 +642,11 @@ class Credentials:
         return bool(self.username or self.password or self.identity_token)
 
 
-def _b64(text):
-    # type: (str) -> str
+def _b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
-def _read_auth_file(path):
-    # type: (str) -> Optional[dict]
+def _read_auth_file(path: str) -> Optional[dict]:
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -666,15 +657,13 @@ def _read_auth_file(path):
     return data if isinstance(data, dict) else None
 
 
-def _auth_keys(registry):
-    # type: (str) -> List[str]
+def _auth_keys(registry: str) -> List[str]:
     if registry == _DOCKER_HUB:
         return ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
     return [registry, "https://" + registry, "http://" + registry]
 
 
-def _match_auths(auths, registry, repository=None):
-    # type: (dict, str, Optional[str]) -> Optional[dict]
+def _match_auths(auths: Any, registry: str, repository: Optional[str] = None) -> Optional[dict]:
     if not isinstance(auths, dict):
         return None
     keys = _auth_keys(registry)
@@ -698,8 +687,7 @@ def _match_auths(auths, registry, repository=None):
     return None
 
 
-def _from_auth_entry(entry, source):
-    # type: (dict, str) -> Optional[Credentials]
+def _from_auth_entry(entry: dict, source: str) -> Optional[Credentials]:
     if entry.get("identitytoken"):
         return Credentials(
             str(entry.get("username") or ""), identity_token=str(entry["identitytoken"]), source=source
@@ -715,8 +703,7 @@ def _from_auth_entry(entry, source):
     return None
 
 
-def _run_helper(helper, registry, source):
-    # type: (str, str, str) -> Optional[Credentials]
+def _run_helper(helper: str, registry: str, source: str) -> Optional[Credentials]:
     program = "docker-credential-" + helper
     server = "https://index.docker.io/v1/" if registry == _DOCKER_HUB else registry
     if not shutil.which(program):
@@ -741,14 +728,15 @@ def _run_helper(helper, registry, source):
     return Credentials(user, secret, source=program)
 
 
-def find_credentials(registry, env=None, repository=None):
-    # type: (str, Optional[Dict[str, str]], Optional[str]) -> Optional[Credentials]
+def find_credentials(registry: str, env: Optional[Mapping[str, str]] = None,
+                     repository: Optional[str] = None) -> Optional[Credentials]:
     """The credentials for ``registry`` from Podman's and Docker's files (README: Credentials).
 
     Podman's files may key entries by ``HOST/NAMESPACE``: with ``repository`` the most
     specific key that covers it wins; otherwise the first source that has the host.
     """
     env = os.environ if env is None else env
+    assert env is not None
     home = env.get("HOME") or os.path.expanduser("~")
     podman = []
     if env.get("REGISTRY_AUTH_FILE"):
@@ -766,7 +754,7 @@ def find_credentials(registry, env=None, repository=None):
     data = _read_auth_file(path)
     if not data:
         return None
-    helpers = data.get("credHelpers") if isinstance(data.get("credHelpers"), dict) else {}
+    helpers = _dict_at(data, "credHelpers")
     for key in _auth_keys(registry):
         if helpers.get(key):
             return _run_helper(str(helpers[key]), registry, path)
@@ -779,8 +767,7 @@ def find_credentials(registry, env=None, repository=None):
     return None
 
 
-def _registry_error(body):
-    # type: (bytes) -> Tuple[str, str]
+def _registry_error(body: bytes) -> Tuple[str, str]:
     """(code, message) from a registry's JSON error body, if it has one, made printable."""
     try:
         err = json.loads(body[:65536].decode("utf-8"))["errors"][0]
@@ -795,7 +782,7 @@ class _Pool:
     handshakes once per parallel stream, not once per request."""
 
     def __init__(self):
-        self._idle = {}  # type: Dict[Tuple[str, str, Optional[str]], List[http.client.HTTPConnection]]
+        self._idle: Dict[Tuple[str, str, Optional[str]], List[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.opened = 0  # connections opened (-vv says each; the benchmark counts them)
@@ -814,8 +801,10 @@ class _Pool:
                 return conn
             conn.close()
 
-    def warm(self, key, make, n):
-        # type: (Tuple[str, str, Optional[str]], Callable[[], http.client.HTTPConnection], int) -> None
+    def warm(self,
+             key: Tuple[str, str, Optional[str]],
+             make: Callable[[], http.client.HTTPConnection],
+             n: int) -> None:
         """Open ``n`` connections for ``key`` in the background (their TCP and TLS handshakes
         overlap the manifest requests, so the first blob requests find them ready)."""
         def one():
@@ -825,12 +814,14 @@ class _Pool:
             except Exception:  # a connection that could not be made: the request makes its own
                 conn.close()
                 return
-            with self._lock:
-                self.opened += 1
+            self.count_opened()
             self.put(key, conn)
         for _ in range(n):
             threading.Thread(target=one, name="registry_pull-connect", daemon=True).start()
 
+    def count_opened(self) -> None:
+        with self._lock:
+            self.opened += 1
 
     def put(self, key, conn):
         with self._lock:
@@ -848,8 +839,7 @@ class _Pool:
             conn.close()
 
 
-def _idle_alive(sock, select):
-    # type: (Any, Any) -> bool
+def _idle_alive(sock: Any, select: Any) -> bool:
     """Is an idle connection still usable? Readable while idle means the server closed it (or
     broke the protocol), except for TLS records that carry no data (a TLS 1.3 session ticket)."""
     try:
@@ -887,7 +877,9 @@ class _KeepAlive:
         host = req.host
         if not host:
             raise urllib.error.URLError("no host given")
-        tunnel = getattr(req, "_tunnel_host", None)
+        # An HTTPS request through a proxy goes to the proxy (req.host) and tunnels to its own host.
+        own = urllib.parse.urlsplit(req.full_url).netloc
+        tunnel = own if req.type == "https" and host != own else None
         key = (conn_class.__name__, host, tunnel)
         headers = dict(req.unredirected_hdrs)
         headers.update((k, v) for k, v in req.headers.items() if k not in headers)
@@ -902,8 +894,7 @@ class _KeepAlive:
                 conn = conn_class(host, timeout=req.timeout, **conn_args)
                 if tunnel:
                     conn.set_tunnel(tunnel, headers=tunnel_headers)
-                with self.pool._lock:
-                    self.pool.opened += 1
+                self.pool.count_opened()
                 log.debug("new connection to %s", _printable(tunnel or host, 100))
             elif conn.sock is not None:
                 conn.sock.settimeout(req.timeout)
@@ -925,7 +916,7 @@ class _KeepAlive:
             break
         resp.url = req.get_full_url()
         resp.msg = resp.reason
-        resp._rp_pool = (self.pool, key, conn)
+        resp.rp_pooled = (self.pool, key, conn)  # given back by _Response.close
         return resp
 
 
@@ -949,18 +940,16 @@ class _Response:
     def __init__(self, raw, url):
         self.raw, self.url = raw, url
         self.host = urllib.parse.urlsplit(url).netloc
-        self.sent_auth = None  # type: Optional[str]
+        self.sent_auth: Optional[str] = None
         self.own = True  # answered by the registry's own host, not a redirect target
-        self.cancel = None  # type: Optional[_Cancel]
+        self.cancel: Optional[_Cancel] = None
         self.status = raw.status
         self.headers = raw.headers
 
-    def header(self, name, default=""):
-        # type: (str, str) -> str
+    def header(self, name: str, default: str = "") -> str:
         return self.raw.headers.get(name, default) or default
 
-    def read(self, limit):
-        # type: (int) -> bytes
+    def read(self, limit: int) -> bytes:
         """The whole body, refusing one longer than ``limit``; a body that stalls (the stall
         rule) or outlives --timeout is given up, not waited for byte by byte."""
         chunks, got = [], 0
@@ -982,8 +971,7 @@ class _Response:
                 raise RegistryError("%s: the answer %s" % (_redact(self.url), stalled))
         return b"".join(chunks)
 
-    def excerpt(self, limit=65536):
-        # type: (int) -> bytes
+    def excerpt(self, limit: int = 65536) -> bytes:
         """The start of an error body (to word a message), then closed; never raises."""
         try:
             return self.read(limit)
@@ -995,7 +983,7 @@ class _Response:
     def close(self):
         """Done with it: a connection whose answer was read to the end goes back to the pool
         (a short rest is read first); any other is closed, never reused half-read."""
-        pooled = getattr(self.raw, "_rp_pool", None)
+        pooled = getattr(self.raw, "rp_pooled", None)
         reuse = False
         try:
             if pooled is not None and not self.raw.will_close and pooled[2].sock is not None:
@@ -1015,15 +1003,14 @@ class _Response:
             reuse = False
         if pooled is not None:
             pool, key, conn = pooled
-            self.raw._rp_pool = None
+            self.raw.rp_pooled = None
             if reuse:
                 pool.put(key, conn)
             else:
                 conn.close()
 
 
-def _redact(url):
-    # type: (str) -> str
+def _redact(url: str) -> str:
     """A URL without its query (signed object-storage URLs carry credentials there)."""
     try:
         parts = urllib.parse.urlsplit(url)
@@ -1033,8 +1020,7 @@ def _redact(url):
     return _printable(urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")), 300)
 
 
-def _is_public_address(host):
-    # type: (str) -> Optional[bool]
+def _is_public_address(host: str) -> Optional[bool]:
     """True/False for an address literal or a resolvable name; None if it does not resolve."""
     try:
         addrs = [ipaddress.ip_address(host)]
@@ -1043,7 +1029,7 @@ def _is_public_address(host):
             infos = socket.getaddrinfo(host, None)
         except OSError:
             return None
-        addrs = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
+        addrs = [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
     return all(a.is_global for a in addrs) if addrs else None
 
 
@@ -1051,16 +1037,14 @@ class _Cancel:
     """One attempt's cancellation: its own flag (a failed download stops its siblings), the
     caller's ``cancel`` event (never set by us), and the whole pull's deadline (--timeout)."""
 
-    def __init__(self, parent=None, deadline=None, limit=None):
-        # type: (Any, Optional[float], Optional[float]) -> None
+    def __init__(self, parent: Any = None, deadline: Optional[float] = None, limit: Optional[float] = None) -> None:
         self.parent, self.deadline, self.limit = parent, deadline, limit
         self.event = threading.Event()
 
     def set(self):
         self.event.set()
 
-    def is_set(self):
-        # type: () -> bool
+    def is_set(self) -> bool:
         return self.event.is_set() or (self.parent is not None and self.parent.is_set())
 
     def check(self):
@@ -1070,16 +1054,14 @@ class _Cancel:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise RegistryError("timeout: the pull did not finish within %g s (--timeout)" % self.limit)
 
-    def bound(self, seconds):
-        # type: (float) -> float
+    def bound(self, seconds: float) -> float:
         """``seconds``, cut to what is left before the deadline."""
         self.check()
         if self.deadline is None:
             return seconds
         return max(0.05, min(seconds, self.deadline - time.monotonic()))
 
-    def wait(self, seconds):
-        # type: (float) -> None
+    def wait(self, seconds: float) -> None:
         """Sleep ``seconds``; raise as check() does as soon as that applies."""
         end = time.monotonic() + seconds
         while True:
@@ -1096,8 +1078,7 @@ class _Stall:
     def __init__(self):
         self.since, self.bytes = time.monotonic(), 0
 
-    def check(self, n):
-        # type: (int) -> Optional[str]
+    def check(self, n: int) -> Optional[str]:
         """Count ``n`` bytes more; a reason when the transfer has stalled, else None."""
         self.bytes += n
         now = time.monotonic()
@@ -1124,16 +1105,18 @@ class _Retry:
     time-out is retried TIMEOUT_RETRIES times only.  Each retry is said on stderr.
     """
 
-    def __init__(self, cancel, who):
-        # type: (_Cancel, str) -> None
+    def __init__(self, cancel: _Cancel, who: str) -> None:
         self.cancel, self.who = cancel, who
         self.failures = self.timeouts = 0
 
     def progressed(self):
         self.failures = 0
 
-    def again(self, why, retry_after=None, timed_out=False, wait_scale=1.0):
-        # type: (str, Optional[float], bool, float) -> None
+    def again(self,
+              why: str,
+              retry_after: Optional[float] = None,
+              timed_out: bool = False,
+              wait_scale: float = 1.0) -> None:
         """Wait before the next try, or raise RegistryError when the tries are spent."""
         self.failures += 1
         self.timeouts += bool(timed_out)
@@ -1144,14 +1127,12 @@ class _Retry:
         self.cancel.wait(delay)
 
 
-def _backoff(attempt):
-    # type: (int) -> float
+def _backoff(attempt: int) -> float:
     delay = min(RETRY_MAX, RETRY_BASE * (2 ** (attempt - 1)))
     return delay * (0.5 + random.random() / 2)
 
 
-def _retry_after(value):
-    # type: (str) -> Optional[float]
+def _retry_after(value: str) -> Optional[float]:
     if not value:
         return None
     try:
@@ -1170,8 +1151,10 @@ def _retry_after(value):
 _CHECK_NETWORK = "check the name, HTTPS_PROXY / NO_PROXY, or pull through a mirror (--mirror, REGISTRY_PULL_MIRRORS)"
 
 
-def _network_failure(err, host, ca_file=None, fail_fast=False):
-    # type: (BaseException, str, Optional[str], bool) -> Tuple[str, bool]
+def _network_failure(err: BaseException,
+                     host: str,
+                     ca_file: Optional[str] = None,
+                     fail_fast: bool = False) -> Tuple[str, bool]:
     """(why a request to ``host`` failed, whether it timed out); raises RegistryError at once
     for what no retry mends: an untrusted certificate, a name that does not resolve, a network
     that is unreachable, and (``fail_fast``: a mirror, which is a shortcut, not a place to
@@ -1190,8 +1173,7 @@ def _network_failure(err, host, ca_file=None, fail_fast=False):
     return why, isinstance(reason, socket.timeout)
 
 
-def _is_cert_error(err):
-    # type: (object) -> bool
+def _is_cert_error(err: object) -> bool:
     try:
         import ssl
     except ImportError:
@@ -1201,8 +1183,7 @@ def _is_cert_error(err):
     return isinstance(err, ssl.CertificateError) or "CERTIFICATE_VERIFY_FAILED" in str(err)
 
 
-def _tls_message(host, err, ca_file=None):
-    # type: (str, object, Optional[str]) -> str
+def _tls_message(host: str, err: object, ca_file: Optional[str] = None) -> str:
     detail = _printable(getattr(err, "verify_message", None) or str(err), 200)
     if ca_file:
         return ("TLS certificate of %s is not trusted (%s), although --ca-file %s was loaded: check that it "
@@ -1212,81 +1193,282 @@ def _tls_message(host, err, ca_file=None):
             "or --insecure to skip verification" % (host, detail))
 
 
-def _reason_text(err):
-    # type: (object) -> str
+def _reason_text(err: object) -> str:
     if isinstance(err, socket.timeout):
         return "timed out"
     text = getattr(err, "strerror", None) or str(err) or err.__class__.__name__
     return _printable(text, 200)
 
 
-class _Client:
-    """Talks to one registry: scheme discovery, retries, redirects, challenges, tokens.
+def _ssl_context(verify: bool, ca_file: Optional[str], host: str) -> Any:
+    """A TLS context that verifies as Go, curl and skopeo do (or not at all: --insecure)."""
+    try:
+        import ssl
+    except ImportError:
+        raise RegistryError("this Python has no ssl module: HTTPS to %s is impossible" % host) from None
+    if not verify:  # --insecure, by the user's explicit choice
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+    # Python 3.13 turned on OpenSSL's strict X.509 checks, which refuse private CAs that
+    # Go, curl and skopeo accept (e.g. a non-critical basicConstraints): verify as they do.
+    ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+    if ca_file:
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError("cannot load --ca-file %s: %s" % (ca_file, e)) from None
+    return ctx
 
-    Thread-safe: all download threads share one _Client and its token cache.  Credentials and
-    challenges belong to the registry's own host: a redirect target never gets them, and its
-    401 never starts an authentication.
+
+class _Targets:
+    """Where a registry may send us (a redirect, a token realm): http(s) only; plain HTTP only
+    when the registry itself speaks it or with --insecure; and never from a public registry to
+    a private, loopback or link-local address (SSRF)."""
+
+    def __init__(self, endpoint: str, insecure: bool, scheme: Callable[[], Optional[str]]) -> None:
+        self.endpoint, self.insecure, self.scheme = endpoint, insecure, scheme
+        self.loopback = _is_loopback(endpoint)
+        self.public: Optional[bool] = None  # does the registry's own name resolve to public addresses?
+
+    def is_public(self) -> bool:
+        if self.public is None:
+            self.public = bool(_is_public_address(_split_hostport(self.endpoint)[0]))
+        return self.public
+
+    def check(self, url: str, what: str, error: type) -> urllib.parse.SplitResult:
+        """``url``'s parts, or ``error`` saying why the registry may not send us there."""
+        try:
+            parts: Optional[urllib.parse.SplitResult] = urllib.parse.urlsplit(url)
+            host = parts.hostname if parts else None
+            parts.port if parts else None  # noqa: B018 (raises ValueError for a bad port)
+        except ValueError:
+            parts, host = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not host:
+            raise error("%s named an unsupported URL for %s, %s: refused" % (self.endpoint, what, _redact(url)[:100]))
+        local = self.loopback and _is_loopback(parts.netloc)  # never leaves this machine
+        if parts.scheme == "http" and not (self.insecure or self.scheme() == "http" or local):
+            raise error("%s named a plain-HTTP URL for %s (%s): refused" % (self.endpoint, what, _redact(url)))
+        if self.is_public() and _is_public_address(host) is False:
+            raise error("%s named a non-public address %s for %s: refused"
+                        % (self.endpoint, _printable(host, 100), what))
+        return parts
+
+    def follow(self, url: str, location: str) -> Tuple[str, bool]:
+        """The URL a redirect names, checked; and whether it is the registry's own host."""
+        if not location:
+            raise RegistryError("%s redirected without a Location" % _redact(url))
+        try:
+            new = urllib.parse.urljoin(url, location)
+        except ValueError:
+            new = location
+        parts = self.check(new, "a redirect", RegistryError)
+        own = parts.netloc.lower() == self.endpoint.lower() and parts.scheme == self.scheme()
+        log.debug("redirect to %s", _redact(new))
+        return new, own
+
+
+class _Auth:
+    """Who we are to one registry host: its credentials, the challenge it answered, and the
+    Bearer tokens it gave (per scope, shared by all download threads, renewed ahead of time).
+
+    Credentials and challenges belong to the registry's own host: a redirect target never
+    gets them, and its 401 never starts an authentication (the client sees to that).
     """
 
-    def __init__(self, registry, *, insecure=False, ca_file=None, credentials=None, cancel=None, endpoint=None,
-                 scheme=None, mirror=False, pool=None):
-        # type: (str, bool, Optional[str], Optional[Credentials], Any, Optional[str], Optional[str], bool, Optional[_Pool]) -> None
+    def __init__(self, client: "_Client", credentials: Optional[Credentials]) -> None:
+        self.client = client  # sends the token requests; its targets check the realm
+        self.credentials = credentials
+        self.challenge: Optional[Tuple[str, Dict[str, str]]] = None
+        self._tokens: Dict[str, Tuple[str, float]] = {}
+        self._lock = threading.Lock()  # one token fetch at a time; the others reuse it
+
+    def who(self) -> str:
+        c = self.credentials
+        return (" as %s" % _printable(c.username, 100)) if c and c.username else " anonymously"
+
+    def remembered(self, kind: Optional[str], realm: Optional[str], service: Optional[str]) -> None:
+        """Start from the challenge an earlier pull saw (the store's ``hosts`` row)."""
+        if kind == "basic" and self.credentials:
+            self.challenge = ("basic", {})
+        elif kind == "bearer" and realm:
+            self.challenge = ("bearer", dict([("realm", realm)] + ([("service", service)] if service else [])))
+
+    def probed(self, challenges: List[Tuple[str, Dict[str, str]]]) -> None:
+        """The scheme probe's 401 serves the first real request: no second 401 for it."""
+        if self.challenge is not None:
+            return
+        by_kind = dict((k, p) for k, p in reversed(challenges))
+        if "bearer" in by_kind and by_kind["bearer"].get("realm"):
+            self.challenge = ("bearer", by_kind["bearer"])
+        elif "basic" in by_kind and self.credentials:
+            self.challenge = ("basic", by_kind["basic"])
+
+    def header(self, scope: Optional[str]) -> Optional[str]:
+        """The Authorization header for a request to the registry's own host, if any."""
+        challenge = self.challenge
+        if challenge is None:
+            return None
+        kind, params = challenge
+        if kind == "basic":
+            c = self.credentials
+            return "Basic " + _b64("%s:%s" % (c.username, c.password)) if c else None
+        token = self.token(params, scope)
+        return "Bearer " + token if token else None
+
+    def accept(self, challenges: List[Tuple[str, Dict[str, str]]], scope: Optional[str],
+               sent_auth: Optional[str]) -> bool:
+        """Adopt the registry's challenge; True when a retry with new credentials makes sense.
+
+        A 401 to a Bearer token (expired, revoked: ``error="invalid_token"``) renews that
+        token once; threads that were refused the same token share the renewed one.
+        """
+        by_kind = dict((k, p) for k, p in reversed(challenges))
+        if "bearer" in by_kind and by_kind["bearer"].get("realm"):
+            params = by_kind["bearer"]
+            self.challenge = ("bearer", params)
+            rejected = sent_auth[7:] if sent_auth and sent_auth.startswith("Bearer ") else None
+            self.token(params, scope, rejected=rejected)
+            return True
+        if "basic" in by_kind:
+            if not self.credentials or (self.challenge and self.challenge[0] == "basic"):
+                return False
+            self.challenge = ("basic", by_kind["basic"])
+            return True
+        if challenges:
+            raise AuthError("%s asks for an authentication scheme we do not speak: %s"
+                            % (self.client.endpoint, _printable(", ".join(k for k, _ in challenges), 100)))
+        return False
+
+    def token(self, params: Dict[str, str], scope: Optional[str], rejected: Optional[str] = None) -> str:
+        scope = scope or params.get("scope") or ""
+        key = "%s|%s|%s" % (params.get("realm"), params.get("service", ""), scope)
+        with self._lock:
+            cached = self._tokens.get(key)
+            if cached and cached[0] != rejected and time.time() < cached[1]:
+                return cached[0]
+            token, lifetime = self.fetch_token(params, scope)
+            # Renew ahead of time: a long layer download must not start on a token about to die.
+            margin = min(30.0, lifetime / 5.0)
+            self._tokens[key] = (token, time.time() + lifetime - margin)
+            return token
+
+    def fetch_token(self, params: Dict[str, str], scope: str) -> Tuple[str, float]:
+        """(token, lifetime in seconds) from the realm the challenge names."""
+        client = self.client
+        realm = params.get("realm", "")
+        parts = client.targets.check(realm, "its token realm", AuthError)
+        service = _printable(parts.hostname, 100)
+        query = [("service", params["service"])] if params.get("service") else []
+        if scope:
+            query += [("scope", s) for s in scope.split(" ")]
+        c = self.credentials
+        headers = {}
+        method, body = "GET", None
+        if c and c.identity_token:
+            # Docker's OAuth2 refresh-token grant for identity tokens.
+            method = "POST"
+            form = [("grant_type", "refresh_token"), ("refresh_token", c.identity_token),
+                    ("client_id", "registry_pull")] + query
+            body = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            url = realm
+        else:
+            url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query) if query else realm
+            if c:
+                headers["Authorization"] = "Basic " + _b64("%s:%s" % (c.username, c.password))
+        retry = _Retry(client.cancel, "token service %s" % service)
+        while True:
+            try:
+                resp = client.open_once(method, url, headers, data=body)
+                try:
+                    status, data = resp.status, resp.read(MAX_MANIFEST_BYTES)
+                finally:
+                    resp.close()
+            except (OSError, http.client.HTTPException) as e:
+                why, timed_out = _network_failure(e, parts.netloc, client.ca_file, client.mirror)
+                retry.again("cannot reach token service %s: %s" % (service, why), timed_out=timed_out)
+                continue
+            if status == 200:
+                break
+            if status in RETRY_STATUSES:
+                retry.again("token service %s answered %d" % (service, status),
+                            _retry_after(resp.header("Retry-After")))
+                continue
+            code, msg = _registry_error(data)
+            raise AuthError("token service %s refused%s for %s (%d %s)"
+                            % (service, self.who(), _printable(scope or "access", 200), status, msg or code or ""))
+        return _parse_token(data, service, scope)
+
+
+def _parse_token(data: bytes, service: str, scope: str) -> Tuple[str, float]:
+    try:
+        answer = json.loads(data.decode("utf-8"))
+        token = answer.get("token") or answer.get("access_token")
+        lifetime = float(answer.get("expires_in") or 60)
+    except (ValueError, AttributeError, TypeError):
+        raise AuthError("token service %s answered something other than a token" % service) from None
+    if not isinstance(token, str) or not token:
+        raise AuthError("token service %s answered without a token" % service)
+    if not re.fullmatch(r"[\x21-\x7e]+", token):  # it goes into a header line as it is
+        raise AuthError("token service %s answered a token with characters no header may carry: refused" % service)
+    log.debug("token for %s valid %ds", scope or "(no scope)", lifetime)
+    return token, max(lifetime, 1.0)
+
+
+class _Client:
+    """Talks to one registry host: its openers and connections, the scheme probe, and the
+    request loop (retries, redirects checked by ``targets``, challenges answered by ``auth``).
+
+    Thread-safe: all download threads share one _Client, its ``auth`` and its token cache.
+    """
+
+    def __init__(self, registry: str, *, insecure: bool = False, ca_file: Optional[str] = None,
+                 credentials: Optional[Credentials] = None, cancel: Any = None, endpoint: Optional[str] = None,
+                 scheme: Optional[str] = None, mirror: bool = False, pool: Optional[_Pool] = None) -> None:
         self.registry = registry
         self.endpoint = endpoint or (_DOCKER_HUB_ENDPOINT if registry == _DOCKER_HUB else registry)
         self.insecure = insecure
         self.ca_file = ca_file
-        self.credentials = credentials
         self.cancel = cancel if isinstance(cancel, _Cancel) else _Cancel(cancel)
         self.mirror = mirror  # a mirror that cannot be reached is skipped at once, not retried
         self.pool = pool if pool is not None else _Pool()
-        self._preconnect = 0  # connections to open as soon as the scheme is known
         self.loopback = _is_loopback(self.endpoint)
-        self._scheme = scheme  # type: Optional[str]
-        self._public = None  # type: Optional[bool]
+        self.scheme: Optional[str] = scheme  # None until the probe (or the store) says
+        self.targets = _Targets(self.endpoint, insecure, lambda: self.scheme)
+        self.auth = _Auth(self, credentials)
+        self._preconnect = 0  # connections to open as soon as the scheme is known
         self._lock = threading.Lock()
-        self._token_lock = threading.Lock()  # one token fetch at a time; the others reuse it
-        self._challenge = None  # type: Optional[Tuple[str, Dict[str, str]]]
-        self._tokens = {}  # type: Dict[str, Tuple[str, float]]
-        self._openers = {}  # type: Dict[Tuple[str, bool, bool], urllib.request.OpenerDirector]
+        self._openers: Dict[Tuple[str, bool, bool], urllib.request.OpenerDirector] = {}
+        self._contexts: Dict[bool, Any] = {}
+
+    @property
+    def credentials(self) -> Optional[Credentials]:
+        return self.auth.credentials
 
     # -- connections ----------------------------------------------------------------
 
-    def _ssl_context(self, verify):
-        try:
-            import ssl
-        except ImportError:
-            raise RegistryError(
-                "this Python has no ssl module: HTTPS to %s is impossible" % self.endpoint
-            ) from None
-        if not verify:
-            ctx = ssl._create_unverified_context()  # --insecure, by the user's explicit choice
-        else:
-            ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
-            # Python 3.13 turned on OpenSSL's strict X.509 checks, which refuse private CAs that
-            # Go, curl and skopeo accept (e.g. a non-critical basicConstraints): verify as they do.
-            ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
-            if self.ca_file:
-                try:
-                    ctx.load_verify_locations(cafile=self.ca_file)
-                except (OSError, ssl.SSLError) as e:
-                    raise UsageError("cannot load --ca-file %s: %s" % (self.ca_file, e)) from None
-        return ctx
+    def _context(self, verify: bool) -> Any:
+        with self._lock:
+            if verify not in self._contexts:
+                self._contexts[verify] = _ssl_context(verify, self.ca_file, self.endpoint)
+            return self._contexts[verify]
 
-    def _opener(self, scheme, host):
-        # type: (str, str) -> urllib.request.OpenerDirector
-        own = host == self.endpoint
-        verify = not (self.insecure and own)
+    def _opener(self, scheme: str, host: str) -> urllib.request.OpenerDirector:
+        verify = not (self.insecure and host == self.endpoint)
         key = (scheme, verify, _is_loopback(host))
+        ctx = self._context(verify) if scheme == "https" else None  # first: without ssl, no HTTPSHandler
         with self._lock:
             opener = self._openers.get(key)
             if opener is None:
                 # As Go's http.ProxyFromEnvironment does: loopback is never proxied.
-                proxies = {} if _is_loopback(host) else None
+                proxies: Optional[Dict[str, str]] = {} if _is_loopback(host) else None
                 # No redirect or error processors: every status comes back as a response,
                 # and redirects are followed (and checked) by _request_once.
                 handlers = [urllib.request.ProxyHandler(proxies), _HTTPHandler(self.pool)]
-                if scheme == "https":
-                    ctx = self._ssl_context(verify)  # first: without ssl there is no HTTPSHandler either
+                if ctx is not None:
                     handlers.append(_https_handler(self.pool, ctx))
                 opener = urllib.request.OpenerDirector()
                 for h in handlers:
@@ -1294,8 +1476,9 @@ class _Client:
                 self._openers[key] = opener
         return opener
 
-    def _open_once(self, method, url, headers, timeout=TIMEOUT, data=None):
-        # type: (str, str, Dict[str, str], float, Optional[bytes]) -> _Response
+    def open_once(self, method: str, url: str, headers: Dict[str, str], timeout: float = TIMEOUT,
+                  data: Optional[bytes] = None) -> _Response:
+        """One request, no retry, redirect or challenge: what the policies above build on."""
         parts = urllib.parse.urlsplit(url)
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
@@ -1308,21 +1491,16 @@ class _Client:
         resp.cancel = self.cancel
         return resp
 
-    def _base(self):
-        # type: () -> str
-        if self._scheme is None:
+    def base(self) -> str:
+        """``scheme://host`` of the registry (probing the scheme on first use)."""
+        if self.scheme is None:
             self._discover_scheme()
-        return "%s://%s" % (self._scheme, self.endpoint)
+        return "%s://%s" % (self.scheme, self.endpoint)
 
-    def scheme_known(self):
-        # type: () -> bool
-        return self._scheme is not None
-
-    def preconnect(self, n):
-        # type: (int) -> None
+    def preconnect(self, n: int) -> None:
         """Open ``n`` connections to the registry ahead of a cold pull's downloads (not through
         a proxy: those are made per request as urllib makes them)."""
-        scheme = self._scheme
+        scheme = self.scheme
         if scheme is None:
             self._preconnect = n  # once the probe has found the scheme
             return
@@ -1331,49 +1509,44 @@ class _Client:
         if not self.loopback and urllib.request.getproxies().get(scheme) and \
                 not urllib.request.proxy_bypass(_split_hostport(self.endpoint)[0]):
             return
+        endpoint = self.endpoint
         if scheme == "https":
-            opener = self._opener(scheme, self.endpoint)
-            handler = next(h for h in opener.handlers if isinstance(h, _KeepAlive) and hasattr(h, "https_open"))
-            ctx = handler._context
-            key = ("HTTPSConnection", self.endpoint, None)
-            self.pool.warm(key, lambda: http.client.HTTPSConnection(self.endpoint, timeout=TIMEOUT, context=ctx), n)
+            ctx = self._context(not self.insecure)
+            self.pool.warm(("HTTPSConnection", endpoint, None),
+                           lambda: http.client.HTTPSConnection(endpoint, timeout=TIMEOUT, context=ctx), n)
         else:
-            key = ("HTTPConnection", self.endpoint, None)
-            self.pool.warm(key, lambda: http.client.HTTPConnection(self.endpoint, timeout=TIMEOUT), n)
+            self.pool.warm(("HTTPConnection", endpoint, None),
+                           lambda: http.client.HTTPConnection(endpoint, timeout=TIMEOUT), n)
 
-    def remembered(self, info):
-        # type: (Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]) -> None
+    def remembered(self, info: Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]) -> None:
         """Start from what an earlier pull learnt of this host (the store's ``hosts`` row):
         its scheme, and its challenge, so credentials or a token go with the first request."""
         if not info:
             return
         scheme, kind, realm, service = info
-        if scheme in ("http", "https") and self._scheme is None and (scheme == "https" or self.loopback
-                                                                      or self.insecure):
-            self._scheme = scheme
-        if kind == "basic" and self.credentials:
-            self._challenge = ("basic", {})
-        elif kind == "bearer" and realm:
-            self._challenge = ("bearer", dict([("realm", realm)] + ([("service", service)] if service else [])))
+        if scheme in ("http", "https") and self.scheme is None and \
+                (scheme == "https" or self.loopback or self.insecure):
+            self.scheme = scheme
+        self.auth.remembered(kind, realm, service)
 
-    def _discover_scheme(self):
+    def _discover_scheme(self) -> None:
         """HTTPS, except that loopback (or --insecure) registries may speak plain HTTP.
 
         Loopback is probed over plain HTTP first: an HTTPS server answers that at once
         (Go's says 400), whereas a plain server handed a TLS hello can wait forever.
         """
         if not (self.loopback or self.insecure):
-            self._scheme = "https"
+            self.scheme = "https"
             return
         errors = []
         timed_out = False
         # Both probes at once (the second in a thread): the second costs no round trip more.
         order = ("http", "https") if self.loopback else ("https", "http")
-        answers = {}  # type: Dict[str, Any]
+        answers: Dict[str, Any] = {}
 
         def probe(scheme):
             try:
-                answers[scheme] = self._open_once("GET", "%s://%s/v2/" % (scheme, self.endpoint), {}, timeout=10.0)
+                answers[scheme] = self.open_once("GET", "%s://%s/v2/" % (scheme, self.endpoint), {}, timeout=10.0)
             except BaseException as e:  # looked at below
                 answers[scheme] = e
 
@@ -1393,21 +1566,16 @@ class _Client:
                 continue
             if isinstance(resp, BaseException):
                 raise resp
+            assert isinstance(resp, _Response)
             if scheme == "http" and resp.status == 400:
                 resp.close()
                 errors.append("http: 400")
                 continue  # an HTTPS server refusing plain HTTP
             log.debug("%s speaks %s", self.endpoint, scheme)
-            self._scheme = scheme
+            self.scheme = scheme
             self.preconnect(self._preconnect)
-            if resp.status == 401 and self._challenge is None:
-                # The probe's challenge serves the first real request: no second 401 for it.
-                challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
-                by_kind = dict((k, p) for k, p in reversed(challenges))
-                if "bearer" in by_kind and by_kind["bearer"].get("realm"):
-                    self._challenge = ("bearer", by_kind["bearer"])
-                elif "basic" in by_kind and self.credentials:
-                    self._challenge = ("basic", by_kind["basic"])
+            if resp.status == 401:
+                self.auth.probed(parse_www_authenticate(resp.header("WWW-Authenticate")))
             resp.close()
             other = answers.get(order[1]) if scheme == order[0] else None
             if isinstance(other, _Response):
@@ -1419,8 +1587,8 @@ class _Client:
 
     # -- requests with retries, redirects and auth ------------------------------------
 
-    def request(self, method, path, *, headers=None, scope=None, redirect_ok=True):
-        # type: (str, str, Optional[Dict[str, str]], Optional[str], bool) -> _Response
+    def request(self, method: str, path: str, *, headers: Optional[Dict[str, str]] = None,
+                scope: Optional[str] = None, redirect_ok: bool = True) -> _Response:
         """Send a request to the registry, following its redirects and challenges.
 
         Returns any final response with status < 400 (and 404/416 for callers to interpret);
@@ -1443,45 +1611,40 @@ class _Client:
             if resp.status == 401:
                 challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
                 body = resp.excerpt()
-                if not auth_retried and self._accept_challenge(challenges, scope, resp.sent_auth):
+                if not auth_retried and self.auth.accept(challenges, scope, resp.sent_auth):
                     auth_retried = True
                     continue
                 code, msg = _registry_error(body)
-                who = (" as %s" % _printable(self.credentials.username, 100)) if self.credentials else " anonymously"
-                raise AuthError(
-                    "%s refused access to %s%s (%s)"
-                    % (self.endpoint, path.split("?")[0], who, msg or code or "401 Unauthorized")
-                )
+                raise AuthError("%s refused access to %s%s (%s)" % (self.endpoint, path.split("?")[0], self.auth.who(),
+                                                                    msg or code or "401 Unauthorized"))
             if resp.status == 403:
                 code, msg = _registry_error(resp.excerpt())
                 raise AuthError("%s denied access to %s (%s)" % (self.endpoint, path, msg or code or "403 Forbidden"))
             return resp
 
-    def _sleep(self, seconds):
-        self.cancel.wait(seconds)
-
-    def _request_once(self, method, path, headers, scope, redirect_ok):
-        # type: (str, str, Dict[str, str], Optional[str], bool) -> _Response
-        url = self._base() + path
+    def _request_once(self, method: str, path: str, headers: Dict[str, str], scope: Optional[str],
+                      redirect_ok: bool) -> _Response:
+        url = self.base() + path
         own_host = True
         for _ in range(MAX_REDIRECTS + 1):
             h = dict(headers)
             if own_host:
-                auth = self._authorization(scope)
+                auth = self.auth.header(scope)
                 if auth:
                     h["Authorization"] = auth
             try:
-                resp = self._open_once(method, url, h)
+                resp = self.open_once(method, url, h)
             except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
                 why, timed_out = _network_failure(e, urllib.parse.urlsplit(url).netloc, self.ca_file, self.mirror)
                 raise _Retryable("cannot reach %s: %s" % (_redact(url), why), timed_out=timed_out) from None
             resp.sent_auth, resp.own = h.get("Authorization"), own_host
             if own_host and resp.header("RateLimit-Remaining"):  # Docker Hub's pull limit, as it counts it
-                log.info("%s: pull limit remaining %s", self.endpoint, _printable(resp.header("RateLimit-Remaining"), 60))
+                log.info("%s: pull limit remaining %s", self.endpoint,
+                         _printable(resp.header("RateLimit-Remaining"), 60))
             if resp.status in (301, 302, 303, 307, 308) and redirect_ok:
                 location = resp.header("Location")
                 resp.close()
-                url, own_host = self._follow(url, location)
+                url, own_host = self.targets.follow(url, location)
                 if resp.status == 303 and method != "HEAD":
                     method = "GET"  # See Other: fetch the named resource
                 continue
@@ -1491,177 +1654,187 @@ class _Client:
                 raise RegistryError(
                     "Docker Hub answered 429 (%s): the %s pull limit was reached; log in (--username, or "
                     "docker/podman login) or pull through a mirror (--mirror, REGISTRY_PULL_MIRRORS)"
-                    % (msg or code or "too many requests",
-                       "anonymous" if not self.credentials else "account's"))
+                    % (msg or code or "too many requests", "anonymous" if not self.credentials else "account's"))
             if resp.status in RETRY_STATUSES:
                 retry_after = _retry_after(resp.header("Retry-After"))
                 code, msg = _registry_error(resp.excerpt())
-                raise _Retryable(
-                    "%s answered %d %s" % (_redact(url), resp.status, msg or code or _printable(resp.raw.reason, 100)),
-                    retry_after,
-                )
+                raise _Retryable("%s answered %d %s" % (_redact(url), resp.status,
+                                                        msg or code or _printable(resp.raw.reason, 100)), retry_after)
             return resp
         raise RegistryError("%s redirected more than %d times" % (self.endpoint, MAX_REDIRECTS))
 
-    def _follow(self, url, location):
-        # type: (str, str) -> Tuple[str, bool]
-        """The URL a redirect names, checked; and whether it is the registry's own host."""
-        if not location:
-            raise RegistryError("%s redirected without a Location" % _redact(url))
+
+# --------------------------------------------------------------------------- Registry
+# The distribution spec's endpoints for one repository, each status rule written once: every
+# manifest, blob, tag page and referrers list goes through _Repository.
+
+
+def _answer(resp: _Response, limit: int, what: str, missing: str = "not found", kind: str = "") -> bytes:
+    """The whole body of a 200 answer, then closed: NotFound for a 404 (``what: missing (CODE)``),
+    RegistryError for another status or a failed read, IntegrityError past ``limit`` bytes
+    (``kind`` names the document: "manifest of ")."""
+    try:
+        if resp.status == 404:
+            code, msg = _registry_error(resp.excerpt())
+            raise NotFound("%s: %s (%s)" % (what, missing, code or msg or "404"))
+        if resp.status != 200:
+            raise RegistryError("%s answered %d for %s" % (_printable(resp.host, 100), resp.status, what))
         try:
-            new = urllib.parse.urljoin(url, location)
-        except ValueError:
-            new = location
-        parts = self._check_target(new, "a redirect", RegistryError)
-        own = parts.netloc.lower() == self.endpoint.lower() and parts.scheme == self._scheme
-        log.debug("redirect to %s", _redact(new))
-        return new, own
+            return resp.read(limit)
+        except IntegrityError:
+            raise IntegrityError("%s%s is larger than %d bytes: refused" % (kind, what, limit)) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise RegistryError("reading the %s%s from %s failed: %s"
+                                % (kind, what, _printable(resp.host, 100), _reason_text(e))) from None
+    finally:
+        resp.close()
 
-    def _check_target(self, url, what, error):
-        # type: (str, str, type) -> urllib.parse.SplitResult
-        """A URL the registry sends us to (a redirect, a token realm): http(s) only; plain HTTP
-        only when the registry itself speaks it or with --insecure; and never from a public
-        registry to a private, loopback or link-local address (SSRF)."""
-        try:
-            parts = urllib.parse.urlsplit(url)
-            host = parts.hostname
-            parts.port  # noqa: B018 (raises ValueError for a bad port)
-        except ValueError:
-            parts, host = None, None
-        if parts is None or parts.scheme not in ("http", "https") or not host:
-            raise error("%s named an unsupported URL for %s, %s: refused" % (self.endpoint, what, _redact(url)[:100]))
-        local = self.loopback and _is_loopback(parts.netloc)  # never leaves this machine
-        if parts.scheme == "http" and not (self.insecure or self._scheme == "http" or local):
-            raise error("%s named a plain-HTTP URL for %s (%s): refused" % (self.endpoint, what, _redact(url)))
-        if self._registry_is_public() and _is_public_address(host) is False:
-            raise error("%s named a non-public address %s for %s: refused"
-                        % (self.endpoint, _printable(host, 100), what))
-        return parts
 
-    def _registry_is_public(self):
-        # type: () -> bool
-        if self._public is None:
-            self._public = bool(_is_public_address(_split_hostport(self.endpoint)[0]))
-        return self._public
+class _Repository:
+    """One repository of a registry, as the distribution spec names its endpoints."""
 
-    # -- authentication -----------------------------------------------------------------
+    def __init__(self, client: _Client, name: str) -> None:
+        self.client, self.name = client, name
+        self.scope = "repository:%s:pull" % name
 
-    def _authorization(self, scope):
-        # type: (Optional[str]) -> Optional[str]
-        challenge = self._challenge
-        if challenge is None:
-            return None
-        kind, params = challenge
-        if kind == "basic":
-            c = self.credentials
-            return "Basic " + _b64("%s:%s" % (c.username, c.password)) if c else None
-        token = self._token(params, scope)
-        return "Bearer " + token if token else None
+    def _request(self, method: str, path: str, headers: Optional[Dict[str, str]] = None) -> _Response:
+        return self.client.request(method, "/v2/%s/%s" % (self.name, path), headers=headers, scope=self.scope)
 
-    def _accept_challenge(self, challenges, scope, sent_auth):
-        # type: (List[Tuple[str, Dict[str, str]]], Optional[str], Optional[str]) -> bool
-        """Adopt the registry's challenge; True when a retry with new credentials makes sense.
-
-        A 401 to a Bearer token (expired, revoked: ``error="invalid_token"``) renews that
-        token once; threads that were refused the same token share the renewed one.
-        """
-        by_kind = dict((k, p) for k, p in reversed(challenges))
-        if "bearer" in by_kind and by_kind["bearer"].get("realm"):
-            params = by_kind["bearer"]
-            self._challenge = ("bearer", params)
-            rejected = sent_auth[7:] if sent_auth and sent_auth.startswith("Bearer ") else None
-            self._token(params, scope, rejected=rejected)
-            return True
-        if "basic" in by_kind:
-            if not self.credentials or (self._challenge and self._challenge[0] == "basic"):
-                return False
-            self._challenge = ("basic", by_kind["basic"])
-            return True
-        if challenges:
-            raise AuthError(
-                "%s asks for an authentication scheme we do not speak: %s"
-                % (self.endpoint, _printable(", ".join(k for k, _ in challenges), 100))
-            )
-        return False
-
-    def _token(self, params, scope, rejected=None):
-        # type: (Dict[str, str], Optional[str], Optional[str]) -> str
-        scope = scope or params.get("scope") or ""
-        key = "%s|%s|%s" % (params.get("realm"), params.get("service", ""), scope)
-        with self._token_lock:
-            cached = self._tokens.get(key)
-            if cached and cached[0] != rejected and time.time() < cached[1]:
-                return cached[0]
-            token, lifetime = self._fetch_token(params, scope)
-            # Renew ahead of time: a long layer download must not start on a token about to die.
-            margin = min(30.0, lifetime / 5.0)
-            self._tokens[key] = (token, time.time() + lifetime - margin)
-            return token
-
-    def _fetch_token(self, params, scope):
-        # type: (Dict[str, str], str) -> Tuple[str, float]
-        realm = params.get("realm", "")
-        parts = self._check_target(realm, "its token realm", AuthError)
-        service = _printable(parts.hostname, 100)
-        query = [("service", params["service"])] if params.get("service") else []
-        if scope:
-            query += [("scope", s) for s in scope.split(" ")]
-        c = self.credentials
-        headers = {}
-        method, body = "GET", None
-        if c and c.identity_token:
-            # Docker's OAuth2 refresh-token grant for identity tokens.
-            method = "POST"
-            form = [("grant_type", "refresh_token"), ("refresh_token", c.identity_token),
-                    ("client_id", "registry_pull")] + query
-            body = urllib.parse.urlencode(form).encode()
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-            url = realm
+    def manifest(self, ref: str, *, accept: str = MANIFEST_ACCEPT, what: str = "",
+                 head_first: Optional[Callable[[str], Optional[bytes]]] = None) -> Tuple[str, bytes, str]:
+        """(digest, bytes, content type) of the manifest or index a tag or digest names, verified:
+        against the digest asked for, else the registry's Docker-Content-Digest, else named by
+        its sha256. With ``head_first`` (digest -> the bytes a store holds, or None) a HEAD asks
+        first, and a digest the store holds costs no GET (a warm re-pull's one request)."""
+        what = what or "%s:%s" % (self.name, ref)
+        is_digest = ref.startswith(tuple(a + ":" for a in _DIGEST_HEX))
+        if head_first is not None:
+            resp = self._request("HEAD", "manifests/" + ref, {"Accept": accept})
+            resp.close()
+            digest = resp.header("Docker-Content-Digest").strip()
+            if resp.status == 200 and digest:
+                check_digest(digest, "Docker-Content-Digest")
+                data = head_first(digest)
+                if data is not None:
+                    return digest, data, resp.header("Content-Type")
+            elif resp.status == 404:
+                raise NotFound("%s: manifest not found (MANIFEST_UNKNOWN)" % what)
+        resp = self._request("GET", "manifests/" + ref, {"Accept": accept})
+        data = _answer(resp, MAX_MANIFEST_BYTES, what, "manifest not found", "manifest of ")
+        served = resp.header("Docker-Content-Digest").strip()
+        if is_digest:
+            _verify_bytes("manifest", data, ref)
+            digest = ref
+        elif served:
+            check_digest(served, "Docker-Content-Digest")
+            _verify_bytes("manifest", data, served)
+            digest = served
         else:
-            url = realm + ("&" if parts.query else "?") + urllib.parse.urlencode(query) if query else realm
-            if c:
-                headers["Authorization"] = "Basic " + _b64("%s:%s" % (c.username, c.password))
-        retry = _Retry(self.cancel, "token service %s" % service)
+            digest = _hash("sha256", data)
+        return digest, data, resp.header("Content-Type")
+
+    def blob(self, desc: Descriptor, offset: int = 0, what: str = "blob") -> Tuple[_Response, int]:
+        """An open answer carrying ``desc``'s bytes, and the offset they start at: ``offset`` when
+        the registry honoured the Range, 0 when it sends the whole blob instead (it ignored the
+        Range, refused it with 416, or answered a Content-Range that does not continue it)."""
+        size = desc.size
         while True:
+            headers = {"Range": "bytes=%d-" % offset} if offset else {}
+            resp = self._request("GET", "blobs/" + desc.digest, headers)
             try:
-                resp = self._open_once(method, url, headers, data=body)
-                try:
-                    status, data = resp.status, resp.read(MAX_MANIFEST_BYTES)
-                finally:
+                if resp.status == 404:
+                    code, msg = _registry_error(resp.excerpt())
+                    raise NotFound("%s %s not found in %s (%s)" % (what, desc.digest, self.name, code or 404))
+                if resp.status == 416 and offset:
+                    # What we have is not a prefix the server knows: start over.
                     resp.close()
-            except (OSError, http.client.HTTPException) as e:
-                why, timed_out = _network_failure(e, parts.netloc, self.ca_file, self.mirror)
-                retry.again("cannot reach token service %s: %s" % (service, why), timed_out=timed_out)
-                continue
-            if status == 200:
-                break
-            if status in RETRY_STATUSES:
-                retry.again("token service %s answered %d" % (service, status), _retry_after(resp.header("Retry-After")))
-                continue
-            code, msg = _registry_error(data)
-            who = ("as %s" % _printable(c.username, 100)) if c and c.username else "anonymously"
-            raise AuthError("token service %s refused %s for %s (%d %s)"
-                            % (service, who, _printable(scope or "access", 200), status, msg or code or ""))
-        try:
-            answer = json.loads(data.decode("utf-8"))
-            token = answer.get("token") or answer.get("access_token")
-            lifetime = float(answer.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            raise AuthError("token service %s answered something other than a token" % service) from None
-        if not isinstance(token, str) or not token:
-            raise AuthError("token service %s answered without a token" % service)
-        if not re.fullmatch(r"[\x21-\x7e]+", token):  # it goes into a header line as it is
-            raise AuthError("token service %s answered a token with characters no header may carry: refused"
-                            % service)
-        log.debug("token for %s valid %ds", scope or "(no scope)", lifetime)
-        return token, max(lifetime, 1.0)
+                    offset = 0
+                    continue
+                if resp.status == 206 and offset:
+                    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.header("Content-Range").strip())
+                    if m and m.group(3) != "*" and int(m.group(3)) != size:
+                        raise SizeMismatch(what, desc.digest, size, m.group(3))
+                    if not m or int(m.group(1)) != offset:
+                        log.info("%s: unusable Content-Range %r; starting over", desc.digest,
+                                 _printable(resp.header("Content-Range"), 100))
+                        resp.close()
+                        offset = 0
+                        continue
+                    return resp, offset
+                if resp.status == 200:
+                    length = resp.header("Content-Length").strip()
+                    if length.isdigit() and int(length) != size:
+                        raise SizeMismatch(what, desc.digest, size, _printable(length, 30))
+                    if offset:
+                        log.info("%s: server ignored Range; starting over", desc.digest)
+                    return resp, 0
+                raise RegistryError("%s answered %d for %s %s" % (self.client.endpoint, resp.status, what,
+                                                                  desc.digest))
+            except BaseException:
+                resp.close()
+                raise
+
+    def tags(self, page_size: int = 1000) -> List[str]:
+        """Every tag, following the registry's pagination (``?n=`` and the ``Link`` header, on
+        the registry's own host only) to the end."""
+        path: Optional[str] = "/v2/%s/tags/list?n=%d" % (self.name, page_size)
+        tags: List[str] = []
+        seen: Set[str] = set()
+        while path:
+            if path in seen or len(tags) > 1000000:
+                raise IntegrityError("%s: the tag list never ends (a page links back, or a million tags)" % self.name)
+            seen.add(path)
+            resp = self.client.request("GET", path, headers={"Accept": "application/json"}, scope=self.scope)
+            doc = _loads_json(_answer(resp, MAX_MANIFEST_BYTES * 4, self.name, "repository not found"), "tag list")
+            page = doc.get("tags") or []
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise IntegrityError("%s: the tag list is not a list of strings" % self.name)
+            tags += page
+            path = self._next(resp.header("Link"), path)
+        return tags
+
+    def referrers(self, digest: str, artifact_type: Optional[str] = None) -> Optional[List[Descriptor]]:
+        """The descriptors of the manifests whose ``subject`` is ``digest`` (OCI 1.1 referrers
+        API, every page), or None where the registry has no such API (it answers 404)."""
+        check_digest(digest)
+        path: Optional[str] = "/v2/%s/referrers/%s" % (self.name, digest) + (
+            "?" + urllib.parse.urlencode([("artifactType", artifact_type)]) if artifact_type else "")
+        found: List[Descriptor] = []
+        seen: Set[str] = set()
+        while path:
+            if path in seen or len(found) > 100000:
+                raise IntegrityError("%s: the referrers list never ends" % self.name)
+            seen.add(path)
+            resp = self.client.request("GET", path, headers={"Accept": MT_OCI_INDEX}, scope=self.scope)
+            if resp.status == 404 and not found:
+                resp.excerpt()
+                return None
+            doc = _loads_json(_answer(resp, MAX_MANIFEST_BYTES, "referrers of %s" % digest), "referrers index")
+            entries = _list_at(doc, "manifests")
+            for i, entry in enumerate(entries):
+                d = Descriptor.parse(entry, "referrer %d of %s" % (i, digest))
+                if artifact_type is None or d.artifact_type == artifact_type:  # a registry may ignore the filter
+                    found.append(d)
+            path = self._next(resp.header("Link"), path)
+        return found
+
+    def _next(self, header: str, current: str) -> Optional[str]:
+        """The path of a ``Link: <...>; rel="next"`` on the registry's own host, or None."""
+        m = re.search(r'<([^>]*)>\s*;[^,]*rel="?next"?', header or "")
+        if not m:
+            return None
+        client = self.client
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(client.base() + current, m.group(1)))
+        if parts.netloc.lower() != client.endpoint.lower() or not parts.path.startswith("/v2/"):
+            raise RegistryError("%s sent a Link to another place (%s): refused" % (client.endpoint,
+                                                                                   _redact(m.group(1))))
+        return parts.path + ("?" + parts.query if parts.query else "")
 
 
 # --------------------------------------------------------------------------- Manifests
 
 
-def _loads_json(data, what):
-    # type: (bytes, str) -> dict
+def _loads_json(data: bytes, what: str) -> dict:
     try:
         doc = json.loads(data.decode("utf-8"))
     except RecursionError:  # CPython's decoder guards its recursion: hostile nesting ends here
@@ -1673,6 +1846,18 @@ def _loads_json(data, what):
     return doc
 
 
+def _dict_at(doc: dict, key: str) -> dict:
+    """``doc[key]`` when it is an object, else an empty one (documents from servers: any shape)."""
+    value = doc.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _list_at(doc: dict, key: str) -> list:
+    """``doc[key]`` when it is a list, else an empty one."""
+    value = doc.get(key)
+    return value if isinstance(value, list) else []
+
+
 @dataclasses.dataclass(frozen=True)
 class Descriptor:
     media_type: str
@@ -1680,10 +1865,10 @@ class Descriptor:
     size: int
     platform: Optional[Platform] = None
     annotations: Optional[dict] = None
+    artifact_type: Optional[str] = None
 
     @classmethod
-    def parse(cls, obj, what):
-        # type: (Any, str) -> Descriptor
+    def parse(cls, obj: Any, what: str) -> Descriptor:
         if not isinstance(obj, dict):
             raise IntegrityError("%s is not a descriptor object" % what)
         mt, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
@@ -1695,15 +1880,15 @@ class Descriptor:
         plat = None
         p = obj.get("platform")
         if isinstance(p, dict):
-            feats = p.get("os.features") if isinstance(p.get("os.features"), list) else []
+            feats = _list_at(p, "os.features")
             plat = Platform(str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant") or ""),
                             str(p.get("os.version") or ""), tuple(str(f) for f in feats))
         ann = obj.get("annotations") if isinstance(obj.get("annotations"), dict) else None
-        return cls(mt, digest, size, plat, ann)
+        kind = obj.get("artifactType") if isinstance(obj.get("artifactType"), str) else None
+        return cls(mt, str(digest), size, plat, ann, kind)
 
 
-def _media_type(content_type, doc):
-    # type: (str, dict) -> str
+def _media_type(content_type: str, doc: dict) -> str:
     mt = (content_type or "").split(";")[0].strip().lower()
     declared = doc.get("mediaType")
     if mt in INDEX_TYPES + MANIFEST_TYPES + MT_DOCKER_SCHEMA1:
@@ -1722,21 +1907,18 @@ def _media_type(content_type, doc):
     return mt
 
 
-def _hash(algo, data):
-    # type: (str, bytes) -> str
+def _hash(algo: str, data: bytes) -> str:
     return "%s:%s" % (algo, hashlib.new(algo, data).hexdigest())
 
 
-def _verify_bytes(what, data, digest):
-    # type: (str, bytes, str) -> None
+def _verify_bytes(what: str, data: bytes, digest: str) -> None:
     algo, _ = check_digest(digest)
     actual = _hash(algo, data)
     if actual != digest:
         raise DigestMismatch(what, digest, actual)
 
 
-def select_platform(index, want, reference):
-    # type: (List[Descriptor], Platform, str) -> Descriptor
+def select_platform(index: List[Descriptor], want: Platform, reference: str) -> Descriptor:
     """The index entry this platform runs best, as containerd and `docker pull` choose.
 
     Both sides are normalised once; candidates are ranked by _platform_vector (an exact match
@@ -1747,13 +1929,12 @@ def select_platform(index, want, reference):
     return _choose_platform(index, want, reference)[0]
 
 
-def _choose_platform(index, want, reference):
-    # type: (List[Descriptor], Platform, str) -> Tuple[Descriptor, str]
+def _choose_platform(index: List[Descriptor], want: Platform, reference: str) -> Tuple[Descriptor, str]:
     """select_platform, and why: "exact", "compatible (...)" or "no platform given"."""
     want = want.normalized()
     vector = _platform_vector(want.architecture, want.variant)
-    best = None  # type: Optional[Tuple[int, int, Descriptor]]
-    unplatformed = None  # type: Optional[Descriptor]
+    best: Optional[Tuple[int, int, Descriptor]] = None
+    unplatformed: Optional[Descriptor] = None
     available = []
     for i, d in enumerate(index):
         if d.annotations and d.annotations.get(_ANNOTATION_REF_TYPE) == "attestation-manifest":
@@ -1782,12 +1963,19 @@ def _choose_platform(index, want, reference):
     return chosen, how
 
 
-def _runs_on(have, want):
-    # type: (Platform, Platform) -> bool
+def _runs_on(have: Platform, want: Platform) -> bool:
     """Can a host of platform ``want`` run an image whose config says ``have``?"""
     have, want = have.normalized(), want.normalized()
     return have.os == want.os and (have.architecture, have.variant) in \
         _platform_vector(want.architecture, want.variant)
+
+
+def _config_platform(config: dict, want: Platform) -> Platform:
+    """The platform an image config says it is for (its os defaulting to the one wanted)."""
+    feats = _list_at(config, "os.features")
+    return Platform(str(config.get("os") or want.os), str(config.get("architecture") or ""),
+                    str(config.get("variant") or ""), str(config.get("os.version") or ""),
+                    tuple(str(f) for f in feats))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1801,13 +1989,11 @@ class Manifest:
     layers: Tuple[Descriptor, ...] = ()
 
     @property
-    def is_index(self):
-        # type: () -> bool
+    def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES
 
 
-def parse_manifest(data, content_type="", what="manifest"):
-    # type: (bytes, str, str) -> Manifest
+def parse_manifest(data: bytes, content_type: str = "", what: str = "manifest") -> Manifest:
     """Parse untrusted manifest bytes; raise IntegrityError/UnsupportedError for anything off."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise IntegrityError("%s is larger than %d bytes: refused" % (what, MAX_MANIFEST_BYTES))
@@ -1834,7 +2020,7 @@ def parse_manifest(data, content_type="", what="manifest"):
             "%s is not a container image (config media type %s): artifacts are not supported"
             % (what, config.media_type[:100])
         )
-    sizes = {}  # type: Dict[str, int]
+    sizes: Dict[str, int] = {}
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise UnsupportedError("%s: layer %d has unsupported media type %s" % (what, i, layer.media_type[:100]))
@@ -1947,8 +2133,7 @@ CREATE INDEX IF NOT EXISTS idx_manifest_layers_manifest_id ON manifest_layers(ma
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "sshfs", "afs", "ceph", "glusterfs", "lustre", "gpfs")
 
 
-def _fs_type(path):
-    # type: (str) -> str
+def _fs_type(path: str) -> str:
     """The file system type of ``path`` from /proc/self/mounts (Linux), or ""."""
     best, kind = "", ""
     try:
@@ -1966,8 +2151,7 @@ def _fs_type(path):
     return kind
 
 
-def _mkstemp(directory, **kw):
-    # type: (str, Any) -> Tuple[int, str]
+def _mkstemp(directory: str, **kw: Any) -> Tuple[int, str]:
     """mkstemp, but the file follows the umask as open() would (mkstemp makes it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=directory, **kw)
     try:
@@ -1977,8 +2161,7 @@ def _mkstemp(directory, **kw):
     return fd, tmp
 
 
-def default_home():
-    # type: () -> str
+def default_home() -> str:
     """The store when none is given: $REGISTRY_PULL_HOME, else ${XDG_DATA_HOME:-~/.local/share}/registry_pull."""
     if os.environ.get("REGISTRY_PULL_HOME"):
         return os.environ["REGISTRY_PULL_HOME"]
@@ -1989,8 +2172,7 @@ def default_home():
 class _Store:
     """``HOME/blobs/ALGO/HEX`` (content-addressed, shared by all images) + ``HOME/oci.db``."""
 
-    def __init__(self, home):
-        # type: (str) -> None
+    def __init__(self, home: str) -> None:
         self.home = os.path.abspath(home)
         try:
             for algo in _DIGEST_HEX:
@@ -2001,13 +2183,11 @@ class _Store:
         except OSError as e:
             raise StorageError("cannot write to the store %s: %s" % (self.home, e.strerror or e)) from None
 
-    def path(self, digest):
-        # type: (str) -> str
+    def path(self, digest: str) -> str:
         algo, hexpart = check_digest(digest)
         return os.path.join(self.home, "blobs", algo, hexpart)
 
-    def has(self, digest, size=None):
-        # type: (str, Optional[int]) -> bool
+    def has(self, digest: str, size: Optional[int] = None) -> bool:
         try:
             st = os.lstat(self.path(digest))
         except FileNotFoundError:
@@ -2017,8 +2197,7 @@ class _Store:
                                % self.path(digest))
         return size is None or st.st_size == size
 
-    def read(self, digest, limit=MAX_MANIFEST_BYTES):
-        # type: (str, int) -> Optional[bytes]
+    def read(self, digest: str, limit: int = MAX_MANIFEST_BYTES) -> Optional[bytes]:
         try:
             fd = os.open(self.path(digest), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
@@ -2029,8 +2208,7 @@ class _Store:
             data = f.read(limit + 1)
         return data if len(data) <= limit else None
 
-    def put(self, digest, data):
-        # type: (str, bytes) -> None
+    def put(self, digest: str, data: bytes) -> None:
         """_Store verified small bytes (manifest, index) atomically under their digest."""
         _verify_bytes("blob", data, digest)
         final = self.path(digest)
@@ -2109,8 +2287,7 @@ class _Store:
         finally:
             conn.execute("PRAGMA foreign_keys = ON")
 
-    def record(self, result, index_doc, manifest_doc, config_doc):
-        # type: (PullResult, Optional[dict], dict, dict) -> bool
+    def record(self, result: PullResult, index_doc: Optional[dict], manifest_doc: dict, config_doc: dict) -> bool:
         """Write the image's rows in one transaction; False when sqlite3 is unavailable."""
         conn = self.connect()
         if conn is None:
@@ -2119,9 +2296,9 @@ class _Store:
 
         now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         dumps = lambda v: None if v is None else json.dumps(v, sort_keys=True)  # noqa: E731
-        cfg = config_doc.get("config") if isinstance(config_doc.get("config"), dict) else {}
-        rootfs = config_doc.get("rootfs") if isinstance(config_doc.get("rootfs"), dict) else {}
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs.get("diff_ids"), list) else []
+        cfg = _dict_at(config_doc, "config")
+        rootfs = _dict_at(config_doc, "rootfs")
+        diff_ids = _list_at(rootfs, "diff_ids")
         plat = result.platform
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -2225,26 +2402,22 @@ class _Store:
     def exclusive(self):
         return self._locked(False)
 
-    def knows(self, reference):
-        # type: (str) -> bool
+    def knows(self, reference: str) -> bool:
         """Has an image of this reference been pulled (so a HEAD could confirm it is current)?"""
         return bool(self._query("SELECT 1 FROM images WHERE reference = ? LIMIT 1", (reference,)))
 
-    def host(self, host):
-        # type: (str) -> Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]
+    def host(self, host: str) -> Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]:
         """(scheme, challenge kind, realm, service) remembered for a registry host."""
         rows = self._query("SELECT scheme, challenge, realm, service FROM hosts WHERE host = ?", (host,))
-        return tuple(rows[0]) if rows else None  # type: ignore[return-value]
+        return (rows[0][0], rows[0][1], rows[0][2], rows[0][3]) if rows else None
 
-    def remember_host(self, host, scheme, challenge):
-        # type: (str, str, Optional[Tuple[str, Dict[str, str]]]) -> None
+    def remember_host(self, host: str, scheme: str, challenge: Optional[Tuple[str, Dict[str, str]]]) -> None:
         kind, params = challenge if challenge else (None, {})
         self._query("INSERT OR REPLACE INTO hosts (host, scheme, challenge, realm, service, modified_at)"
                     " VALUES (?,?,?,?,?,?)", (host, scheme, kind, params.get("realm"), params.get("service"),
                                               time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())), write=True)
 
-    def touch(self, reference, manifest_digest):
-        # type: (str, str) -> bool
+    def touch(self, reference: str, manifest_digest: str) -> bool:
         """Mark an unchanged image used now; False when it has no row for this manifest."""
         conn = self.connect()
         if conn is None:
@@ -2263,6 +2436,107 @@ class _Store:
         finally:
             conn.close()
 
+    def images(self) -> List[dict]:
+        """One dict per recorded image, by reference and platform."""
+        rows = self._query("SELECT reference, platform, manifest_digest, index_digest, size_bytes, created_at,"
+                           " last_used_at FROM images ORDER BY reference, platform", ())
+        keys = ("reference", "platform", "manifest_digest", "index_digest", "size", "pulled_at", "last_used_at")
+        return [dict(zip(keys, row)) for row in rows or []]
+
+    def forget(self, reference: str, platform: Optional[Platform] = None) -> int:
+        """Delete the rows of ``reference`` (every platform, or ``platform``'s) and rewrite
+        index.json; returns how many images went."""
+        sql: str = "DELETE FROM images WHERE reference = ?"
+        args: List[Any] = [reference]
+        if platform is not None:
+            rows = self._query("SELECT id, platform FROM images WHERE reference = ?", (reference,)) or []
+            ids = [i for i, p in rows if _recorded_platform(p).normalized() == platform.normalized()]
+            if not ids:
+                return 0
+            sql, args = "DELETE FROM images WHERE id IN (%s)" % ",".join("?" * len(ids)), ids
+        with self.exclusive():
+            conn = self.connect()
+            if conn is None:
+                raise UnsupportedError("this Python has no sqlite3 module: the store has no image list")
+            try:
+                with conn:
+                    n = conn.execute(sql, args).rowcount
+            finally:
+                conn.close()
+            if n:
+                self.write_index()
+        return n
+
+    def referenced(self) -> Dict[str, List[str]]:
+        """digest -> the references of the images that need it (manifests, indexes, configs,
+        layers, and what an image's index lists beside it: attestations and their blobs)."""
+        rows = self._query(
+            "SELECT i.reference, i.manifest_digest, i.index_digest, c.digest, l.digest FROM images i"
+            " LEFT JOIN manifests m ON m.image_id = i.id LEFT JOIN configs c ON c.manifest_id = m.id"
+            " LEFT JOIN manifest_layers ml ON ml.manifest_id = m.id LEFT JOIN layers l ON l.id = ml.layer_id", ())
+        refs: Dict[str, List[str]] = {}
+        for row in rows or []:
+            for digest in list(row[1:]) + self._listed(row[2]):
+                if digest and row[0] not in refs.setdefault(digest, []):
+                    refs[digest].append(row[0])
+        return refs
+
+    def _listed(self, index_digest: Optional[str]) -> List[str]:
+        """Digests of the manifests an index in the store lists, and of their blobs, where stored."""
+        out: List[str] = []
+        try:
+            data = self.read(index_digest) if index_digest else None
+            entries = _loads_json(data, "index").get("manifests") if data else None
+            for entry in entries if isinstance(entries, list) else []:
+                digest = entry.get("digest") if isinstance(entry, dict) else None
+                sub = self.read(digest) if isinstance(digest, str) else None
+                if sub is None:
+                    continue
+                doc = _loads_json(sub, "manifest")
+                out.append(str(digest))
+                layers = doc.get("layers")
+                for d in [doc.get("config")] + (layers if isinstance(layers, list) else []):
+                    if isinstance(d, dict) and isinstance(d.get("digest"), str):
+                        out.append(d["digest"])
+        except PullError:
+            pass  # a blob that is not what it should be: verify() is the place to say so
+        return out
+
+    def blob_files(self) -> List[Tuple[str, str]]:
+        """(digest or "", path) of every file under HOME/blobs ("" for .partial and temporaries)."""
+        out = []
+        for algo in _DIGEST_HEX:
+            directory = os.path.join(self.home, "blobs", algo)
+            for name in sorted(os.listdir(directory)):
+                full = "%s:%s" % (algo, name)
+                out.append((full if re.fullmatch(r"[0-9a-f]{%d}" % _DIGEST_HEX[algo], name) else "",
+                            os.path.join(directory, name)))
+        return out
+
+    def write_index(self) -> None:
+        """Rewrite HOME/index.json from the database: the store is an OCI image layout of every image."""
+        conn = self.connect()
+        if conn is None:
+            return
+        try:
+            with _DirLock(self.home):
+                rows = conn.execute(
+                    "SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
+                    "JOIN manifests m ON m.image_id = i.id ORDER BY i.reference").fetchall()
+                manifests = []
+                for reference, digest, media_type, plat in rows:
+                    try:
+                        size = os.stat(self.path(digest)).st_size
+                    except (OSError, PullError):
+                        continue  # a blob removed by hand: leave the image out rather than lie
+                    manifests.append(_layout_entry(media_type, digest, size, _recorded_platform(plat), reference))
+                _write_layout(self.home, {"manifests": manifests})
+        except OSError as e:
+            raise StorageError("cannot write %s: %s" % (os.path.join(self.home, "index.json"), e.strerror or e)) \
+                from None
+        finally:
+            conn.close()
+
 
 def _str_or_none(v):
     return v if isinstance(v, str) else None
@@ -2275,17 +2549,27 @@ def _unlink(path):
         pass
 
 
+_fcntl: Any
 try:
     import fcntl as _fcntl
 except ImportError:  # Windows: no advisory locks; concurrent processes may download twice
-    _fcntl = None  # type: ignore[assignment]
+    _fcntl = None
 
 
-# --------------------------------------------------------------------------- Downloads
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # no /proc: the classic dance (another thread may create a file meanwhile)
+    os.umask(old)
+    return old
 
 
-def _lock_holder(fd):
-    # type: (int) -> str
+def _lock_holder(fd: int) -> str:
     """Who holds the flock on ``fd``'s file, from /proc/locks (Linux), as words for a message."""
     try:
         st = os.fstat(fd)
@@ -2301,8 +2585,7 @@ def _lock_holder(fd):
     return "another registry_pull"
 
 
-def _flock(fd, what, cancel=None, shared=False):
-    # type: (int, str, Optional[_Cancel], bool) -> None
+def _flock(fd: int, what: str, cancel: Optional[_Cancel] = None, shared: bool = False) -> None:
     """A flock on ``fd`` (exclusive, or ``shared``); says so after a second of waiting, and
     keeps waiting (as long as ``cancel`` allows: Ctrl-C and --timeout still end it)."""
     if _fcntl is None:
@@ -2325,18 +2608,37 @@ def _flock(fd, what, cancel=None, shared=False):
             time.sleep(0.1)
 
 
+def _unlocked(path: str) -> bool:
+    """Does no process hold ``path``'s flock (a download in progress)?"""
+    if _fcntl is None:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- Downloads
+
+
 class _Downloader:
     """Fetches blobs into the store: resumable, locked against other processes, verified."""
 
-    def __init__(self, client, store, repository, progress=None):
-        # type: (_Client, _Store, str, Optional[Callable[[str, int, int], None]]) -> None
-        self.client, self.store, self.repository = client, store, repository
-        self.progress = progress
+    def __init__(self, repo: _Repository, store: _Store,
+                 progress: Optional[Callable[[str, int, int], None]] = None) -> None:
+        self.repo, self.store, self.progress = repo, store, progress
+        self.cancel = repo.client.cancel
         self.fetched_bytes = 0
         self._count_lock = threading.Lock()
 
-    def fetch(self, desc, what="layer"):
-        # type: (Descriptor, str) -> str
+    def fetch(self, desc: Descriptor, what: str = "layer") -> str:
         """Make sure ``desc`` is in the store; return its path."""
         final = self.store.path(desc.digest)
         partial = final + ".partial"
@@ -2361,7 +2663,7 @@ class _Downloader:
                 os.close(fd)
                 raise StorageError("%s is not a regular file: refused (only its owner may write a store, "
                                    "see README)" % partial)
-            _flock(fd, partial, self.client.cancel)  # another process downloading it: wait for it
+            _flock(fd, partial, self.cancel)  # another process downloading it: wait for it
             try:
                 same = os.stat(partial).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -2448,43 +2750,16 @@ class _Downloader:
 
     def _stream(self, desc, f, hasher, have, what):
         size = desc.size
-        path = "/v2/%s/blobs/%s" % (self.repository, desc.digest)
-        cancel = self.client.cancel
+        cancel = self.cancel
         retry = _Retry(cancel, "%s %s" % (what, desc.digest))
         while True:
-            headers = {"Range": "bytes=%d-" % have} if have else {}
-            resp = self.client.request("GET", path, headers=headers, scope="repository:%s:pull" % self.repository)
+            resp, start = self.repo.blob(desc, have, what)
+            if start < have:  # the registry sends it all again
+                hasher, have = self._restart(f, hasher)
             began = have
             try:
-                if resp.status == 404:
-                    code, msg = _registry_error(resp.excerpt())
-                    raise NotFound("%s %s not found in %s (%s)" % (what, desc.digest, self.repository, code or 404))
-                if resp.status == 416 and have:
-                    # What we have is not a prefix the server knows: start over.
-                    hasher, have = self._restart(f, hasher)
-                    continue
-                if resp.status == 206 and have:
-                    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.header("Content-Range").strip())
-                    if m and m.group(3) != "*" and int(m.group(3)) != size:
-                        raise SizeMismatch(what, desc.digest, size, m.group(3))
-                    if not m or int(m.group(1)) != have:
-                        log.info("%s: unusable Content-Range %r; starting over", desc.digest,
-                                 _printable(resp.header("Content-Range"), 100))
-                        hasher, have = self._restart(f, hasher)
-                        continue
-                elif resp.status == 200:
-                    length = resp.header("Content-Length").strip()
-                    if length.isdigit() and int(length) != size:
-                        raise SizeMismatch(what, desc.digest, size, _printable(length, 30))
-                    if have:
-                        log.info("%s: server ignored Range; starting over", desc.digest)
-                        hasher, have = self._restart(f, hasher)
-                else:
-                    raise RegistryError(
-                        "%s answered %d for %s %s" % (self.client.endpoint, resp.status, what, desc.digest)
-                    )
                 raw = resp.raw
-                lost = None  # type: Optional[object]
+                lost: Optional[object] = None
                 stall = _Stall()
                 while True:
                     cancel.check()
@@ -2536,10 +2811,10 @@ class _Bars:
 
     def __init__(self, stream):
         self.stream = stream
-        self.order = []  # type: List[str]
-        self.size = {}  # type: Dict[str, int]
-        self.done = {}  # type: Dict[str, int]
-        self.began = {}  # type: Dict[str, Tuple[float, float]]  # first callback, latest callback
+        self.order: List[str] = []
+        self.size: Dict[str, int] = {}
+        self.done: Dict[str, int] = {}
+        self.began: Dict[str, Tuple[float, float]] = {}  # first callback, latest callback
         self.start = time.monotonic()
         self.lock = threading.Lock()
         self.drawn = 0
@@ -2567,8 +2842,8 @@ class _Bars:
             fill = int((done / total if total else 1.0) * width)
             first, latest = self.began[digest]
             rate = "present" if first < 0 else "%s/s" % _human(done / max(latest - first, 1e-3))
-            lines.append("%s [%s%s] %9s / %9s %11s" % (digest.split(":")[1][:12], "#" * fill, "." * (width - fill),
-                                                        _human(done), _human(total), rate))
+            bar = "#" * fill + "." * (width - fill)
+            lines.append("%s [%s] %9s / %9s %11s" % (digest.split(":")[1][:12], bar, _human(done), _human(total), rate))
         got = sum(self.done.values())
         lines.append("%s / %s  %s/s" % (_human(got), _human(sum(self.size.values())),
                                         _human(got / max(now - self.start, 1e-3))))
@@ -2578,8 +2853,53 @@ class _Bars:
         self.stream.flush()
 
 
-def _human(n):
-    # type: (float) -> str
+class _Lines:
+    """Progress for a log, where stderr is no terminal (a CI job, a file): one line as each blob
+    finishes, and a total line (bytes, rate, ETA) at most every PROGRESS_INTERVAL seconds while
+    bytes arrive, so a long pull shows life without drawing bars into the log."""
+
+    def __init__(self, stream: Any, interval: Optional[float] = None) -> None:
+        self.stream = stream
+        self.interval = PROGRESS_INTERVAL if interval is None else interval
+        self.size: Dict[str, int] = {}
+        self.done: Dict[str, int] = {}
+        self.began: Dict[str, Tuple[float, int]] = {}  # when and where each download began
+        self.finished: Set[str] = set()
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, digest: str, done: int, total: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            first = digest not in self.size
+            self.size[digest], self.done[digest] = total, done
+            if first:
+                self.began[digest] = (now, done)
+            lines = []
+            if done >= total and digest not in self.finished:
+                self.finished.add(digest)
+                t0, d0 = self.began[digest]
+                if first:
+                    lines.append("%s %s present" % (digest[:19], _human(total)))
+                else:
+                    lines.append("%s %s done in %.1fs (%s/s)" % (digest[:19], _human(total), now - t0,
+                                                                 _human((done - d0) / max(now - t0, 1e-3))))
+            elif now - self.last >= self.interval:
+                self.last = now
+                lines.append(self._total(now))
+            if lines:
+                self.stream.write("".join("registry_pull: " + ln + "\n" for ln in lines))
+                self.stream.flush()
+
+    def _total(self, now: float) -> str:
+        got, total = sum(self.done.values()), sum(self.size.values())
+        moved = got - sum(d0 for _, d0 in self.began.values())
+        rate = moved / max(now - self.start, 1e-3)
+        eta = "ETA %ds" % ((total - got) / rate) if rate > 0 else "ETA unknown"
+        return "%s of %s (%d%%), %s/s, %s" % (_human(got), _human(total), 100 * got // max(total, 1), _human(rate), eta)
+
+
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
@@ -2592,8 +2912,7 @@ def _human(n):
 _REF_NAME = "org.opencontainers.image.ref.name"
 
 
-def _write_atomic(path, data):
-    # type: (str, bytes) -> None
+def _write_atomic(path: str, data: bytes) -> None:
     fd, tmp = _mkstemp(os.path.dirname(path) or ".", prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -2619,9 +2938,8 @@ class _DirLock:
         os.close(self.fd)  # releases the lock
 
 
-def _layout_entry(media_type, digest, size, platform, name):
-    # type: (str, str, int, Platform, str) -> dict
-    plat = {"os": platform.os, "architecture": platform.architecture}  # type: Dict[str, Any]
+def _layout_entry(media_type: str, digest: str, size: int, platform: Platform, name: str) -> dict:
+    plat: Dict[str, Any] = {"os": platform.os, "architecture": platform.architecture}
     if platform.variant:
         plat["variant"] = platform.variant
     if platform.os_version:
@@ -2632,14 +2950,12 @@ def _layout_entry(media_type, digest, size, platform, name):
             "annotations": {_REF_NAME: name}}
 
 
-def _result_entry(result, name):
-    # type: (PullResult, str) -> dict
+def _result_entry(result: PullResult, name: str) -> dict:
     return _layout_entry(result.manifest_media_type, result.manifest_digest, result.manifest_size,
                          result.platform, name)
 
 
-def _write_layout(directory, index):
-    # type: (str, dict) -> None
+def _write_layout(directory: str, index: dict) -> None:
     """The oci-layout marker and index.json of a layout, each replaced atomically (lock held)."""
     marker = os.path.join(directory, "oci-layout")
     if not os.path.exists(marker):
@@ -2648,8 +2964,7 @@ def _write_layout(directory, index):
     _write_atomic(os.path.join(directory, "index.json"), json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def _update_layout_index(directory, entries):
-    # type: (str, List[dict]) -> None
+def _update_layout_index(directory: str, entries: List[dict]) -> None:
     """Add ``entries`` to DIR/index.json, replacing those with the same ref.name; atomic, locked."""
     with _DirLock(directory):
         path = os.path.join(directory, "index.json")
@@ -2667,34 +2982,28 @@ def _update_layout_index(directory, entries):
         _write_layout(directory, index)
 
 
-def _write_store_index(store):
-    # type: (_Store) -> None
-    """Rewrite HOME/index.json from the database: the store is an OCI image layout of every image."""
-    conn = store.connect()
-    if conn is None:
-        return
+def _export_blobs(paths: List[str], directory: str, entries: List[dict]) -> None:
+    """Blobs into the OCI layout DIR (hard links where possible) and ``entries`` into its index."""
     try:
-        with _DirLock(store.home):
-            rows = conn.execute(
-                "SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
-                "JOIN manifests m ON m.image_id = i.id ORDER BY i.reference").fetchall()
-            manifests = []
-            for reference, digest, media_type, plat in rows:
-                try:
-                    size = os.stat(store.path(digest)).st_size
-                except (OSError, PullError):
-                    continue  # a blob removed by hand: leave the image out rather than lie
-                manifests.append(_layout_entry(media_type, digest, size, _recorded_platform(plat), reference))
-            _write_layout(store.home, {"manifests": manifests})
+        for path in paths:
+            algo = os.path.basename(os.path.dirname(path))
+            os.makedirs(os.path.join(directory, "blobs", algo), exist_ok=True)
+            dest = os.path.join(directory, "blobs", algo, os.path.basename(path))
+            if os.path.exists(dest):
+                continue
+            tmp = dest + ".tmp-%d" % os.getpid()
+            _unlink(tmp)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, dest)
+        _update_layout_index(directory, entries)
     except OSError as e:
-        raise StorageError("cannot write %s: %s" % (os.path.join(store.home, "index.json"), e.strerror or e)) \
-            from None
-    finally:
-        conn.close()
+        raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
 
 
-def _split_layout_arg(text, default_name):
-    # type: (str, str) -> Tuple[str, str]
+def _split_layout_arg(text: str, default_name: str) -> Tuple[str, str]:
     """``DIR[:NAME]`` split at the first colon, as skopeo's oci: transport does."""
     directory, sep, name = text.partition(":")
     if not directory:
@@ -2705,8 +3014,7 @@ def _split_layout_arg(text, default_name):
     return directory, name
 
 
-def export_oci_layout(result, target):
-    # type: (PullResult, str) -> str
+def export_oci_layout(result: PullResult, target: str) -> str:
     """Write the pulled image into the OCI layout ``DIR[:NAME]`` (hard links where possible)."""
     default = parse_reference(result.reference).tag or "latest"
     directory, name = _split_layout_arg(target, default)
@@ -2714,8 +3022,7 @@ def export_oci_layout(result, target):
     return directory
 
 
-def _familiar(ref):
-    # type: (Reference) -> str
+def _familiar(ref: Reference) -> str:
     """The name `docker save` writes in RepoTags: docker.io/library/ dropped."""
     name = ref.name
     if ref.registry == _DOCKER_HUB:
@@ -2723,8 +3030,7 @@ def _familiar(ref):
     return name
 
 
-def export_docker_archive(result, path):
-    # type: (PullResult, str) -> str
+def export_docker_archive(result: PullResult, path: str) -> str:
     """Write a `docker save`-format tar (also an OCI layout inside), atomically."""
     ref = parse_reference(result.reference)
     tags = ["%s:%s" % (_familiar(ref), ref.tag)] if ref.tag else []
@@ -2788,6 +3094,8 @@ class _LayerTarInfo(tarfile.TarInfo):
                          tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_TAR_HEADER:
             raise IntegrityError("a layer has a %d-byte tar header: refused (hostile)" % self.size)
         return super()._proc_member(tar)
+
+
 _OPAQUE = ".wh..wh..opq"
 _READ_AHEAD = 16  # decompressed chunks (at most CHUNK each) buffered ahead of the extractor
 
@@ -2796,14 +3104,13 @@ def _hostile(layer, why):
     return IntegrityError("layer %s is hostile: %s; nothing was extracted" % (layer, why))
 
 
-def _clean_name(name, layer):
-    # type: (str, str) -> str
+def _clean_name(name: str, layer: str) -> str:
     """A tar member name as a path relative to the root; refuses absolute names and escapes."""
     if "\x00" in name:
         raise _hostile(layer, "a name contains NUL")
     if name.startswith("/"):
         raise _hostile(layer, "absolute path %r" % name[:200])
-    parts = []  # type: List[str]
+    parts: List[str] = []
     for part in name.split("/"):
         if part in ("", "."):
             continue
@@ -2917,9 +3224,11 @@ class _LayerStream(threading.Thread):
     def __init__(self, layers, algos, ready=None):
         super().__init__(name="registry_pull-unpack", daemon=True)
         self.layers, self.algos, self.ready = layers, algos, ready
-        self.queue = queue.Queue(_READ_AHEAD)  # type: queue.Queue
+        self.queue: queue.Queue = queue.Queue(_READ_AHEAD)
         self.stop = threading.Event()
-        self.buf, self.pos, self.end = b"", 0, None  # type: bytes, int, Optional[str]
+        self.buf: bytes = b""
+        self.pos: int = 0
+        self.end: Optional[str] = None
 
     def run(self):
         try:
@@ -2949,8 +3258,7 @@ class _LayerStream(threading.Thread):
             except queue.Full:
                 continue
 
-    def read(self, n=-1):
-        # type: (int) -> bytes
+    def read(self, n: int = -1) -> bytes:
         while self.pos >= len(self.buf):
             if self.end is not None:
                 return b""
@@ -2971,8 +3279,7 @@ class _LayerStream(threading.Thread):
         self.pos += len(out)
         return out
 
-    def finish(self):
-        # type: () -> str
+    def finish(self) -> str:
         """Read what is left of the current layer (tar padding); its diff_id."""
         while self.read(CHUNK):
             pass
@@ -2980,23 +3287,8 @@ class _LayerStream(threading.Thread):
         return digest or ""
 
 
-def _is_root():
-    # type: () -> bool
+def _is_root() -> bool:
     return getattr(os, "geteuid", lambda: -1)() == 0  # Windows has no geteuid
-
-
-def _umask():
-    # type: () -> int
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o022)  # no /proc: the classic dance (another thread may create a file meanwhile)
-    os.umask(old)
-    return old
 
 
 _O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -3010,33 +3302,31 @@ class _Unpacker:
     is found again inside the root; until then every directory is 0700.
     """
 
-    def __init__(self, root):
-        # type: (str) -> None
+    def __init__(self, root: str) -> None:
         self.root = root
         self.owner = _is_root()  # ownership is restored by root only
         # Every directory made or declared so far (relative, resolved) -> (mode, uid, gid, mtime):
         # each key is a real directory until _clear forgets it.
-        self.dirs = {}  # type: Dict[str, Tuple[int, int, int, Optional[float]]]
-        self.root_info = None  # type: Optional[tarfile.TarInfo]
+        self.dirs: Dict[str, Tuple[int, int, int, Optional[float]]] = {}
+        self.root_info: Optional[tarfile.TarInfo] = None
         self.special = 0  # device nodes and set-id files made (the as-root warning)
         self.layer = ""
         self.lower = False  # is there a lower layer for whiteouts to hide?
         # This layer's own entries, for whiteouts (which hide lower layers only): trees it
         # created, and single entries it made in directories that were there before.
-        self.new_dirs = set()  # type: set
-        self.added = set()  # type: set
-        self.handlers = {
+        self.new_dirs: set = set()
+        self.added: set = set()
+        self.handlers: Dict[bytes, Callable[[tarfile.TarFile, tarfile.TarInfo, str, str], None]] = {
             tarfile.DIRTYPE: self._make_dir, tarfile.SYMTYPE: self._make_symlink,
             tarfile.LNKTYPE: self._make_hardlink, tarfile.FIFOTYPE: self._make_fifo,
             tarfile.CHRTYPE: self._make_device, tarfile.BLKTYPE: self._make_device,
-        }  # type: Dict[bytes, Callable[[tarfile.TarFile, tarfile.TarInfo, str, str], None]]
+        }
         for t in tarfile.REGULAR_TYPES:
             self.handlers[t] = self._make_file
 
     # -- one layer ------------------------------------------------------------------------
 
-    def apply(self, stream, name):
-        # type: (Any, str) -> None
+    def apply(self, stream: Any, name: str) -> None:
         self.layer = name
         self.new_dirs, self.added = set(), set()
         try:
@@ -3051,7 +3341,7 @@ class _Unpacker:
                 info = tar.next()
                 if info is None:
                     break
-                tar.members = []  # tarfile keeps every member it read: constant memory instead
+                setattr(tar, "members", [])  # tarfile keeps every member it read: constant memory instead
                 try:
                     self._entry(tar, info)
                 except (OverflowError, ValueError) as e:  # numbers no file system takes
@@ -3087,11 +3377,10 @@ class _Unpacker:
         rel = parent + "/" + base if parent else base
         handler(tar, info, rel, os.path.join(self.root, rel))
 
-    def _resolve(self, rel):
-        # type: (str) -> str
+    def _resolve(self, rel: str) -> str:
         """``rel`` with every symlink in it resolved inside the root; relative, without links."""
         parts = rel.split("/")
-        done = []  # type: List[str]
+        done: List[str] = []
         hops = 0
         while parts:
             part = parts.pop(0)
@@ -3116,8 +3405,7 @@ class _Unpacker:
             done.append(part)
         return "/".join(done)
 
-    def _make_parents(self, rel):
-        # type: (str) -> None
+    def _make_parents(self, rel: str) -> None:
         """Directories up to ``rel`` (resolved), made 0755 root-owned as umoci does, if missing."""
         if not rel or rel in self.dirs:
             return
@@ -3142,13 +3430,11 @@ class _Unpacker:
         if self.lower and not self._is_own(rel.rpartition("/")[0]):
             (self.new_dirs if new_dir else self.added).add(rel)
 
-    def _is_own(self, rel):
-        # type: (str) -> bool
+    def _is_own(self, rel: str) -> bool:
         """Did this layer make ``rel`` (or a tree it is in)?"""
         return rel in self.added or self._in_new_tree(rel)
 
-    def _in_new_tree(self, rel):
-        # type: (str) -> bool
+    def _in_new_tree(self, rel: str) -> bool:
         """Is ``rel`` in a directory tree that this layer created (so nothing lower is in it)?"""
         while rel:
             if rel in self.new_dirs:
@@ -3158,8 +3444,7 @@ class _Unpacker:
 
     # -- removal: whiteouts and replacements -----------------------------------------------
 
-    def _clear(self, rel, path):
-        # type: (str, str) -> None
+    def _clear(self, rel: str, path: str) -> None:
         """Remove whatever is at ``path`` (a directory with all below it) and forget it."""
         try:
             st = os.lstat(path)
@@ -3173,8 +3458,7 @@ class _Unpacker:
         else:
             os.unlink(path)
 
-    def _whiteout(self, head, base):
-        # type: (str, str) -> None
+    def _whiteout(self, head: str, base: str) -> None:
         if base.startswith(_WHITEOUT + _WHITEOUT) and base != _OPAQUE:
             return  # other .wh..wh. names are aufs bookkeeping (e.g. .wh..wh.plnk), not content
         name = base[len(_WHITEOUT):]
@@ -3193,8 +3477,7 @@ class _Unpacker:
         if not self._is_own(rel):  # a whiteout hides lower layers only (layer.md)
             self._clear(rel, os.path.join(self.root, rel))
 
-    def _hide_lower(self, rel):
-        # type: (str) -> None
+    def _hide_lower(self, rel: str) -> None:
         """Opaque directory: remove what lower layers put below ``rel``; keep this layer's entries."""
         path = os.path.join(self.root, rel) if rel else self.root
         for child in os.listdir(path):
@@ -3365,15 +3648,13 @@ class _Unpacker:
                     os.close(fd)
 
 
-def _check_rootfs_target(target):
-    # type: (str) -> None
+def _check_rootfs_target(target: str) -> None:
     if os.path.lexists(target) and not (os.path.isdir(target) and not os.path.islink(target)
                                         and not os.listdir(target)):
         raise UsageError("--rootfs %s exists and is not an empty directory" % target)
 
 
-def _open_to_others(path):
-    # type: (str) -> bool
+def _open_to_others(path: str) -> bool:
     """Can every user reach ``path`` (search permission on it and every directory above)?"""
     while True:
         try:
@@ -3387,8 +3668,7 @@ def _open_to_others(path):
         path = up
 
 
-def extract_rootfs(result, target):
-    # type: (PullResult, str) -> str
+def extract_rootfs(result: PullResult, target: str) -> str:
     """Extract the image's layers into ``target``: whole or not at all.
 
     A new ``target`` is built 0700 in a hidden sibling and renamed into place with the
@@ -3405,16 +3685,15 @@ class _RootfsJob:
     """One extraction into DIR: unpack() builds it (in a thread of its own while a pull
     downloads, see start()), commit() puts it in place, discard() removes every trace."""
 
-    def __init__(self, target):
-        # type: (str) -> None
+    def __init__(self, target: str) -> None:
         self.target = os.path.abspath(target)
         _check_rootfs_target(self.target)
         self.in_place = os.path.isdir(self.target)
-        self.root = None  # type: Optional[str]
-        self.unpacker = None  # type: Optional[_Unpacker]
-        self.stream = None  # type: Optional[_LayerStream]
-        self.thread = None  # type: Optional[threading.Thread]
-        self.error = None  # type: Optional[BaseException]
+        self.root: Optional[str] = None
+        self.unpacker: Optional[_Unpacker] = None
+        self.stream: Optional[_LayerStream] = None
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
 
     def start(self, reference, config, layers, ready):
         """unpack() in a thread; ``ready(blob)`` blocks until that blob is verified in the store."""
@@ -3427,8 +3706,7 @@ class _RootfsJob:
         self.thread = threading.Thread(target=run, name="registry_pull-rootfs", daemon=True)
         self.thread.start()
 
-    def wait(self, cancel=None):
-        # type: (Optional[_Cancel]) -> None
+    def wait(self, cancel: Optional[_Cancel] = None) -> None:
         """The extraction's end (its error, if any); Ctrl-C and --timeout still end the wait."""
         while self.thread is not None and self.thread.is_alive():
             self.thread.join(0.25)
@@ -3437,8 +3715,11 @@ class _RootfsJob:
         if self.error is not None:
             raise self.error
 
-    def unpack(self, reference, config, layers, ready=None):
-        # type: (str, LayerResult, Tuple[LayerResult, ...], Optional[Callable[[LayerResult], None]]) -> None
+    def unpack(self,
+               reference: str,
+               config: LayerResult,
+               layers: Tuple[LayerResult, ...],
+               ready: Optional[Callable[[LayerResult], None]] = None) -> None:
         try:
             if self.in_place:
                 self.root = self.target
@@ -3450,7 +3731,7 @@ class _RootfsJob:
                 ready(config)
             with open(config.path, "rb") as f:
                 doc = _loads_json(f.read(), "config")
-            rootfs = doc.get("rootfs") if isinstance(doc.get("rootfs"), dict) else {}
+            rootfs = _dict_at(doc, "rootfs")
             diff_ids = rootfs.get("diff_ids")
             if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
                 raise IntegrityError("config of %s lists %s diff_ids for %d layers"
@@ -3473,8 +3754,7 @@ class _RootfsJob:
                 raise StorageError("cannot extract into %s: %s" % (self.target, e.strerror or e)) from None
             raise
 
-    def commit(self):
-        # type: () -> str
+    def commit(self) -> str:
         """The image's root mode on a new DIR, renamed into place; the as-root warning."""
         unpacker, root = self.unpacker, self.root
         assert unpacker is not None and root is not None
@@ -3507,8 +3787,7 @@ class _RootfsJob:
             self.root = None
 
 
-def _discard_rootfs(root, in_place):
-    # type: (str, bool) -> None
+def _discard_rootfs(root: str, in_place: bool) -> None:
     """Remove a failed extraction: the hidden sibling, or what was put in the caller's directory."""
     if not in_place:
         shutil.rmtree(root, ignore_errors=True)
@@ -3556,24 +3835,20 @@ class PullResult:
     platform_match: str = ""  # "exact", "compatible (...)", "no platform given", "pinned by digest (...)"
 
     @property
-    def manifest_path(self):
-        # type: () -> str
+    def manifest_path(self) -> str:
         algo, hexpart = check_digest(self.manifest_digest)
         return os.path.join(self.home, "blobs", algo, hexpart)
 
-    def blob_paths(self):
-        # type: () -> List[str]
+    def blob_paths(self) -> List[str]:
         """Every blob of the image in the store: manifest, config, layers."""
         return [self.manifest_path, self.config.path] + [layer.path for layer in self.layers]
 
     @property
-    def size(self):
-        # type: () -> int
+    def size(self) -> int:
         """The image's real size: config plus layers (what a user downloads once)."""
         return self.config.size + sum(layer.size for layer in self.layers)
 
-    def to_json(self):
-        # type: () -> dict
+    def to_json(self) -> dict:
         return {
             "reference": self.reference,
             "manifest_digest": self.manifest_digest,
@@ -3596,8 +3871,7 @@ class PullResult:
         }
 
 
-def _parse_mirror(text, insecure=False):
-    # type: (str, bool) -> Tuple[str, Optional[str]]
+def _parse_mirror(text: str, insecure: bool = False) -> Tuple[str, Optional[str]]:
     """``[http[s]://]host[:port][/]`` -> (host:port, scheme or None to discover).
 
     Plain HTTP follows the registries' rule: loopback, or --insecure.
@@ -3612,25 +3886,117 @@ def _parse_mirror(text, insecure=False):
     return parts.netloc.lower(), parts.scheme or None
 
 
+def _mirrors_for(ref: Reference, mirrors: Optional[List[str]], insecure: bool) -> List[Tuple[str, Optional[str]]]:
+    """The mirrors to try, in order: those given, else (for docker.io) $REGISTRY_PULL_MIRRORS."""
+    if mirrors is None and ref.registry == _DOCKER_HUB:
+        mirrors = [m for m in re.split(r"[\s,]+", os.environ.get("REGISTRY_PULL_MIRRORS", "")) if m]
+    return [_parse_mirror(m, insecure) for m in mirrors or ()]
+
+
+# -- one way in: what every public function checks, opens and closes ---------------------
+
+
+def _reference(reference: Any) -> Reference:
+    return reference if isinstance(reference, Reference) else parse_reference(reference)
+
+
+def _platform(platform: Any) -> Platform:
+    """A Platform from a Platform or a --platform string; None means this machine's."""
+    if platform is None:
+        return host_platform()
+    return platform if isinstance(platform, Platform) else parse_platform(platform)
+
+
+def _check_jobs(jobs: Any) -> int:
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
+        raise UsageError("jobs must be between 1 and %d, not %r" % (MAX_JOBS, jobs))
+    return jobs
+
+
+class _Session:
+    """What one public call opens and closes: the store (unless ``store`` is False and no home
+    was named), the connection pool that its clients share, and the caller's cancellation and
+    deadline. ``with _Session(...) as s:`` closes the pool's connections at the end."""
+
+    def __init__(self, home: Optional[str], *, insecure: bool = False, ca_file: Optional[str] = None,
+                 username: Optional[str] = None, password: Optional[str] = None, cancel: Any = None,
+                 timeout: Optional[float] = None, store: bool = True) -> None:
+        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                        and timeout > 0):
+            raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
+        self.insecure, self.ca_file = insecure, ca_file
+        self.username, self.password = username, password
+        self.cancel, self.timeout = cancel, timeout
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.store: Optional[_Store] = _Store(home or default_home()) if store or home else None
+        self.pool = _Pool()
+
+    def __enter__(self) -> "_Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        log.debug("%d connections opened", self.pool.opened)
+        self.pool.close()
+
+    def attempt(self) -> _Cancel:
+        """A new attempt's cancellation (a failed one stops only its own downloads)."""
+        return _Cancel(self.cancel, self.deadline, self.timeout)
+
+    def must_stop(self) -> bool:
+        """Has the caller cancelled, or the deadline passed?"""
+        return bool(self.cancel is not None and self.cancel.is_set()) or \
+            (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def credentials(self, ref: Reference) -> Optional[Credentials]:
+        """The caller's credentials if given, else those of the Podman/Docker files."""
+        if self.username is not None or self.password is not None:
+            return Credentials(self.username or "", self.password or "", source="arguments")
+        return find_credentials(ref.registry, repository=ref.repository)
+
+    def client(self, ref: Reference, credentials: Optional[Credentials] = None) -> _Client:
+        """A client for ``ref``'s registry, starting from what the store remembers of the host."""
+        client = _Client(ref.registry, insecure=self.insecure, ca_file=self.ca_file, cancel=self.attempt(),
+                         credentials=credentials if credentials is not None else self.credentials(ref),
+                         pool=self.pool)
+        if self.store is not None:
+            client.remembered(self.store.host(client.endpoint))
+        return client
+
+    def mirror(self, ref: Reference, host: str, scheme: Optional[str]) -> _Client:
+        """A client for a mirror: its own credentials, never the upstream's; nothing remembered."""
+        return _Client(ref.registry, insecure=self.insecure, ca_file=self.ca_file, endpoint=host, scheme=scheme,
+                       cancel=self.attempt(), mirror=True, pool=self.pool,
+                       credentials=find_credentials(host, repository=ref.repository))
+
+    def repository(self, ref: Reference) -> _Repository:
+        return _Repository(self.client(ref), ref.repository)
+
+    def stored(self) -> _Store:
+        assert self.store is not None
+        return self.store
+
+
+# -- pulls ------------------------------------------------------------------------------
+
+
 def pull(
-    reference,
+    reference: Any,
     *,
-    home=None,
-    platform=None,
-    jobs=4,
-    progress=None,
-    insecure=False,
-    ca_file=None,
-    username=None,
-    password=None,
-    cancel=None,
-    oci_layout=None,
-    docker_archive=None,
-    rootfs=None,
-    mirrors=None,
-    timeout=None,
-):
-    # type: (Any, Optional[str], Any, int, Optional[Callable[[str, int, int], None]], bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[str], Optional[str], Optional[List[str]], Optional[float]) -> PullResult
+    home: Optional[str] = None,
+    platform: Any = None,
+    jobs: int = 4,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+    insecure: bool = False,
+    ca_file: Optional[str] = None,
+    username: Optional[str] = None,
+    password: Optional[str] = None,
+    cancel: Optional[threading.Event] = None,
+    oci_layout: Optional[str] = None,
+    docker_archive: Optional[str] = None,
+    rootfs: Optional[str] = None,
+    mirrors: Optional[List[str]] = None,
+    timeout: Optional[float] = None,
+) -> PullResult:
     """Pull ``reference`` into the store at ``home`` and return a :class:`PullResult`.
 
     Parameters (all but ``reference`` keyword-only):
@@ -3658,55 +4024,44 @@ def pull(
     Raises a :class:`PullError` subclass on failure (its ``exit_code`` is the CLI's); nothing is
     recorded for a failed pull.
     """
-    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
-    want = platform if isinstance(platform, Platform) else (parse_platform(platform) if platform else host_platform())
-    if not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
-        raise UsageError("jobs must be between 1 and %d, not %r" % (MAX_JOBS, jobs))
-    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
-    deadline = time.monotonic() + timeout if timeout else None
-    store = _Store(home or default_home())
-    creds = _credentials(ref, username, password)
+    ref, want, jobs = _reference(reference), _platform(platform), _check_jobs(jobs)
+    session = _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+                       cancel=cancel, timeout=timeout)
+    creds = session.credentials(ref)
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
     job = _RootfsJob(rootfs) if rootfs is not None else None  # a bad DIR is refused before any download
-    if mirrors is None and ref.registry == _DOCKER_HUB:
-        mirrors = [m for m in re.split(r"[\s,]+", os.environ.get("REGISTRY_PULL_MIRRORS", "")) if m]
-    mirrors = [_parse_mirror(m, insecure) for m in mirrors or ()]
-    # One pool for the whole pull: the registry, its token service, a blob CDN and mirrors each
-    # keep their connections from request to request.
-    pool = _Pool()
-    lock = store.shared(_Cancel(cancel, deadline, timeout))
-    lock.__enter__()  # released when the outputs are written (or the pull failed)
-    try:
-        result = None
-        for host, scheme in mirrors:
-            # As Docker's registry-mirrors: each mirror in turn, then the registry itself. A mirror
-            # gets its own credentials, never the upstream's; one that cannot be reached is skipped
-            # at once.  Each attempt has its own cancellation: a failed one stops only its own downloads.
-            mirror_client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, endpoint=host, scheme=scheme,
-                                    cancel=_Cancel(cancel, deadline, timeout), mirror=True, pool=pool,
-                                    credentials=find_credentials(host, repository=ref.repository))
-            try:
-                result = _Puller(mirror_client, store, ref, want, jobs, progress, job).run()
-                break
-            except (RegistryError, NotFound, AuthError, IntegrityError, UnsupportedError) as e:
-                if cancel is not None and cancel.is_set():
-                    raise
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                log.warning("mirror %s failed (%s); trying the next", host, e)
-        if result is None:
-            client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=creds,
-                             cancel=_Cancel(cancel, deadline, timeout), pool=pool)
-            client.remembered(store.host(client.endpoint))
-            result = _Puller(client, store, ref, want, jobs, progress, job).run()
-    except BaseException:
-        lock.__exit__(None, None, None)
-        raise
-    finally:
-        log.debug("%d connections opened", pool.opened)
-        pool.close()
+    mirror_list = _mirrors_for(ref, mirrors, insecure)
+    store = session.stored()
+    with contextlib.ExitStack() as stack:
+        # The store's shared lock, from the first request until the outputs are written: a
+        # concurrent collect_garbage() never deletes a blob this pull is about to use.
+        stack.enter_context(store.shared(session.attempt()))
+        with session:  # one pool for the whole pull: registry, token service, blob CDN, mirrors
+            def attempt(client: _Client) -> PullResult:
+                return _Puller(client, store, ref, want, jobs, progress, job).run()
+            result = _from_mirrors(session, ref, mirror_list, attempt) or attempt(session.client(ref, creds))
+        outputs = _write_outputs(result, oci_layout, docker_archive, job)
+    return dataclasses.replace(result, outputs=tuple(outputs))
+
+
+def _from_mirrors(session: _Session, ref: Reference, mirrors: List[Tuple[str, Optional[str]]],
+                  attempt: Callable[[_Client], PullResult]) -> Optional[PullResult]:
+    """As Docker's registry-mirrors: each mirror in turn (None when every one failed, and the
+    registry itself is next). A mirror that cannot be reached is skipped at once."""
+    for host, scheme in mirrors:
+        try:
+            return attempt(session.mirror(ref, host, scheme))
+        except (RegistryError, NotFound, AuthError, IntegrityError, UnsupportedError) as e:
+            if session.must_stop():
+                raise
+            log.warning("mirror %s failed (%s); trying the next", host, e)
+    return None
+
+
+def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive: Optional[str],
+                   job: Optional[_RootfsJob]) -> List[Tuple[str, str]]:
+    """The pull's outputs, now that the image is verified; the rootfs is put in place last."""
     outputs = []
     try:
         if oci_layout is not None:
@@ -3719,14 +4074,14 @@ def pull(
         if job is not None:
             job.discard()
         raise
-    finally:
-        lock.__exit__(None, None, None)
-    return dataclasses.replace(result, outputs=tuple(outputs))
+    return outputs
 
 
-def pull_platforms(reference, platforms="all", *, home=None, jobs=4, progress=None, insecure=False, ca_file=None,
-                   username=None, password=None, cancel=None, oci_layout=None, timeout=None):
-    # type: (Any, Any, Optional[str], int, Any, bool, Optional[str], Optional[str], Optional[str], Optional[threading.Event], Optional[str], Optional[float]) -> Tuple[str, List[PullResult]]
+def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str] = None, jobs: int = 4,
+                   progress: Any = None, insecure: bool = False, ca_file: Optional[str] = None,
+                   username: Optional[str] = None, password: Optional[str] = None,
+                   cancel: Optional[threading.Event] = None, oci_layout: Optional[str] = None,
+                   timeout: Optional[float] = None) -> Tuple[str, List[PullResult]]:
     """Pull several platforms of an index (repeated ``--platform``, or ``--platform all``).
 
     ``platforms`` is ``"all"`` (every manifest the index lists, attestation manifests included:
@@ -3736,49 +4091,40 @@ def pull_platforms(reference, platforms="all", *, home=None, jobs=4, progress=No
     Returns (the digest of the index written to the layout or, without one, the registry's;
     a PullResult per image pulled). Each image is recorded as (reference, platform).
     """
-    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
-    if not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
-        raise UsageError("jobs must be between 1 and %d, not %r" % (MAX_JOBS, jobs))
-    wants = None if platforms == "all" else [p if isinstance(p, Platform) else parse_platform(p) for p in platforms]
+    ref, jobs = _reference(reference), _check_jobs(jobs)
+    wants = None if platforms == "all" else [_platform(p) for p in platforms]
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")
-    deadline = time.monotonic() + timeout if timeout else None
-    store = _Store(home or default_home())
-    pool = _Pool()
-    results = []  # type: List[PullResult]
-    with store.shared(_Cancel(cancel, deadline, timeout)):
-        try:
-            client = _client_for(ref, insecure, ca_file, username, password, pool, store)
-            client.cancel = _Cancel(cancel, deadline, timeout)
-            top_digest, top_data, top = _Puller(client, store, ref, host_platform(), jobs, progress)._manifest(
-                ref.ref, set())
+    session = _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+                       cancel=cancel, timeout=timeout)
+    store = session.stored()
+    results: List[PullResult] = []
+    with store.shared(session.attempt()):
+        with session:
+            client = session.client(ref)
+            repo = _Repository(client, ref.repository)
+            top_digest, top_data, top = _fetch_manifest(repo, store, ref, ref.ref, set())
             if not top.is_index:
                 raise UsageError("%s is a single image, not an index: several platforms need an index" % ref)
-            raw_entries = top.doc.get("manifests") or []
-            if wants is None:
-                chosen = list(range(len(top.manifests)))
-            else:
+            chosen = list(range(len(top.manifests)))
+            if wants is not None:
                 chosen = []
                 for want in wants:
-                    d = select_platform(list(top.manifests), want, str(ref))
-                    i = top.manifests.index(d)
+                    i = top.manifests.index(select_platform(list(top.manifests), want, str(ref)))
                     if i not in chosen:
                         chosen.append(i)
             blobs = [store.path(top_digest)]
             for i in chosen:
                 d = top.manifests[i]
-                if d.annotations and d.annotations.get(_ANNOTATION_REF_TYPE) == "attestation-manifest" \
-                        or d.platform is None or d.platform.architecture in ("", "unknown"):
-                    blobs += _fetch_artifact(client, store, ref, d, jobs, progress)
+                if _is_attestation(d) or d.platform is None or d.platform.architecture in ("", "unknown"):
+                    blobs += _fetch_artifact(repo, store, ref, d, progress)
                     continue
                 res = _Puller(client, store, ref, d.platform, jobs, progress).run()
                 results.append(res)
                 blobs += res.blob_paths()
-        finally:
-            pool.close()
-        if wants is None:
-            index_digest, index_data = top_digest, top_data
-        else:
+        index_digest, index_data = top_digest, top_data
+        if wants is not None:
+            raw_entries = top.doc.get("manifests") or []
             doc = {"schemaVersion": 2, "mediaType": top.media_type, "manifests": [raw_entries[i] for i in chosen]}
             index_data = json.dumps(doc, indent=2).encode() + b"\n"
             index_digest = _hash("sha256", index_data)
@@ -3792,63 +4138,62 @@ def pull_platforms(reference, platforms="all", *, home=None, jobs=4, progress=No
     return index_digest, results
 
 
-def _fetch_artifact(client, store, ref, desc, jobs, progress):
-    # type: (_Client, _Store, Reference, Descriptor, int, Any) -> List[str]
+def _is_attestation(desc: Descriptor) -> bool:
+    return bool(desc.annotations and desc.annotations.get(_ANNOTATION_REF_TYPE) == "attestation-manifest")
+
+
+def _fetch_manifest(repo: _Repository, store: _Store, ref: Reference, ref_or_digest: str,
+                    seen: Set[str]) -> Tuple[str, bytes, Manifest]:
+    """(digest, bytes, parsed) for a tag or digest of ``ref``'s repository, stored: the store
+    answers digests it has, and a tag it has pulled before costs one HEAD when unchanged."""
+    is_digest = ref_or_digest.startswith(tuple(a + ":" for a in _DIGEST_HEX))
+    what = "%s@%s" % (ref.name, ref_or_digest) if is_digest else str(ref)
+    if ref_or_digest in seen:
+        raise IntegrityError("%s refers to itself" % what)
+    seen.add(ref_or_digest)
+    if is_digest:
+        data = store.read(ref_or_digest)
+        if data is not None:
+            return ref_or_digest, data, parse_manifest(data, "", what)
+    # A warm re-pull asks only a HEAD: the digest says whether anything changed. On a cold
+    # store there is nothing to confirm: the GET is the first request.
+    warm = not is_digest and store.knows(str(ref))
+    digest, data, content_type = repo.manifest(ref_or_digest, what=what, head_first=store.read if warm else None)
+    parsed = parse_manifest(data, content_type, what)
+    store.put(digest, data)
+    return digest, data, parsed
+
+
+def _fetch_artifact(repo: _Repository, store: _Store, ref: Reference, desc: Descriptor,
+                    progress: Any) -> List[str]:
     """A manifest that is no image (an attestation: in-toto layers), fetched and verified blob
     by blob as it is, for a complete layout; returns the paths of its blobs."""
-    path = "/v2/%s/manifests/%s" % (ref.repository, desc.digest)
     data = store.read(desc.digest)
     if data is None:
-        resp = client.request("GET", path, headers={"Accept": MANIFEST_ACCEPT + ", " + desc.media_type},
-                              scope="repository:%s:pull" % ref.repository)
-        try:
-            if resp.status != 200:
-                raise NotFound("%s@%s: manifest not found (%d)" % (ref.name, desc.digest, resp.status))
-            data = resp.read(MAX_MANIFEST_BYTES)
-        finally:
-            resp.close()
-        _verify_bytes("manifest", data, desc.digest)
+        _, data, _ = repo.manifest(desc.digest, accept=MANIFEST_ACCEPT + ", " + desc.media_type,
+                                   what="%s@%s" % (ref.name, desc.digest))
         store.put(desc.digest, data)
     doc = _loads_json(data, "manifest %s" % desc.digest)
-    parts = [doc.get("config")] + (doc.get("layers") if isinstance(doc.get("layers"), list) else [])
+    layers = doc.get("layers")
+    parts = [doc.get("config")] + (layers if isinstance(layers, list) else [])
     descs = [Descriptor.parse(p, "blob of %s" % desc.digest) for p in parts if p is not None]
-    downloader = _Downloader(client, store, ref.repository, progress)
+    downloader = _Downloader(repo, store, progress)
     return [store.path(desc.digest)] + [downloader.fetch(d, "blob") for d in descs]
 
 
-def _export_blobs(paths, directory, entries):
-    # type: (List[str], str, List[dict]) -> None
-    """Blobs into the OCI layout DIR (hard links where possible) and ``entries`` into its index."""
-    try:
-        for path in paths:
-            algo = os.path.basename(os.path.dirname(path))
-            os.makedirs(os.path.join(directory, "blobs", algo), exist_ok=True)
-            dest = os.path.join(directory, "blobs", algo, os.path.basename(path))
-            if os.path.exists(dest):
-                continue
-            tmp = dest + ".tmp-%d" % os.getpid()
-            _unlink(tmp)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        _update_layout_index(directory, entries)
-    except OSError as e:
-        raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
-
-
 class _Puller:
-    def __init__(self, client, store, ref, want, jobs, progress, rootfs=None):
-        # type: (_Client, _Store, Reference, Platform, int, Any, Optional[_RootfsJob]) -> None
+    """One image pull from one registry (or mirror): manifests down to the chosen platform, the
+    blobs in parallel (feeding the rootfs extraction as each lands), then the rows."""
+
+    def __init__(self, client: _Client, store: _Store, ref: Reference, want: Platform, jobs: int, progress: Any,
+                 rootfs: Optional[_RootfsJob] = None) -> None:
         self.client, self.store, self.ref, self.want = client, store, ref, want
+        self.repo = _Repository(client, ref.repository)
         self.jobs, self.progress, self.rootfs = jobs, progress, rootfs
-        self.scope = "repository:%s:pull" % ref.repository
         self._fetched = threading.Condition()  # notified as each blob lands in the store
         self._failed = self._fetched_all = False
 
-    def _ready(self, blob):
-        # type: (LayerResult) -> None
+    def _ready(self, blob: LayerResult) -> None:
         """Block until ``blob`` is verified in the store (the rootfs extraction follows the downloads)."""
         with self._fetched:
             while not self.store.has(blob.digest, blob.size):
@@ -3857,8 +4202,7 @@ class _Puller:
                 self.client.cancel.check()
                 self._fetched.wait(0.25)
 
-    def run(self):
-        # type: () -> PullResult
+    def run(self) -> PullResult:
         try:
             return self._run()
         except BaseException:
@@ -3867,75 +4211,16 @@ class _Puller:
                 self.rootfs.discard()
             raise
 
-    def _manifest(self, ref_or_digest, seen):
-        # type: (str, set) -> Tuple[str, bytes, Manifest]
-        """(digest, bytes, parsed) for a tag or digest; the store answers digests it has."""
-        is_digest = ref_or_digest.startswith(tuple(a + ":" for a in _DIGEST_HEX))
-        what = "%s@%s" % (self.ref.name, ref_or_digest) if is_digest else str(self.ref)
-        if ref_or_digest in seen:
-            raise IntegrityError("%s refers to itself" % what)
-        seen.add(ref_or_digest)
-        if is_digest:
-            data = self.store.read(ref_or_digest)
-            if data is not None:
-                return ref_or_digest, data, parse_manifest(data, "", what)
-        path = "/v2/%s/manifests/%s" % (self.ref.repository, ref_or_digest)
-        headers = {"Accept": MANIFEST_ACCEPT}
-        if not is_digest and self.store.knows(str(self.ref)):
-            # A warm re-pull asks only this: the digest says whether anything changed.  On a cold
-            # store there is nothing to confirm: the GET below is the first request.
-            resp = self.client.request("HEAD", path, headers=headers, scope=self.scope)
-            resp.close()
-            digest = resp.header("Docker-Content-Digest").strip()
-            if resp.status == 200 and digest:
-                check_digest(digest, "Docker-Content-Digest")
-                data = self.store.read(digest)
-                if data is not None:
-                    return digest, data, parse_manifest(data, resp.header("Content-Type"), what)
-            elif resp.status == 404:
-                raise NotFound("%s: manifest not found (MANIFEST_UNKNOWN)" % what)
-        resp = self.client.request("GET", path, headers=headers, scope=self.scope)
-        try:
-            if resp.status == 404:
-                code, msg = _registry_error(resp.excerpt())
-                raise NotFound("%s: manifest not found (%s)" % (what, code or msg or "404"))
-            if resp.status != 200:
-                raise RegistryError("%s answered %d for %s" % (self.client.endpoint, resp.status, path))
-            try:
-                data = resp.read(MAX_MANIFEST_BYTES)
-            except IntegrityError:
-                raise IntegrityError("manifest of %s is larger than %d bytes: refused"
-                                     % (what, MAX_MANIFEST_BYTES)) from None
-            except (OSError, http.client.HTTPException) as e:
-                raise RegistryError("reading the manifest of %s from %s failed: %s"
-                                    % (what, self.client.endpoint, _reason_text(e))) from None
-        finally:
-            resp.close()
-        served = resp.header("Docker-Content-Digest").strip()
-        if is_digest:
-            _verify_bytes("manifest", data, ref_or_digest)
-            digest = ref_or_digest
-        elif served:
-            check_digest(served, "Docker-Content-Digest")
-            _verify_bytes("manifest", data, served)
-            digest = served
-        else:
-            digest = _hash("sha256", data)
-        parsed = parse_manifest(data, resp.header("Content-Type"), what)
-        self.store.put(digest, data)
-        return digest, data, parsed
-
-    def _run(self):
-        # type: () -> PullResult
-        ref = self.ref
-        seen = set()  # type: set
-        index_digest = index = None
+    def _run(self) -> PullResult:
+        ref, store = self.ref, self.store
+        seen: Set[str] = set()
+        index_digest, index = None, None
         platform_match = ""
-        if not ref.digest and not self.client.mirror and not self.store.knows(str(ref)):
-            # A cold pull (from the registry: a mirror may be dead): blobs are coming. Their connections' handshakes overlap the manifest
-            # requests, from the moment the registry's scheme is known.
+        if not ref.digest and not self.client.mirror and not store.knows(str(ref)):
+            # A cold pull (from the registry: a mirror may be dead): blobs are coming. Their
+            # connections' handshakes overlap the manifest requests, once the scheme is known.
             self.client.preconnect(self.jobs - 1)
-        digest, data, manifest = self._manifest(ref.ref, seen)
+        digest, data, manifest = _fetch_manifest(self.repo, store, ref, ref.ref, seen)
         depth = 0
         while manifest.is_index:
             depth += 1
@@ -3947,14 +4232,16 @@ class _Puller:
             if how != "exact":
                 log.info("%s: chose the %s entry %s: %s", ref, chosen.platform or "platform-less", chosen.digest, how)
             platform_match = platform_match or how
-            digest, data, manifest = self._manifest(chosen.digest, seen)
+            digest, data, manifest = _fetch_manifest(self.repo, store, ref, chosen.digest, seen)
         config, layers = manifest.config, list(manifest.layers)
         assert config is not None
 
-        mk = lambda d: LayerResult(d.digest, d.media_type, d.size, self.store.path(d.digest))  # noqa: E731
+        def mk(d: Descriptor) -> LayerResult:
+            return LayerResult(d.digest, d.media_type, d.size, store.path(d.digest))
+
         if self.rootfs is not None:  # extraction follows the downloads, layer by layer
             self.rootfs.start(str(ref), mk(config), tuple(mk(d) for d in layers), self._ready)
-        downloader = _Downloader(self.client, self.store, ref.repository, self.progress)
+        downloader = _Downloader(self.repo, store, self.progress)
         unique = list(dict((d.digest, d) for d in [config] + layers).values())
         self._fetch_all(downloader, unique, config)
         with self._fetched:
@@ -3963,42 +4250,42 @@ class _Puller:
         if self.rootfs is not None:
             self.rootfs.wait(self.client.cancel)
 
-        config_data = self.store.read(config.digest) or b""
-        config_doc = _loads_json(config_data, "config")
-        diff_ids = (config_doc.get("rootfs") or {}).get("diff_ids") if isinstance(config_doc.get("rootfs"), dict) \
-            else None
+        config_doc = _loads_json(store.read(config.digest) or b"", "config")
+        rootfs = config_doc.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
         if isinstance(diff_ids, list) and len(diff_ids) != len(layers):
             raise IntegrityError("%s: the manifest has %d layers but the config lists %d diff_ids"
                                  % (ref, len(layers), len(diff_ids)))
-        feats = config_doc.get("os.features") if isinstance(config_doc.get("os.features"), list) else []
-        plat = Platform(str(config_doc.get("os") or self.want.os), str(config_doc.get("architecture") or ""),
-                        str(config_doc.get("variant") or ""), str(config_doc.get("os.version") or ""),
-                        tuple(str(f) for f in feats))
+        plat = _config_platform(config_doc, self.want)
         if index is None and plat.architecture:
-            if _runs_on(plat, self.want):
-                platform_match = "exact" if plat.normalized() == self.want.normalized() else \
-                    "compatible (%s runs on %s)" % (plat, self.want)
-            elif ref.digest:  # pinned by digest: taken as it is, but said
-                log.warning("%s is an image for %s, not %s", ref, plat, self.want)
-                platform_match = "pinned by digest (%s does not run on %s)" % (plat, self.want)
-            else:  # as docker: the image "does not match the specified platform"
-                raise NoMatchingPlatform(str(ref), str(self.want), [str(plat)],
-                                         hint="pull it by digest (%s@%s) to take it anyway" % (ref.name, digest))
+            platform_match = self._single_image_match(plat, digest)
         result = PullResult(
             reference=str(ref), manifest_digest=digest, manifest_media_type=manifest.media_type,
             index_digest=index_digest, index_media_type=index.media_type if index else None, platform=plat,
-            config=mk(config), layers=tuple(mk(d) for d in layers), home=self.store.home,
+            config=mk(config), layers=tuple(mk(d) for d in layers), home=store.home,
             manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes, platform_match=platform_match,
         )
-        recorded = self.store.touch(str(ref), digest) or \
-            self.store.record(result, index.doc if index else None, manifest.doc, config_doc)
-        if recorded and self.client.scheme_known():
-            self.store.remember_host(self.client.endpoint, self.client._scheme, self.client._challenge)
+        recorded = store.touch(str(ref), digest) or \
+            store.record(result, index.doc if index else None, manifest.doc, config_doc)
+        if recorded and self.client.scheme is not None:
+            store.remember_host(self.client.endpoint, self.client.scheme, self.client.auth.challenge)
         if recorded:
-            _write_store_index(self.store)
+            store.write_index()
         elif not _have_sqlite():
             log.warning("this Python has no sqlite3 module: blobs are stored but no metadata was recorded")
         return dataclasses.replace(result, recorded=recorded)
+
+    def _single_image_match(self, plat: Platform, digest: str) -> str:
+        """How a reference that names one image (no index) matches the platform wanted."""
+        ref, want = self.ref, self.want
+        if _runs_on(plat, want):
+            return "exact" if plat.normalized() == want.normalized() else "compatible (%s runs on %s)" % (plat, want)
+        if ref.digest:  # pinned by digest: taken as it is, but said
+            log.warning("%s is an image for %s, not %s", ref, plat, want)
+            return "pinned by digest (%s does not run on %s)" % (plat, want)
+        # As docker: the image "does not match the specified platform".
+        raise NoMatchingPlatform(str(ref), str(want), [str(plat)],
+                                 hint="pull it by digest (%s@%s) to take it anyway" % (ref.name, digest))
 
     def _fetch_all(self, downloader, descs, config):
         # The config first (small, and the rootfs extraction needs it), then the largest first:
@@ -4013,7 +4300,7 @@ class _Puller:
         # Daemon threads, not a ThreadPoolExecutor: on Ctrl-C the process must exit at once,
         # not wait for a read blocked on a stalled server (the .partial files stay consistent).
         todo = list(missing)
-        errors = []  # type: List[BaseException]
+        errors: List[BaseException] = []
         lock = threading.Lock()
         finished = threading.Event()
         running = [min(self.jobs, len(todo))]
@@ -4059,7 +4346,7 @@ class _Puller:
             raise Interrupted("interrupted")
 
 
-def _have_sqlite():
+def _have_sqlite() -> bool:
     try:
         import sqlite3  # noqa: F401
     except ImportError:
@@ -4070,26 +4357,10 @@ def _have_sqlite():
 # --------------------------------------------------------------------------- Inspect, tags and the store
 
 
-def _credentials(ref, username, password):
-    # type: (Reference, Optional[str], Optional[str]) -> Optional[Credentials]
-    """The caller's credentials if given, else those of the Podman/Docker files."""
-    if username is not None or password is not None:
-        return Credentials(username or "", password or "", source="arguments")
-    return find_credentials(ref.registry, repository=ref.repository)
-
-
-def _client_for(ref, insecure=False, ca_file=None, username=None, password=None, pool=None, store=None):
-    # type: (Reference, bool, Optional[str], Optional[str], Optional[str], Optional[_Pool], Optional[_Store]) -> _Client
-    client = _Client(ref.registry, insecure=insecure, ca_file=ca_file, credentials=_credentials(ref, username, password),
-                     pool=pool)
-    if store is not None:
-        client.remembered(store.host(client.endpoint))
-    return client
-
-
-def inspect(reference, *, home=None, platform=None, insecure=False, ca_file=None, username=None, password=None):
-    # type: (Any, Optional[str], Any, bool, Optional[str], Optional[str], Optional[str]) -> dict
-    """What a pull of ``reference`` would fetch, without fetching a layer (``--inspect``).
+def inspect(reference: Any, *, home: Optional[str] = None, platform: Any = None, insecure: bool = False,
+            ca_file: Optional[str] = None, username: Optional[str] = None, password: Optional[str] = None,
+            timeout: Optional[float] = None) -> Dict[str, Any]:
+    """What a pull of ``reference`` would fetch, without fetching a layer (``inspect``).
 
     Returns one dict with the fields ``skopeo inspect`` prints (``Name``, ``Digest`` (of what the
     reference names: the index for a multi-platform image), ``Created``, ``DockerVersion``,
@@ -4097,50 +4368,66 @@ def inspect(reference, *, home=None, platform=None, insecure=False, ca_file=None
     ``ManifestDigest`` (the chosen image's), ``Platform``, ``PlatformMatch``, ``Config``
     (Entrypoint, Cmd, WorkingDir, ExposedPorts, User), ``Size`` (compressed) and, for an index,
     ``Index`` with every platform it offers, its compressed size and which one this host takes.
-    Only manifests and the config are fetched, and only they are stored.
+    Only manifests and the config are fetched, and only they are stored. ``timeout`` as for pull().
     """
-    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
-    want = platform if isinstance(platform, Platform) else (parse_platform(platform) if platform else host_platform())
-    store = _Store(home or default_home())
-    pool = _Pool()
-    try:
-        client = _client_for(ref, insecure, ca_file, username, password, pool, store)
-        puller = _Puller(client, store, ref, want, 1, None)
-        seen = set()  # type: set
-        top, _, manifest = puller._manifest(ref.ref, seen)
-        index = None  # type: Optional[dict]
-        digest, how = top, "exact"
+    ref, want = _reference(reference), _platform(platform)
+    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+                  timeout=timeout) as session:
+        found = _inspected(session.repository(ref), session.stored(), ref, want)
+    return _inspect_doc(ref, found)
+
+
+class _Inspected:
+    """What inspect() fetched: the top document's digest, the index entries (for an index), the
+    chosen image's digest, how it was chosen, its manifest and its config."""
+
+    def __init__(self, top: str, index: Optional[Dict[str, Any]], digest: str, how: str, manifest: Manifest,
+                 config: dict) -> None:
+        self.top, self.index, self.digest, self.how = top, index, digest, how
+        self.manifest, self.config = manifest, config
+
+
+def _inspected(repo: _Repository, store: _Store, ref: Reference, want: Platform) -> _Inspected:
+    seen: Set[str] = set()
+    top, _, manifest = _fetch_manifest(repo, store, ref, ref.ref, seen)
+    index: Optional[Dict[str, Any]] = None
+    digest, how = top, "exact"
+    if manifest.is_index:
+        chosen, how = _choose_platform(list(manifest.manifests), want, str(ref))
+        entries = []
+        for d in manifest.manifests:
+            entry: Dict[str, Any] = {"Digest": d.digest, "MediaType": d.media_type,
+                                     "Platform": str(d.platform or ""), "Chosen": d.digest == chosen.digest}
+            kind = (d.annotations or {}).get(_ANNOTATION_REF_TYPE)
+            if kind:
+                entry["Kind"] = kind
+            elif d.media_type in MANIFEST_TYPES:
+                _, _, m = _fetch_manifest(repo, store, ref, d.digest, set())
+                entry["Size"] = sum(x.size for x in m.layers) + (m.config.size if m.config else 0)
+            entries.append(entry)
+        index = {"Digest": top, "MediaType": manifest.media_type, "Manifests": entries}
+        digest, _, manifest = _fetch_manifest(repo, store, ref, chosen.digest, seen)
         if manifest.is_index:
-            chosen, how = _choose_platform(list(manifest.manifests), want, str(ref))
-            entries = []
-            for d in manifest.manifests:
-                entry = {"Digest": d.digest, "MediaType": d.media_type, "Platform": str(d.platform or ""),
-                         "Chosen": d.digest == chosen.digest}  # type: Dict[str, Any]
-                kind = (d.annotations or {}).get(_ANNOTATION_REF_TYPE)
-                if kind:
-                    entry["Kind"] = kind
-                elif d.media_type in MANIFEST_TYPES:
-                    _, _, m = puller._manifest(d.digest, set())
-                    entry["Size"] = sum(x.size for x in m.layers) + (m.config.size if m.config else 0)
-                entries.append(entry)
-            index = {"Digest": top, "MediaType": manifest.media_type, "Manifests": entries}
-            digest, _, manifest = puller._manifest(chosen.digest, seen)
-            if manifest.is_index:
-                raise UnsupportedError("%s: nested indexes cannot be inspected" % ref)
-        assert manifest.config is not None
-        _Downloader(client, store, ref.repository).fetch(manifest.config, "config")
-        config = _loads_json(store.read(manifest.config.digest) or b"{}", "config")
-    finally:
-        pool.close()
-    cfg = config.get("config") if isinstance(config.get("config"), dict) else {}
+            raise UnsupportedError("%s: nested indexes cannot be inspected" % ref)
+    assert manifest.config is not None
+    _Downloader(repo, store).fetch(manifest.config, "config")
+    config = _loads_json(store.read(manifest.config.digest) or b"{}", "config")
+    return _Inspected(top, index, digest, how, manifest, config)
+
+
+def _inspect_doc(ref: Reference, found: _Inspected) -> Dict[str, Any]:
+    """The skopeo-shaped dict of what inspect() found (its config's fields checked first)."""
+    config, manifest = found.config, found.manifest
+    assert manifest.config is not None
+    cfg = _dict_at(config, "config")
     for key, kind in (("Labels", dict), ("Env", list), ("Entrypoint", list), ("Cmd", list), ("ExposedPorts", dict),
                       ("WorkingDir", str), ("User", str)):
         if cfg.get(key) is not None and not isinstance(cfg.get(key), kind):
             raise IntegrityError("config of %s: %s is not a %s" % (ref, key, kind.__name__))
-    out = {
+    out: Dict[str, Any] = {
         "Name": ref.name,
-        "Digest": top,
-        "ManifestDigest": digest,
+        "Digest": found.top,
+        "ManifestDigest": found.digest,
         "Created": config.get("created"),
         "DockerVersion": config.get("docker_version", ""),
         "Labels": cfg.get("Labels"),
@@ -4152,175 +4439,64 @@ def inspect(reference, *, home=None, platform=None, insecure=False, ca_file=None
         "Env": cfg.get("Env"),
         "Platform": str(Platform(str(config.get("os", "")), str(config.get("architecture", "")),
                                  str(config.get("variant") or ""))),
-        "PlatformMatch": how,
+        "PlatformMatch": found.how,
         "Config": dict((k, cfg.get(k)) for k in ("Entrypoint", "Cmd", "WorkingDir", "ExposedPorts", "User")),
         "Size": sum(x.size for x in manifest.layers) + manifest.config.size,
-    }  # type: Dict[str, Any]
+    }
     if config.get("variant"):
         out["Variant"] = config["variant"]
-    if index is not None:
-        out["Index"] = index
+    if found.index is not None:
+        out["Index"] = found.index
     return out
 
 
-def list_tags(reference, *, insecure=False, ca_file=None, username=None, password=None, page_size=1000, home=None):
-    # type: (Any, bool, Optional[str], Optional[str], Optional[str], int, Optional[str]) -> List[str]
-    """Every tag of a repository (``--list-tags``), following the registry's pagination
-    (``?n=`` and the ``Link`` header, on the registry's own host only) to the end."""
-    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
-    store = _Store(home or default_home()) if home else None
-    pool = _Pool()
-    tags = []  # type: List[str]
-    try:
-        client = _client_for(ref, insecure, ca_file, username, password, pool, store)
-        path = "/v2/%s/tags/list?n=%d" % (ref.repository, page_size)  # type: Optional[str]
-        scope = "repository:%s:pull" % ref.repository
-        seen = set()  # type: set
-        while path:
-            if path in seen or len(tags) > 1000000:
-                raise IntegrityError("%s: the tag list never ends (a page links back, or a million tags)" % ref.name)
-            seen.add(path)
-            resp = client.request("GET", path, headers={"Accept": "application/json"}, scope=scope)
-            try:
-                if resp.status == 404:
-                    code, msg = _registry_error(resp.excerpt())
-                    raise NotFound("%s: repository not found (%s)" % (ref.name, code or msg or "404"))
-                if resp.status != 200:
-                    raise RegistryError("%s answered %d for the tag list" % (client.endpoint, resp.status))
-                doc = _loads_json(resp.read(MAX_MANIFEST_BYTES * 4), "tag list")
-            finally:
-                resp.close()
-            page = doc.get("tags") or []
-            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
-                raise IntegrityError("%s: the tag list is not a list of strings" % ref.name)
-            tags += page
-            path = _next_link(resp.header("Link"), client, path)
-    finally:
-        pool.close()
-    return tags
+def list_tags(reference: Any, *, insecure: bool = False, ca_file: Optional[str] = None,
+              username: Optional[str] = None, password: Optional[str] = None, page_size: int = 1000,
+              home: Optional[str] = None, timeout: Optional[float] = None) -> List[str]:
+    """Every tag of a repository (``tags``), following the registry's pagination (``?n=`` and
+    the ``Link`` header, on the registry's own host only) to the end. The store is read (what
+    it remembers of the host) only when ``home`` is given; ``timeout`` as for pull()."""
+    ref = _reference(reference)
+    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+                  timeout=timeout, store=False) as session:
+        return session.repository(ref).tags(page_size)
 
 
-def _next_link(header, client, current):
-    # type: (str, _Client, str) -> Optional[str]
-    """The path of a ``Link: <...>; rel="next"`` on the registry's own host, or None."""
-    m = re.search(r'<([^>]*)>\s*;[^,]*rel="?next"?', header or "")
-    if not m:
-        return None
-    parts = urllib.parse.urlsplit(urllib.parse.urljoin(client._base() + current, m.group(1)))
-    if parts.netloc.lower() != client.endpoint.lower() or not parts.path.startswith("/v2/"):
-        raise RegistryError("%s sent a tag list Link to another place (%s): refused"
-                            % (client.endpoint, _redact(m.group(1))))
-    return parts.path + ("?" + parts.query if parts.query else "")
+def referrers(reference: Any, *, artifact_type: Optional[str] = None, insecure: bool = False,
+              ca_file: Optional[str] = None, username: Optional[str] = None, password: Optional[str] = None,
+              home: Optional[str] = None) -> Optional[List[Descriptor]]:
+    """The manifests whose ``subject`` is ``reference``'s manifest (it must name a digest), from
+    the OCI 1.1 referrers API, every page; None where the registry has no such API."""
+    ref = _reference(reference)
+    if not ref.digest:
+        raise UsageError("%s: referrers are asked for by digest (NAME@sha256:...)" % ref)
+    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+                  store=False) as session:
+        return session.repository(ref).referrers(ref.digest, artifact_type)
 
 
-def images(*, home=None):
-    # type: (Optional[str]) -> List[dict]
-    """What the store holds (``--images``): one dict per image (reference, platform, manifest
+def images(*, home: Optional[str] = None) -> List[dict]:
+    """What the store holds (``images``): one dict per image (reference, platform, manifest
     digest, size, pulled_at, last_used_at), from sqlite3."""
-    store = _Store(home or default_home())
-    rows = store._query("SELECT reference, platform, manifest_digest, index_digest, size_bytes, created_at,"
-                        " last_used_at FROM images ORDER BY reference, platform", ())
-    keys = ("reference", "platform", "manifest_digest", "index_digest", "size", "pulled_at", "last_used_at")
-    return [dict(zip(keys, row)) for row in rows or []]
+    return _Store(home or default_home()).images()
 
 
-def remove(reference, *, home=None, platform=None):
-    # type: (Any, Optional[str], Any) -> int
-    """Forget an image (``--remove``): its rows and its ``index.json`` entry (every platform, or
+def remove(reference: Any, *, home: Optional[str] = None, platform: Any = None) -> int:
+    """Forget an image (``rm``): its rows and its ``index.json`` entry (every platform, or
     only ``platform``). Blobs stay until collect_garbage(). Returns how many images went;
     NotFound when none matched."""
-    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
+    ref = _reference(reference)
+    want = _platform(platform) if platform is not None else None
     store = _Store(home or default_home())
-    sql, args = "DELETE FROM images WHERE reference = ?", [str(ref)]
-    if platform is not None:
-        want = platform if isinstance(platform, Platform) else parse_platform(platform)
-        rows = store._query("SELECT id, platform FROM images WHERE reference = ?", (str(ref),)) or []
-        ids = [i for i, p in rows if _recorded_platform(p).normalized() == want.normalized()]
-        sql, args = "DELETE FROM images WHERE id IN (%s)" % ",".join("?" * len(ids)), ids
-        if not ids:
-            raise NotFound("%s for %s is not in the store %s" % (ref, want, store.home))
-    with store.exclusive():
-        conn = store.connect()
-        if conn is None:
-            raise UnsupportedError("this Python has no sqlite3 module: the store has no image list")
-        try:
-            with conn:
-                n = conn.execute(sql, args).rowcount
-        finally:
-            conn.close()
-        if not n:
-            raise NotFound("%s is not in the store %s" % (ref, store.home))
-        _write_store_index(store)
+    n = store.forget(str(ref), want)
+    if not n:
+        raise NotFound("%s%s is not in the store %s" % (ref, " for %s" % want if want else "", store.home))
     return n
 
 
-def _recorded_platform(text):
-    # type: (Optional[str]) -> Platform
-    """A platform as the images table records it: os/arch[/variant][:os.version]."""
-    spec, _, version = (text or "").partition(":")
-    parts = (spec + "//").split("/")
-    return Platform(parts[0], parts[1], parts[2], version)
-
-
-def _referenced(store):
-    # type: (_Store) -> Dict[str, List[str]]
-    """digest -> the references of the images that need it (manifests, indexes, configs, layers)."""
-    rows = store._query(
-        "SELECT i.reference, i.manifest_digest, i.index_digest, c.digest, l.digest FROM images i"
-        " LEFT JOIN manifests m ON m.image_id = i.id LEFT JOIN configs c ON c.manifest_id = m.id"
-        " LEFT JOIN manifest_layers ml ON ml.manifest_id = m.id LEFT JOIN layers l ON l.id = ml.layer_id", ())
-    refs = {}  # type: Dict[str, List[str]]
-    for row in rows or []:
-        for digest in row[1:]:
-            if digest and row[0] not in refs.setdefault(digest, []):
-                refs[digest].append(row[0])
-        # What the index lists beside the images (attestation manifests and their blobs, pulled
-        # with --platform all) belongs to the image too.
-        for digest in _listed(store, row[2]):
-            if row[0] not in refs.setdefault(digest, []):
-                refs[digest].append(row[0])
-    return refs
-
-
-def _listed(store, index_digest):
-    # type: (_Store, Optional[str]) -> List[str]
-    """Digests of the manifests an index in the store lists, and of their blobs, where stored."""
-    out = []  # type: List[str]
-    try:
-        data = store.read(index_digest) if index_digest else None
-        entries = _loads_json(data, "index").get("manifests") if data else None
-        for entry in entries if isinstance(entries, list) else []:
-            digest = entry.get("digest") if isinstance(entry, dict) else None
-            sub = store.read(digest) if isinstance(digest, str) else None
-            if sub is None:
-                continue
-            doc = _loads_json(sub, "manifest")
-            out.append(digest)
-            for d in [doc.get("config")] + (doc.get("layers") if isinstance(doc.get("layers"), list) else []):
-                if isinstance(d, dict) and isinstance(d.get("digest"), str):
-                    out.append(d["digest"])
-    except PullError:
-        pass  # a blob that is not what it should be: verify() is the place to say so
-    return out
-
-
-def _blob_files(store):
-    # type: (_Store) -> List[Tuple[str, str]]
-    """(digest or "", path) of every file under HOME/blobs ("" for .partial and temporaries)."""
-    out = []
-    for algo in _DIGEST_HEX:
-        directory = os.path.join(store.home, "blobs", algo)
-        for name in sorted(os.listdir(directory)):
-            full = "%s:%s" % (algo, name)
-            out.append((full if re.fullmatch(r"[0-9a-f]{%d}" % _DIGEST_HEX[algo], name) else "",
-                        os.path.join(directory, name)))
-    return out
-
-
-def collect_garbage(*, home=None, partial_age=86400.0):
-    # type: (Optional[str], float) -> Tuple[int, int]
+def collect_garbage(*, home: Optional[str] = None, partial_age: float = 86400.0) -> Tuple[int, int]:
     """Delete blobs no image references, and ``.partial`` files older than ``partial_age``
-    seconds that no process holds (``--gc``). Safe while other processes pull into the same
+    seconds that no process holds (``gc``). Safe while other processes pull into the same
     HOME: it holds the store's lock exclusively, which every pull holds shared from its first
     request until its image is recorded. Returns (files deleted, bytes freed)."""
     store = _Store(home or default_home())
@@ -4328,9 +4504,9 @@ def collect_garbage(*, home=None, partial_age=86400.0):
         raise UnsupportedError("this Python has no sqlite3 module: without the image list no blob is known unused")
     files = freed = 0
     with store.exclusive():
-        keep = _referenced(store)
+        keep = store.referenced()
         now = time.time()
-        for digest, path in _blob_files(store):
+        for digest, path in store.blob_files():
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -4350,33 +4526,14 @@ def collect_garbage(*, home=None, partial_age=86400.0):
     return files, freed
 
 
-def _unlocked(path):
-    # type: (str) -> bool
-    """Does no process hold ``path``'s flock (a download in progress)?"""
-    if _fcntl is None:
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return False
-    try:
-        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def verify(*, home=None):
-    # type: (Optional[str]) -> List[Tuple[str, List[str]]]
-    """Hash every blob again (``--verify``); remove the corrupt ones. Returns [(digest, the
+def verify(*, home: Optional[str] = None) -> List[Tuple[str, List[str]]]:
+    """Hash every blob again (``verify``); remove the corrupt ones. Returns [(digest, the
     references of the images it breaks)], empty when all is well (the CLI exits 5 otherwise)."""
     store = _Store(home or default_home())
     bad = []
     with store.exclusive():
-        users = _referenced(store) if _have_sqlite() else {}
-        for digest, path in _blob_files(store):
+        users = store.referenced() if _have_sqlite() else {}
+        for digest, path in store.blob_files():
             if not digest:
                 continue
             h = hashlib.new(digest.split(":")[0])
@@ -4391,14 +4548,14 @@ def verify(*, home=None):
                 _unlink(path)
                 bad.append((digest, users.get(digest, [])))
     if bad:
-        _write_store_index(store)  # an image that lost a blob leaves index.json
+        store.write_index()  # an image that lost a blob leaves index.json
     return bad
 
 
 # --------------------------------------------------------------------------- Command line
 
 _EXIT_CODES = """exit codes:
-  0    pulled
+  0    done (pulled, listed, ...)
   1    anything else (e.g. unsupported manifest or media type)
   2    usage error or malformed reference
   3    authentication or authorization refused
@@ -4410,6 +4567,19 @@ _EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C)
 """ % (RETRIES + 1, sum(min(RETRY_MAX, RETRY_BASE * 2 ** i) for i in range(RETRIES)), RETRIES, RETRY_AFTER_MAX)
 
+_VERBS = {
+    "pull": "pull an image into the store (the default: `registry_pull REF` pulls REF)",
+    "inspect": "show what a pull would fetch: digests, platforms, config; fetches no layer",
+    "tags": "list every tag of a repository",
+    "images": "list the images in the store",
+    "rm": "forget an image (every platform, or --platform's); its blobs stay until gc",
+    "gc": "delete blobs no image needs, and .partial files older than a day that no pull holds",
+    "verify": "hash every blob again; remove the corrupt ones and name the images they break (exit 5 if any)",
+}
+# The options that take a value (to find the verb among the arguments, options may come first).
+_VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--username", "--oci-layout",
+           "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p"}
+
 
 class _Formatter(logging.Formatter):
     """One line per message, every character printable: messages quote servers' words."""
@@ -4418,59 +4588,123 @@ class _Formatter(logging.Formatter):
         return "registry_pull: " + _printable(record.getMessage(), 2000)
 
 
-def _parser():
-    p = argparse.ArgumentParser(
-        prog="registry_pull",
-        description="Pull a container image from an OCI/Docker registry into a verified local store.",
-        epilog=_EXIT_CODES + "\ncredentials: --username/--password-stdin, else $REGISTRY_AUTH_FILE, "
-        "$XDG_RUNTIME_DIR/containers/auth.json, $DOCKER_CONFIG/config.json (~/.docker/config.json)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("reference", nargs="?",
-                   help="image reference, e.g. alpine, library/alpine:3.20, ghcr.io/o/i@sha256:... (pulled, "
-                   "unless an action below says otherwise)")
-    actions = p.add_argument_group("other actions (instead of a pull; an image may be called anything)")
-    one = actions.add_mutually_exclusive_group()
-    one.add_argument("--inspect", action="store_true", help="show what a pull of REFERENCE would fetch: "
-                     "digests, platforms, config; fetches no layer")
-    one.add_argument("--list-tags", action="store_true", help="list every tag of REFERENCE's repository")
-    one.add_argument("--images", action="store_true", help="list the images in the store")
-    one.add_argument("--remove", action="store_true", help="forget REFERENCE (every platform, or --platform's); "
-                     "its blobs stay until --gc")
-    one.add_argument("--gc", action="store_true", help="delete blobs no image needs, and .partial files older "
-                     "than a day that no pull holds")
-    one.add_argument("--verify", action="store_true", help="hash every blob again; remove the corrupt ones and "
-                     "name the images they break (exit 5 if any)")
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--password`` is never read as ``--password-stdin``),
+    and a usage error in one line, not the whole usage block."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message: str) -> Any:
+        sys.stderr.write("registry_pull: error: %s (see %s --help)\n" % (_printable(message, 500), self.prog))
+        sys.exit(2)
+
+
+def _common_options(p: argparse.ArgumentParser, json_help: str = "print the result as JSON on stdout") -> None:
     p.add_argument("--home", metavar="DIR", help="the store (default $REGISTRY_PULL_HOME, else "
                    "${XDG_DATA_HOME:-~/.local/share}/registry_pull)")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", action="append",
-                   help="default: linux/%s; repeat it for several platforms of an index, or 'all' for every "
-                   "manifest it lists (attestations included)" % host_platform().architecture)
-    p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel blob downloads, 1-%d (default 4)"
-                   % MAX_JOBS)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="say what is happening (-vv: every request)")
+
+
+def _registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow plain HTTP and unverified TLS for this registry (loopback may use HTTP anyway)")
-    p.add_argument("--mirror", metavar="URL", action="append",
-                   help="a mirror to try before the registry (repeatable, in order); for docker.io the "
-                   "default is $REGISTRY_PULL_MIRRORS")
     p.add_argument("--ca-file", metavar="FILE", help="extra trusted CA bundle (besides SSL_CERT_FILE)")
     p.add_argument("--username", metavar="USER", help="registry user name (password from --password-stdin)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    # Refused whatever follows it (a password in argv is in the shell history and `ps`).
+    p.add_argument("-p", "--password", nargs="?", const="", dest="password_argument", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (exit 6) when the whole command takes "
+                   "longer; without it a stalled transfer is still cut and resumed")
+
+
+def _platform_option(p: argparse.ArgumentParser, several: bool) -> None:
+    extra = ("; repeat it for several platforms of an index, or 'all' for every manifest it lists "
+             "(attestations included)") if several else ""
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", action="append",
+                   help="default: linux/%s%s" % (host_platform().architecture, extra))
+
+
+def _pull_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel blob downloads, 1-%d (default 4)"
+                   % MAX_JOBS)
+    p.add_argument("--mirror", metavar="URL", action="append",
+                   help="a mirror to try before the registry (repeatable, in order); for docker.io the "
+                   "default is $REGISTRY_PULL_MIRRORS")
     p.add_argument("--oci-layout", metavar="DIR[:NAME]", help="also write the image into an OCI image layout "
                    "(NAME defaults to the tag; an existing layout gains an entry)")
     p.add_argument("--docker-archive", metavar="FILE", help="also write a `docker save` tar (docker/podman load)")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up (exit 6) when the whole pull takes "
-                   "longer; without it a stalled transfer is still cut and resumed")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="say what is happening (-vv: every request)")
+    p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
+                   help="auto (default): bars on a terminal, else a line per blob and a total every %gs; "
+                   "bar, plain, or none" % PROGRESS_INTERVAL)
+
+
+def _verb_parser(verb: str) -> argparse.ArgumentParser:
+    """The parser of one verb (``registry_pull VERB --help``)."""
+    p = _ArgumentParser(prog="registry_pull " + verb, description=_VERBS[verb] + ".", epilog=_EXIT_CODES)
+    if verb in ("pull", "inspect", "rm"):
+        p.add_argument("reference", metavar="REFERENCE",
+                       help="[REGISTRY/]PATH[:TAG][@DIGEST], e.g. alpine, library/alpine:3.20, ghcr.io/o/i@sha256:...")
+    elif verb == "tags":
+        p.add_argument("reference", metavar="REPOSITORY", help="[REGISTRY/]PATH, e.g. library/alpine, ghcr.io/o/i")
+    _common_options(p)
+    if verb in ("pull", "inspect", "tags"):
+        _registry_options(p)
+    if verb in ("pull", "inspect", "rm"):
+        _platform_option(p, several=verb == "pull")
+    if verb == "pull":
+        _pull_options(p)
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    """``registry_pull [OPTIONS] REFERENCE``: a pull, as always; the --inspect-style actions of
+    0.1 still work here (deprecated: the verbs replace them)."""
+    p = _ArgumentParser(
+        prog="registry_pull",
+        usage="registry_pull [OPTIONS] REFERENCE\n       registry_pull VERB [OPTIONS] ...  (VERB --help for each)",
+        description="Pull a container image from an OCI/Docker registry into a verified local store.\n\nverbs:\n"
+        + "".join("  %-8s %s\n" % kv for kv in _VERBS.items())
+        + "\n`registry_pull REF` is `registry_pull pull REF`; `pull` names an image called like a verb.",
+        epilog=_EXIT_CODES + "\ncredentials: --username/--password-stdin, else $REGISTRY_AUTH_FILE, "
+        "$XDG_RUNTIME_DIR/containers/auth.json, $DOCKER_CONFIG/config.json (~/.docker/config.json)",
+    )
+    p.add_argument("reference", nargs="?", help="image reference, e.g. alpine, library/alpine:3.20, "
+                   "ghcr.io/o/i@sha256:...")
+    old = p.add_argument_group("deprecated actions (use the verbs: inspect, tags, images, rm, gc, verify)")
+    one = old.add_mutually_exclusive_group()
+    for flag, verb in _LEGACY_ACTIONS:
+        one.add_argument(flag, action="store_true", help="= `registry_pull %s`" % verb)
+    _common_options(p, "print the result as one JSON object on stdout")
+    _registry_options(p)
+    _platform_option(p, several=True)
+    _pull_options(p)
     p.add_argument("--version", action="version", version="registry_pull " + __version__)
     return p
 
 
-def _out(args, doc, lines):
-    # type: (Any, Any, List[str]) -> None
+_LEGACY_ACTIONS = (("--inspect", "inspect"), ("--list-tags", "tags"), ("--images", "images"),
+                   ("--remove", "rm"), ("--gc", "gc"), ("--verify", "verify"))
+
+
+def _split_verb(argv: List[str]) -> Tuple[Optional[str], List[str]]:
+    """(the verb, the other arguments) when the first argument that is no option is a verb."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return None, argv
+        if arg.startswith("-") and arg != "-":
+            i += 2 if arg in _VALUED else 1
+            continue
+        return (arg, argv[:i] + argv[i + 1:]) if arg in _VERBS else (None, argv)
+    return None, argv
+
+
+def _out(args: Any, doc: Any, lines: List[str]) -> None:
     """--json: one JSON document on stdout; else lines for a person (server strings made printable)."""
     if args.json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -4478,17 +4712,26 @@ def _out(args, doc, lines):
         sys.stdout.write("".join(_printable(line, 4000) + "\n" for line in lines))
 
 
-def _store_action(args):
-    # type: (Any) -> int
-    if args.images:
-        rows = images(home=args.home)
-        _out(args, rows, ["%-50s %-16s %s %9s  %s" % (r["reference"], r["platform"], r["manifest_digest"][:19],
-                                                       _human(r["size"]), r["pulled_at"]) for r in rows])
-        return 0
-    if args.gc:
-        files, freed = collect_garbage(home=args.home)
-        _out(args, {"deleted": files, "freed_bytes": freed}, ["deleted %d files, freed %s" % (files, _human(freed))])
-        return 0
+def _registry_kw(args: Any) -> Dict[str, Any]:
+    return dict(insecure=args.insecure, ca_file=args.ca_file, username=args.username, password=args.password,
+                timeout=args.timeout)
+
+
+def _cmd_images(args: Any) -> int:
+    rows = images(home=args.home)
+    lines = ["%-50s %-16s %-19s %9s  %s" % ("REFERENCE", "PLATFORM", "MANIFEST", "SIZE", "PULLED")] if rows else []
+    _out(args, rows, lines + ["%-50s %-16s %s %9s  %s" % (r["reference"], r["platform"], r["manifest_digest"][:19],
+                                                          _human(r["size"]), r["pulled_at"]) for r in rows])
+    return 0
+
+
+def _cmd_gc(args: Any) -> int:
+    files, freed = collect_garbage(home=args.home)
+    _out(args, {"deleted": files, "freed_bytes": freed}, ["deleted %d files, freed %s" % (files, _human(freed))])
+    return 0
+
+
+def _cmd_verify(args: Any) -> int:
     bad = verify(home=args.home)
     _out(args, [{"digest": d, "breaks": users} for d, users in bad],
          ["corrupt, removed: %s (breaks %s)" % (d, ", ".join(users) or "no image") for d, users in bad]
@@ -4496,22 +4739,28 @@ def _store_action(args):
     return 5 if bad else 0
 
 
-def _reference_action(args, ref, password):
-    # type: (Any, Reference, Optional[str]) -> int
-    if args.remove:
-        n = remove(ref, home=args.home, platform=args.platform)
-        _out(args, {"removed": n}, ["removed %d image%s of %s" % (n, "" if n == 1 else "s", ref)])
-        return 0
-    creds = dict(insecure=args.insecure, ca_file=args.ca_file, username=args.username, password=password)
-    if args.list_tags:
-        tags = list_tags(ref, home=args.home, **creds)  # type: ignore[arg-type]
-        _out(args, {"Repository": ref.name, "Tags": tags}, tags)
-        return 0
-    doc = inspect(ref, home=args.home, platform=args.platform, **creds)  # type: ignore[arg-type]
+def _cmd_rm(args: Any) -> int:
+    ref = parse_reference(args.reference)
+    n = remove(ref, home=args.home, platform=_one_platform(args))
+    _out(args, {"removed": n}, ["removed %d image%s of %s" % (n, "" if n == 1 else "s", ref)])
+    return 0
+
+
+def _cmd_tags(args: Any) -> int:
+    ref = parse_reference(args.reference)
+    tags = list_tags(ref, home=args.home, **_registry_kw(args))
+    _out(args, {"Repository": ref.name, "Tags": tags}, tags)
+    return 0
+
+
+def _cmd_inspect(args: Any) -> int:
+    ref = parse_reference(args.reference)
+    doc = inspect(ref, home=args.home, platform=_one_platform(args), **_registry_kw(args))
     lines = ["%s  %s" % (doc["Name"], doc["Digest"])]
     for entry in (doc.get("Index") or {}).get("Manifests", []):
-        lines.append("  %s %-24s %s%s" % ("*" if entry["Chosen"] else " ", entry.get("Platform") or entry.get("Kind", ""),
-                                          entry["Digest"], "  " + _human(entry["Size"]) if "Size" in entry else ""))
+        lines.append("  %s %-24s %s%s" % ("*" if entry["Chosen"] else " ",
+                                          entry.get("Platform") or entry.get("Kind", ""), entry["Digest"],
+                                          "  " + _human(entry["Size"]) if "Size" in entry else ""))
     lines += ["image     %s (%s, %s)" % (doc["ManifestDigest"], doc["Platform"], doc["PlatformMatch"]),
               "created   %s" % doc["Created"],
               "layers    %d, %s" % (len(doc["Layers"]), _human(doc["Size"]))]
@@ -4522,72 +4771,102 @@ def _reference_action(args, ref, password):
     return 0
 
 
-def main(argv=None):
-    # type: (Optional[List[str]]) -> int
+def _one_platform(args: Any) -> Optional[str]:
+    platforms = args.platform or []
+    if len(platforms) > 1 or "all" in platforms:
+        raise UsageError("this takes exactly one --platform")
+    return platforms[0] if platforms else None
+
+
+def _progress(args: Any) -> Optional[Callable[[str, int, int], None]]:
+    mode = args.progress
+    if args.quiet or mode == "none" or (mode == "auto" and args.json):
+        return None
+    if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
+        return _Bars(sys.stderr)
+    return _Lines(sys.stderr)
+
+
+def _cmd_pull(args: Any) -> int:
+    ref = parse_reference(args.reference)
+    platforms = args.platform or []
+    progress = _progress(args)
+    started = time.monotonic()
+    kw = dict(home=args.home, jobs=args.jobs, progress=progress, cancel=args.cancel, oci_layout=args.oci_layout,
+              **_registry_kw(args))
+    if len(platforms) > 1 or "all" in platforms:
+        if args.rootfs or args.docker_archive:
+            raise UsageError("--rootfs and --docker-archive take exactly one platform")
+        index_digest, results = pull_platforms(ref, "all" if platforms == ["all"] else platforms, **kw)
+        _out(args, {"index_digest": index_digest, "images": [r.to_json() for r in results]},
+             ["pulled %s (%s) %s" % (r.reference, r.platform, r.manifest_digest) for r in results]
+             + ["index %s, %.1fs" % (index_digest, time.monotonic() - started)])
+        return 0
+    result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
+                  rootfs=args.rootfs, mirrors=args.mirror, **kw)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    elif not args.quiet:
+        sys.stderr.write(_printable(
+            "registry_pull: pulled %s (%s) %s, %d layer%s, %s; downloaded %s in %.1fs"
+            % (result.reference, result.platform, result.manifest_digest, len(result.layers),
+               "" if len(result.layers) == 1 else "s", _human(result.size), _human(result.downloaded_bytes),
+               time.monotonic() - started), 2000) + "\n")
+    return 0
+
+
+_COMMANDS: Dict[str, Callable[[Any], int]] = {
+    "pull": _cmd_pull, "inspect": _cmd_inspect, "tags": _cmd_tags, "images": _cmd_images, "rm": _cmd_rm,
+    "gc": _cmd_gc, "verify": _cmd_verify,
+}
+
+
+def _parse_args(argv: List[str]) -> Any:
+    """The arguments of a verb, or of the verb-less form (a pull, or a deprecated action)."""
+    verb, rest = _split_verb(argv)
+    args = (_verb_parser(verb) if verb else _parser()).parse_args(rest)
+    if verb is None:
+        verb = next((v for flag, v in _LEGACY_ACTIONS if getattr(args, flag[2:].replace("-", "_"))), "pull")
+        if verb in ("images", "gc", "verify") and args.reference:
+            raise UsageError("--images, --gc and --verify take no REFERENCE")
+    args.verb = verb
+    return args
+
+
+def _read_password(args: Any) -> Optional[str]:
+    if getattr(args, "password_argument", None) is not None:
+        raise UsageError("--password is not accepted: a password in the arguments ends up in shell history and "
+                         "process lists; use --username USER --password-stdin")
+    if getattr(args, "password_stdin", False):
+        if not args.username:
+            raise UsageError("--password-stdin needs --username")
+        return sys.stdin.readline().rstrip("\r\n")
+    if getattr(args, "username", None):
+        raise UsageError("--username needs --password-stdin (passwords are never taken as arguments)")
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     """The command line (``argv`` without the program name; default sys.argv[1:]): returns the
     exit status (README's table) and never raises, whatever goes wrong."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse prints its own usage message
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    verbose = 0
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
-    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
-                                              logging.INFO if args.verbose else logging.WARNING)
-    log.addHandler(handler)
     old_level = log.level
-    log.setLevel(level)
     cancel = threading.Event()
     try:
-        password = None
-        if args.password_stdin:
-            if not args.username:
-                raise UsageError("--password-stdin needs --username")
-            password = sys.stdin.readline().rstrip("\r\n")
-        elif args.username:
-            raise UsageError("--username needs --password-stdin (passwords are never taken as arguments)")
-        if args.images or args.gc or args.verify:
-            if args.reference:
-                raise UsageError("--images, --gc and --verify take no REFERENCE")
-            return _store_action(args)
-        if not args.reference:
+        try:
+            args = _parse_args(list(sys.argv[1:] if argv is None else argv))
+        except SystemExit as e:  # --help, --version, or a usage error already said
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
+        verbose = args.verbose
+        log.addHandler(handler)
+        log.setLevel(logging.ERROR if args.quiet else logging.DEBUG if verbose > 1 else
+                     logging.INFO if verbose else logging.WARNING)
+        args.password, args.cancel = _read_password(args), cancel
+        if args.verb in ("pull", "inspect", "tags", "rm") and not args.reference:
             raise UsageError("a REFERENCE is needed (e.g. alpine:3.20); see --help")
-        ref = parse_reference(args.reference)
-        platforms = args.platform or []
-        several = len(platforms) > 1 or "all" in platforms
-        if several and (args.rootfs or args.docker_archive or args.inspect or args.remove):
-            raise UsageError("--rootfs, --docker-archive, --inspect and --remove take exactly one platform")
-        args.platform = platforms[0] if platforms else None
-        if args.inspect or args.list_tags or args.remove:
-            return _reference_action(args, ref, password)
-        progress = None
-        if not args.quiet and not args.json and sys.stderr.isatty():
-            progress = _Bars(sys.stderr)
-        started = time.monotonic()
-        if several:
-            index_digest, results = pull_platforms(
-                ref, "all" if platforms == ["all"] else platforms, home=args.home, jobs=args.jobs,
-                progress=progress, insecure=args.insecure, ca_file=args.ca_file, username=args.username,
-                password=password, cancel=cancel, oci_layout=args.oci_layout, timeout=args.timeout)
-            _out(args, {"index_digest": index_digest, "images": [r.to_json() for r in results]},
-                 ["pulled %s (%s) %s" % (r.reference, r.platform, r.manifest_digest) for r in results]
-                 + ["index %s, %.1fs" % (index_digest, time.monotonic() - started)])
-            return 0
-        want = parse_platform(args.platform) if args.platform else host_platform()
-        result = pull(ref, home=args.home, platform=want, jobs=args.jobs, progress=progress,
-                      insecure=args.insecure, ca_file=args.ca_file, username=args.username,
-                      password=password, cancel=cancel, oci_layout=args.oci_layout,
-                      docker_archive=args.docker_archive, rootfs=args.rootfs, mirrors=args.mirror,
-                      timeout=args.timeout)
-        if args.json:
-            sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
-        elif not args.quiet:
-            sys.stderr.write(_printable(
-                "registry_pull: pulled %s (%s) %s, %d layers, %s; downloaded %s in %.1fs"
-                % (result.reference, result.platform, result.manifest_digest, len(result.layers),
-                   _human(result.size), _human(result.downloaded_bytes), time.monotonic() - started), 2000) + "\n")
-        return 0
+        return _COMMANDS[args.verb](args)
     except KeyboardInterrupt:
         cancel.set()
         sys.stderr.write("registry_pull: error: interrupted; partial downloads are kept and will resume\n")
@@ -4598,7 +4877,7 @@ def main(argv=None):
         return e.exit_code
     except Exception as e:  # a bug: still one line (the traceback with -v), never a crash dump
         cancel.set()
-        if args.verbose:
+        if verbose:
             import traceback
 
             traceback.print_exc()
