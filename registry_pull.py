@@ -107,7 +107,7 @@ __all__ = [
     "Interrupted",
     "__version__",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger("registry_pull")
 
@@ -929,7 +929,7 @@ def _https_handler(pool, context):
     """A pooled HTTPS handler (defined on demand: without ssl, urllib has no HTTPSHandler)."""
     class _HTTPSHandler(_KeepAlive, urllib.request.HTTPSHandler):
         def https_open(self, req):
-            return self._pooled(http.client.HTTPSConnection, req, context=self._context)
+            return self._pooled(http.client.HTTPSConnection, req, context=context)
 
     return _HTTPSHandler(pool, context=context)
 
@@ -1052,7 +1052,7 @@ class _Cancel:
         if self.is_set():
             raise Interrupted("interrupted")
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise RegistryError("timeout: the pull did not finish within %g s (--timeout)" % self.limit)
+            raise RegistryError("timeout: the pull did not finish within %g s (--timeout)" % (self.limit or 0))
 
     def bound(self, seconds: float) -> float:
         """``seconds``, cut to what is left before the deadline."""
@@ -3093,7 +3093,7 @@ class _LayerTarInfo(tarfile.TarInfo):
         if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                          tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_TAR_HEADER:
             raise IntegrityError("a layer has a %d-byte tar header: refused (hostile)" % self.size)
-        return super()._proc_member(tar)
+        return getattr(super(), "_proc_member")(tar)  # tarfile's own hook, which this extends
 
 
 _OPAQUE = ".wh..wh..opq"
@@ -3178,6 +3178,7 @@ def _unzstd(f, path, name):
         raise UnsupportedError("layer %s is zstd-compressed: needs Python 3.14+ (compression.zstd) or the zstd "
                                "program" % name)
     proc = subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
     try:
         while True:
             chunk = proc.stdout.read(CHUNK)
