@@ -160,6 +160,9 @@ TIMEOUT_RETRIES = 1
 # and resumed like a lost connection (a server dripping a byte a minute cannot hold a pull).
 STALL_SECONDS = 30.0
 STALL_BYTES = 16 * 1024
+# Tag lists: at most this many pages and tags (a server must not keep a listing going forever).
+MAX_TAG_PAGES = 10000
+MAX_TAGS = 1000000
 # Progress without a terminal: a total line at most this often (seconds) while bytes arrive.
 PROGRESS_INTERVAL = 10.0
 
@@ -757,14 +760,25 @@ def find_credentials(registry: str, env: Optional[Mapping[str, str]] = None,
     helpers = _dict_at(data, "credHelpers")
     for key in _auth_keys(registry):
         if helpers.get(key):
-            return _run_helper(str(helpers[key]), registry, path)
+            return _try_helper(str(helpers[key]), registry, path)
     entry = _match_auths(data.get("auths"), registry, repository)
     creds = _from_auth_entry(entry, path) if entry else None
     if creds:
         return creds
     if data.get("credsStore"):
-        return _run_helper(str(data["credsStore"]), registry, path)
+        return _try_helper(str(data["credsStore"]), registry, path)
     return None
+
+
+def _try_helper(helper: str, registry: str, source: str) -> Optional[Credentials]:
+    """A helper's credentials; one that is missing or fails is a warning, and the pull goes on
+    anonymously (a home copied from Docker Desktop names "desktop"): it matters only if the
+    registry then refuses, and that error follows."""
+    try:
+        return _run_helper(helper, registry, source)
+    except AuthError as e:
+        log.warning("%s; going on without credentials for %s", e, registry)
+        return None
 
 
 def _registry_error(body: bytes) -> Tuple[str, str]:
@@ -864,6 +878,67 @@ def _idle_alive(sock: Any, select: Any) -> bool:
         return False
 
 
+class _Watchdog:
+    """Shuts a connection's socket down when its time is up, so that http.client's own loops
+    (endless ``100 Continue`` interim answers, a header line dripped a byte at a time, endless
+    chunked trailer lines) cannot outlast a deadline, however a server drips: the blocked read
+    returns and the request fails as a time-out. One daemon thread for the whole process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._armed: Dict[int, Tuple[float, Any]] = {}
+        self._fired: Set[int] = set()
+        self._next = 0
+        self._wake_at = 0.0  # when the thread looks next (a later deadline need not wake it)
+        self._thread: Optional[threading.Thread] = None
+
+    def arm(self, conn: Any, deadline: float) -> int:
+        """Watch ``conn`` (an http.client connection) until disarm(); returns the token."""
+        with self._lock:
+            self._next += 1
+            token = self._next
+            self._armed[token] = (deadline, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="registry_pull-watchdog", daemon=True)
+                self._thread.start()
+            early = deadline < self._wake_at
+        if early:
+            self._wake.set()
+        return token
+
+    def disarm(self, token: int) -> bool:
+        """Stop watching; True when the deadline had already cut the connection."""
+        with self._lock:
+            self._armed.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+        return False
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                due = [t for t, (when, _) in self._armed.items() if when <= now]
+                conns = [self._armed.pop(t)[1] for t in due]
+                self._fired.update(due)
+                wait = max(0.01, min(min((w for w, _ in self._armed.values()), default=now + 1.0) - now, 1.0))
+                self._wake_at = now + wait
+            for conn in conns:
+                sock = getattr(conn, "sock", None)
+                try:
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed meanwhile: nothing left to stop
+            self._wake.wait(wait)
+            self._wake.clear()
+
+
+_WATCHDOG = _Watchdog()
+
+
 class _KeepAlive:
     """urllib handler mixin: HTTP/1.1 requests over the pool's connections (urllib's own
     handlers send ``Connection: close`` and open a connection per request).  Proxies keep
@@ -898,21 +973,32 @@ class _KeepAlive:
                 log.debug("new connection to %s", _printable(tunnel or host, 100))
             elif conn.sock is not None:
                 conn.sock.settimeout(req.timeout)
+            # The whole answer's head (status line, interim answers, headers) within the
+            # request's time-out, however slowly it drips.
+            token = _WATCHDOG.arm(conn, time.monotonic() + (req.timeout or TIMEOUT))
             try:
                 conn.request(req.get_method(), req.selector, req.data, headers,
                              encode_chunked=req.has_header("Transfer-encoding"))
                 resp = conn.getresponse()
             except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as e:
                 conn.close()  # RemoteDisconnected is a ConnectionResetError
+                if _WATCHDOG.disarm(token):
+                    raise urllib.error.URLError(socket.timeout("no complete answer in %gs" % req.timeout))
                 if reused and attempt == 1:
                     continue  # closed while idle (nginx, S3 front ends do): once more, on a fresh connection
                 raise urllib.error.URLError(e)
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
                 conn.close()
+                if _WATCHDOG.disarm(token):
+                    raise urllib.error.URLError(socket.timeout("no complete answer in %gs" % req.timeout))
+                if isinstance(e, http.client.InvalidURL):
+                    raise
                 raise urllib.error.URLError(e)
             except BaseException:
                 conn.close()
+                _WATCHDOG.disarm(token)
                 raise
+            _WATCHDOG.disarm(token)
             break
         resp.url = req.get_full_url()
         resp.msg = resp.reason
@@ -949,6 +1035,36 @@ class _Response:
     def header(self, name: str, default: str = "") -> str:
         return self.raw.headers.get(name, default) or default
 
+    def challenges(self) -> List[Tuple[str, Dict[str, str]]]:
+        """Every challenge of every WWW-Authenticate header (RFC 7235 allows several)."""
+        found: List[Tuple[str, Dict[str, str]]] = []
+        for value in self.raw.headers.get_all("WWW-Authenticate") or []:
+            found += parse_www_authenticate(value)
+        return found
+
+    def _conn(self) -> Any:
+        pooled = getattr(self.raw, "rp_pooled", None)
+        return pooled[2] if pooled else None
+
+    def read1(self, n: int) -> bytes:
+        """What has arrived of the body, up to ``n`` bytes, at once. A read the server holds
+        longer than TIMEOUT without an answer (or past --timeout) inside http.client's own loops, e.g.
+        chunked trailer lines without end, is cut: the connection is shut and socket.timeout raised."""
+        deadline = time.monotonic() + TIMEOUT
+        if self.cancel is not None and self.cancel.deadline is not None:
+            deadline = min(deadline, self.cancel.deadline)
+        conn = self._conn()
+        token = _WATCHDOG.arm(conn, deadline) if conn is not None else None
+        try:
+            data = self.raw.read1(n)
+        except (OSError, http.client.HTTPException):
+            if token is not None and _WATCHDOG.disarm(token):
+                raise socket.timeout("the answer was held without progress") from None
+            raise
+        if token is not None and _WATCHDOG.disarm(token):
+            raise socket.timeout("the answer was held without progress")
+        return data
+
     def read(self, limit: int) -> bytes:
         """The whole body, refusing one longer than ``limit``; a body that stalls (the stall
         rule) or outlives --timeout is given up, not waited for byte by byte."""
@@ -957,7 +1073,11 @@ class _Response:
         while True:
             if self.cancel is not None:
                 self.cancel.check()
-            chunk = self.raw.read1(min(CHUNK, limit + 1 - got))
+            try:
+                chunk = self.read1(min(CHUNK, limit + 1 - got))
+            except socket.timeout:
+                self.close()
+                raise RegistryError("%s: the answer stalled" % _redact(self.url)) from None
             if not chunk:
                 break
             chunks.append(chunk)
@@ -988,6 +1108,7 @@ class _Response:
         try:
             if pooled is not None and not self.raw.will_close and pooled[2].sock is not None:
                 pooled[2].sock.settimeout(1.0)  # a short rest comes at once, or the connection goes
+                token = _WATCHDOG.arm(pooled[2], time.monotonic() + 2.0)
                 left = 65536
                 while not self.raw.isclosed() and left > 0:
                     length = self.raw.length
@@ -997,7 +1118,7 @@ class _Response:
                     if not data:
                         break
                     left -= len(data)
-                reuse = self.raw.isclosed()
+                reuse = not _WATCHDOG.disarm(token) and self.raw.isclosed()
             self.raw.close()
         except Exception:  # a broken connection is simply not reused
             reuse = False
@@ -1170,6 +1291,10 @@ def _network_failure(err: BaseException,
     why = _reason_text(reason)
     if fail_fast:
         raise RegistryError("cannot reach %s: %s" % (host, why)) from None
+    if isinstance(reason, ConnectionRefusedError) and host and _is_loopback(host):
+        # Nothing listens on that port of this machine: a typo, not an outage (skopeo: at once).
+        raise RegistryError("cannot reach %s: connection refused (nothing listens there: check the port)"
+                            % host) from None
     return why, isinstance(reason, socket.timeout)
 
 
@@ -1282,6 +1407,7 @@ class _Auth:
         self.client = client  # sends the token requests; its targets check the realm
         self.credentials = credentials
         self.challenge: Optional[Tuple[str, Dict[str, str]]] = None
+        self.hinted = False  # the challenge is the store's memory, not yet this run's own
         self._tokens: Dict[str, Tuple[str, float]] = {}
         self._lock = threading.Lock()  # one token fetch at a time; the others reuse it
 
@@ -1290,16 +1416,22 @@ class _Auth:
         return (" as %s" % _printable(c.username, 100)) if c and c.username else " anonymously"
 
     def remembered(self, kind: Optional[str], realm: Optional[str], service: Optional[str]) -> None:
-        """Start from the challenge an earlier pull saw (the store's ``hosts`` row)."""
+        """Start from the challenge an earlier pull saw (the store's ``hosts`` row), as a hint:
+        Basic credentials go to the registry's own host at once, but a token realm gets
+        credentials only once this run's own challenge names it (a registry may have moved its
+        token service); an anonymous token is fetched from the remembered realm at once, and a
+        realm that fails is dropped for the registry's fresh challenge."""
         if kind == "basic" and self.credentials:
             self.challenge = ("basic", {})
-        elif kind == "bearer" and realm:
+        elif kind == "bearer" and realm and not self.credentials:
             self.challenge = ("bearer", dict([("realm", realm)] + ([("service", service)] if service else [])))
+            self.hinted = True
 
     def probed(self, challenges: List[Tuple[str, Dict[str, str]]]) -> None:
         """The scheme probe's 401 serves the first real request: no second 401 for it."""
-        if self.challenge is not None:
+        if self.challenge is not None and not self.hinted:
             return
+        self.hinted = False
         by_kind = dict((k, p) for k, p in reversed(challenges))
         if "bearer" in by_kind and by_kind["bearer"].get("realm"):
             self.challenge = ("bearer", by_kind["bearer"])
@@ -1315,7 +1447,15 @@ class _Auth:
         if kind == "basic":
             c = self.credentials
             return "Basic " + _b64("%s:%s" % (c.username, c.password)) if c else None
-        token = self.token(params, scope)
+        if self.hinted:
+            try:
+                token = self.token(params, scope, hint=True)
+            except PullError as e:
+                log.info("the remembered token service of %s failed (%s); asking the registry", self.client.endpoint, e)
+                self.challenge, self.hinted = None, False
+                return None
+        else:
+            token = self.token(params, scope)
         return "Bearer " + token if token else None
 
     def accept(self, challenges: List[Tuple[str, Dict[str, str]]], scope: Optional[str],
@@ -1328,7 +1468,7 @@ class _Auth:
         by_kind = dict((k, p) for k, p in reversed(challenges))
         if "bearer" in by_kind and by_kind["bearer"].get("realm"):
             params = by_kind["bearer"]
-            self.challenge = ("bearer", params)
+            self.challenge, self.hinted = ("bearer", params), False
             rejected = sent_auth[7:] if sent_auth and sent_auth.startswith("Bearer ") else None
             self.token(params, scope, rejected=rejected)
             return True
@@ -1342,21 +1482,23 @@ class _Auth:
                             % (self.client.endpoint, _printable(", ".join(k for k, _ in challenges), 100)))
         return False
 
-    def token(self, params: Dict[str, str], scope: Optional[str], rejected: Optional[str] = None) -> str:
+    def token(self, params: Dict[str, str], scope: Optional[str], rejected: Optional[str] = None,
+              hint: bool = False) -> str:
         scope = scope or params.get("scope") or ""
         key = "%s|%s|%s" % (params.get("realm"), params.get("service", ""), scope)
         with self._lock:
             cached = self._tokens.get(key)
             if cached and cached[0] != rejected and time.time() < cached[1]:
                 return cached[0]
-            token, lifetime = self.fetch_token(params, scope)
+            token, lifetime = self.fetch_token(params, scope, hint)
             # Renew ahead of time: a long layer download must not start on a token about to die.
             margin = min(30.0, lifetime / 5.0)
             self._tokens[key] = (token, time.time() + lifetime - margin)
             return token
 
-    def fetch_token(self, params: Dict[str, str], scope: str) -> Tuple[str, float]:
-        """(token, lifetime in seconds) from the realm the challenge names."""
+    def fetch_token(self, params: Dict[str, str], scope: str, hint: bool = False) -> Tuple[str, float]:
+        """(token, lifetime in seconds) from the realm the challenge names (``hint``: a realm
+        only remembered, which fails at once rather than after retries)."""
         client = self.client
         realm = params.get("realm", "")
         parts = client.targets.check(realm, "its token realm", AuthError)
@@ -1388,12 +1530,12 @@ class _Auth:
                 finally:
                     resp.close()
             except (OSError, http.client.HTTPException) as e:
-                why, timed_out = _network_failure(e, parts.netloc, client.ca_file, client.mirror)
+                why, timed_out = _network_failure(e, parts.netloc, client.ca_file, client.mirror or hint)
                 retry.again("cannot reach token service %s: %s" % (service, why), timed_out=timed_out)
                 continue
             if status == 200:
                 break
-            if status in RETRY_STATUSES:
+            if status in RETRY_STATUSES and not hint:
                 retry.again("token service %s answered %d" % (service, status),
                             _retry_after(resp.header("Retry-After")))
                 continue
@@ -1483,7 +1625,7 @@ class _Client:
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=self.cancel.bound(timeout))
-        except ValueError:  # http.client refuses a header value or URL: never show it (a secret)
+        except (ValueError, http.client.InvalidURL):  # refused by http.client: never shown (a secret)
             raise RegistryError("cannot send a request to %s: a header or the URL is malformed"
                                 % _printable(parts.netloc, 100)) from None
         log.debug("%s %s -> %s", method, _redact(url), raw.status)
@@ -1575,7 +1717,7 @@ class _Client:
             self.scheme = scheme
             self.preconnect(self._preconnect)
             if resp.status == 401:
-                self.auth.probed(parse_www_authenticate(resp.header("WWW-Authenticate")))
+                self.auth.probed(resp.challenges())
             resp.close()
             other = answers.get(order[1]) if scheme == order[0] else None
             if isinstance(other, _Response):
@@ -1609,7 +1751,7 @@ class _Client:
                                 "another host" % (_printable(resp.host, 100), self.endpoint, path.split("?")[0],
                                                   resp.status))
             if resp.status == 401:
-                challenges = parse_www_authenticate(resp.header("WWW-Authenticate"))
+                challenges = resp.challenges()
                 body = resp.excerpt()
                 if not auth_retried and self.auth.accept(challenges, scope, resp.sent_auth):
                     auth_retried = True
@@ -1709,16 +1851,9 @@ class _Repository:
         what = what or "%s:%s" % (self.name, ref)
         is_digest = ref.startswith(tuple(a + ":" for a in _DIGEST_HEX))
         if head_first is not None:
-            resp = self._request("HEAD", "manifests/" + ref, {"Accept": accept})
-            resp.close()
-            digest = resp.header("Docker-Content-Digest").strip()
-            if resp.status == 200 and digest:
-                check_digest(digest, "Docker-Content-Digest")
-                data = head_first(digest)
-                if data is not None:
-                    return digest, data, resp.header("Content-Type")
-            elif resp.status == 404:
-                raise NotFound("%s: manifest not found (MANIFEST_UNKNOWN)" % what)
+            found = self._head(ref, accept, head_first)
+            if found is not None:
+                return found
         resp = self._request("GET", "manifests/" + ref, {"Accept": accept})
         data = _answer(resp, MAX_MANIFEST_BYTES, what, "manifest not found", "manifest of ")
         served = resp.header("Docker-Content-Digest").strip()
@@ -1732,6 +1867,26 @@ class _Repository:
         else:
             digest = _hash("sha256", data)
         return digest, data, resp.header("Content-Type")
+
+    def _head(self, ref: str, accept: str,
+              stored: Callable[[str], Optional[bytes]]) -> Optional[Tuple[str, bytes, str]]:
+        """What a HEAD names, when the store has it; None for the GET to answer. Any HEAD that
+        fails (a 404 or 403 where GET works: strict-Accept proxies, some mirrors) falls back to
+        GET, as Docker's client does; the GET says what is really wrong."""
+        try:
+            resp = self._request("HEAD", "manifests/" + ref, {"Accept": accept})
+        except AuthError as e:
+            log.info("HEAD of %s:%s refused (%s); asking with GET", self.name, ref, e)
+            return None
+        resp.close()
+        digest = resp.header("Docker-Content-Digest").strip()
+        if resp.status != 200 or not digest:
+            if resp.status != 200:
+                log.info("HEAD of %s:%s answered %d; asking with GET", self.name, ref, resp.status)
+            return None
+        check_digest(digest, "Docker-Content-Digest")
+        data = stored(digest)
+        return (digest, data, resp.header("Content-Type")) if data is not None else None
 
     def blob(self, desc: Descriptor, offset: int = 0, what: str = "blob") -> Tuple[_Response, int]:
         """An open answer carrying ``desc``'s bytes, and the offset they start at: ``offset`` when
@@ -1780,17 +1935,25 @@ class _Repository:
         path: Optional[str] = "/v2/%s/tags/list?n=%d" % (self.name, page_size)
         tags: List[str] = []
         seen: Set[str] = set()
+        empty = 0
         while path:
-            if path in seen or len(tags) > 1000000:
-                raise IntegrityError("%s: the tag list never ends (a page links back, or a million tags)" % self.name)
+            if path in seen or len(seen) >= MAX_TAG_PAGES or len(tags) > MAX_TAGS:
+                raise IntegrityError("%s: the tag list never ends (a page links back, or more than %d pages or "
+                                     "%d tags)" % (self.name, MAX_TAG_PAGES, MAX_TAGS))
             seen.add(path)
             resp = self.client.request("GET", path, headers={"Accept": "application/json"}, scope=self.scope)
-            doc = _loads_json(_answer(resp, MAX_MANIFEST_BYTES * 4, self.name, "repository not found"), "tag list")
+            doc = _loads_json(_answer(resp, MAX_MANIFEST_BYTES, self.name, "repository not found"), "tag list")
             page = doc.get("tags") or []
             if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
                 raise IntegrityError("%s: the tag list is not a list of strings" % self.name)
+            bad = next((t for t in page if not _TAG_RE.fullmatch(t)), None)
+            if bad is not None:
+                raise IntegrityError("%s: the tag list holds %r, which is no tag" % (self.name, _printable(bad, 60)))
             tags += page
             path = self._next(resp.header("Link"), path)
+            empty = 0 if page else empty + 1
+            if path and empty >= 10:
+                raise IntegrityError("%s: the tag list sent 10 empty pages in a row, each linking on" % self.name)
         return tags
 
     def referrers(self, digest: str, artifact_type: Optional[str] = None) -> Optional[List[Descriptor]]:
@@ -1819,15 +1982,20 @@ class _Repository:
         return found
 
     def _next(self, header: str, current: str) -> Optional[str]:
-        """The path of a ``Link: <...>; rel="next"`` on the registry's own host, or None."""
-        m = re.search(r'<([^>]*)>\s*;[^,]*rel="?next"?', header or "")
+        """The path of a ``Link: <...>; rel="next"`` on the registry's own host, or None (older
+        Quay writes it without the angle brackets). A Link that names a next page in a way that
+        cannot be read stops the listing with an error, never silently."""
+        m = re.search(r'(?:<([^>]*)>|([^\s<>;,][^\s<>;,]*))\s*;[^,]*\brel="?next"?', header or "")
         if not m:
+            if re.search(r'\brel="?next', header or ""):
+                raise RegistryError("%s sent a Link to the next page that cannot be read: %s"
+                                    % (self.client.endpoint, _printable(header, 200)))
             return None
         client = self.client
-        parts = urllib.parse.urlsplit(urllib.parse.urljoin(client.base() + current, m.group(1)))
+        target = m.group(1) if m.group(1) is not None else m.group(2)
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(client.base() + current, target))
         if parts.netloc.lower() != client.endpoint.lower() or not parts.path.startswith("/v2/"):
-            raise RegistryError("%s sent a Link to another place (%s): refused" % (client.endpoint,
-                                                                                   _redact(m.group(1))))
+            raise RegistryError("%s sent a Link to another place (%s): refused" % (client.endpoint, _redact(target)))
         return parts.path + ("?" + parts.query if parts.query else "")
 
 
@@ -2502,16 +2670,31 @@ class _Store:
             pass  # a blob that is not what it should be: verify() is the place to say so
         return out
 
-    def blob_files(self) -> List[Tuple[str, str]]:
-        """(digest or "", path) of every file under HOME/blobs ("" for .partial and temporaries)."""
-        out = []
-        for algo in _DIGEST_HEX:
-            directory = os.path.join(self.home, "blobs", algo)
-            for name in sorted(os.listdir(directory)):
-                full = "%s:%s" % (algo, name)
-                out.append((full if re.fullmatch(r"[0-9a-f]{%d}" % _DIGEST_HEX[algo], name) else "",
-                            os.path.join(directory, name)))
-        return out
+    @contextlib.contextmanager
+    def blob_files(self) -> Any:
+        """Yields [(digest or "", name, descriptor of its directory)] for every entry under
+        HOME/blobs ("" for .partial files and temporaries). The directories are opened without
+        following links (a ``blobs/sha256`` that is a symbolic link is refused), so what the
+        caller removes is always inside the store, by name relative to that descriptor."""
+        fds: List[int] = []
+        try:
+            try:
+                blobs = _open_dir(os.path.join(self.home, "blobs"))
+                fds.append(blobs)
+                for algo in _DIGEST_HEX:
+                    fds.append(_open_dir(algo, blobs, create=True))
+            except OSError as e:
+                raise StorageError("cannot open %s/blobs (%s): a store's directories must be its own, not links"
+                                   % (self.home, e.strerror or e)) from None
+            out = []
+            for algo, fd in zip(_DIGEST_HEX, fds[1:]):
+                for name in sorted(os.listdir(fd)):
+                    full = "%s:%s" % (algo, name)
+                    out.append((full if re.fullmatch(r"[0-9a-f]{%d}" % _DIGEST_HEX[algo], name) else "", name, fd))
+            yield out
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def write_index(self) -> None:
         """Rewrite HOME/index.json from the database: the store is an OCI image layout of every image."""
@@ -2519,7 +2702,12 @@ class _Store:
         if conn is None:
             return
         try:
-            with _DirLock(self.home):
+            top = _open_dir(self.home)
+        except OSError as e:
+            conn.close()
+            raise StorageError("cannot open the store %s: %s" % (self.home, e.strerror or e)) from None
+        try:
+            with _DirLock(top, self.home):
                 rows = conn.execute(
                     "SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
                     "JOIN manifests m ON m.image_id = i.id ORDER BY i.reference").fetchall()
@@ -2530,11 +2718,12 @@ class _Store:
                     except (OSError, PullError):
                         continue  # a blob removed by hand: leave the image out rather than lie
                     manifests.append(_layout_entry(media_type, digest, size, _recorded_platform(plat), reference))
-                _write_layout(self.home, {"manifests": manifests})
+                _write_layout(top, {"manifests": manifests})
         except OSError as e:
             raise StorageError("cannot write %s: %s" % (os.path.join(self.home, "index.json"), e.strerror or e)) \
                 from None
         finally:
+            os.close(top)
             conn.close()
 
 
@@ -2608,12 +2797,12 @@ def _flock(fd: int, what: str, cancel: Optional[_Cancel] = None, shared: bool = 
             time.sleep(0.1)
 
 
-def _unlocked(path: str) -> bool:
-    """Does no process hold ``path``'s flock (a download in progress)?"""
+def _unlocked(dir_fd: int, name: str) -> bool:
+    """Does no process hold the flock of ``name`` in ``dir_fd`` (a download in progress)?"""
     if _fcntl is None:
         return True
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return False
     try:
@@ -2758,7 +2947,6 @@ class _Downloader:
                 hasher, have = self._restart(f, hasher)
             began = have
             try:
-                raw = resp.raw
                 lost: Optional[object] = None
                 stall = _Stall()
                 while True:
@@ -2767,7 +2955,7 @@ class _Downloader:
                     try:
                         # read1: what has arrived, at once; read/readinto would wait for a full
                         # chunk, and a connection cut would lose what they had buffered.
-                        chunk = raw.read1(want)
+                        chunk = resp.read1(want)
                     except (OSError, http.client.HTTPException) as e:
                         lost = e
                         break
@@ -2912,29 +3100,109 @@ def _human(n: float) -> str:
 _REF_NAME = "org.opencontainers.image.ref.name"
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = _mkstemp(os.path.dirname(path) or ".", prefix=".tmp-")
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
+
+
+def _open_dir(name: str, dir_fd: Optional[int] = None, create: bool = False) -> int:
+    """A descriptor of directory ``name`` (relative to ``dir_fd``), never through a symbolic
+    link; made first (mode 0777 less the umask) when ``create`` and absent."""
+    if create:
+        try:
+            os.mkdir(name, 0o777, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+    return os.open(name, _O_DIR, dir_fd=dir_fd)
+
+
+def _tmp_name(prefix: str = ".tmp-") -> str:
+    return prefix + os.urandom(8).hex()
+
+
+def _create_excl(dir_fd: int, prefix: str = ".tmp-", mode: int = 0o666) -> Tuple[int, str]:
+    """A new file in ``dir_fd`` under an unpredictable name, created O_EXCL|O_NOFOLLOW (a name
+    planted by someone who can write the directory is never opened): (fd, name)."""
+    for _ in range(100):
+        name = _tmp_name(prefix)
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, mode,
+                           dir_fd=dir_fd), name
+        except FileExistsError:
+            continue
+    raise StorageError("cannot create a temporary file: 100 names taken")
+
+
+def _write_atomic(dir_fd: int, name: str, data: bytes) -> None:
+    """``name`` in ``dir_fd`` replaced by ``data`` at once (a temporary file, then a rename)."""
+    fd, tmp = _create_excl(dir_fd)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        _unlink(tmp)
+        _unlink_at(dir_fd, tmp)
+        raise
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def _is_regular_at(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _copy_into(src_path: str, dir_fd: int, name: str) -> None:
+    """The file ``src_path`` (the store's) as ``name`` in ``dir_fd``: a hard link where the file
+    system allows, else a copy into a new O_EXCL file; renamed into place (a planted name is
+    replaced, never written through)."""
+    tmp = _tmp_name()
+    try:
+        os.link(src_path, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        src = os.open(src_path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        try:
+            fd, tmp = _create_excl(dir_fd)
+            try:
+                while True:
+                    chunk = os.read(src, CHUNK)
+                    if not chunk:
+                        break
+                    while chunk:
+                        chunk = chunk[os.write(fd, chunk):]
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_at(dir_fd, tmp)
+            raise
+        finally:
+            os.close(src)
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        _unlink_at(dir_fd, tmp)
         raise
 
 
 class _DirLock:
-    """An exclusive advisory lock on a directory (flock on its fd): no lock file is left behind."""
+    """An exclusive advisory lock on a directory (flock on its descriptor): no lock file."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, dir_fd: int, what: str) -> None:
+        self.dir_fd, self.what = dir_fd, what
 
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDONLY)
-        _flock(self.fd, self.path)
+    def __enter__(self) -> "_DirLock":
+        self.fd = os.open(".", _O_DIR, dir_fd=self.dir_fd)
+        _flock(self.fd, self.what)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         os.close(self.fd)  # releases the lock
 
 
@@ -2955,52 +3223,63 @@ def _result_entry(result: PullResult, name: str) -> dict:
                          result.platform, name)
 
 
-def _write_layout(directory: str, index: dict) -> None:
+def _write_layout(dir_fd: int, index: dict) -> None:
     """The oci-layout marker and index.json of a layout, each replaced atomically (lock held)."""
-    marker = os.path.join(directory, "oci-layout")
-    if not os.path.exists(marker):
-        _write_atomic(marker, b'{"imageLayoutVersion":"1.0.0"}')
+    if not _is_regular_at(dir_fd, "oci-layout"):
+        _write_atomic(dir_fd, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
     index.update({"schemaVersion": 2, "mediaType": MT_OCI_INDEX})
-    _write_atomic(os.path.join(directory, "index.json"), json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
+    _write_atomic(dir_fd, "index.json", json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def _update_layout_index(directory: str, entries: List[dict]) -> None:
+def _update_layout_index(dir_fd: int, directory: str, entries: List[dict]) -> None:
     """Add ``entries`` to DIR/index.json, replacing those with the same ref.name; atomic, locked."""
-    with _DirLock(directory):
+    with _DirLock(dir_fd, directory):
         path = os.path.join(directory, "index.json")
         try:
-            with open(path, "rb") as f:
-                index = json.loads(f.read().decode("utf-8"))
+            fd = os.open("index.json", os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                index = json.loads(f.read(MAX_MANIFEST_BYTES * 16).decode("utf-8"))
             manifests = [m for m in index.get("manifests", []) if isinstance(m, dict)]
         except FileNotFoundError:
             index, manifests = {}, []
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, OSError):
             raise StorageError("%s is not a valid OCI index: refusing to overwrite it" % path) from None
         names = set(e["annotations"][_REF_NAME] for e in entries)
         manifests = [m for m in manifests if (m.get("annotations") or {}).get(_REF_NAME) not in names]
         index["manifests"] = manifests + entries
-        _write_layout(directory, index)
+        _write_layout(dir_fd, index)
 
 
 def _export_blobs(paths: List[str], directory: str, entries: List[dict]) -> None:
-    """Blobs into the OCI layout DIR (hard links where possible) and ``entries`` into its index."""
+    """Blobs into the OCI layout DIR (hard links where possible) and ``entries`` into its index.
+    Below DIR every name is reached through descriptors opened without following links, and
+    files are made O_EXCL under unpredictable names: whoever can write DIR's subdirectories
+    cannot make this write anywhere else."""
     try:
-        for path in paths:
-            algo = os.path.basename(os.path.dirname(path))
-            os.makedirs(os.path.join(directory, "blobs", algo), exist_ok=True)
-            dest = os.path.join(directory, "blobs", algo, os.path.basename(path))
-            if os.path.exists(dest):
-                continue
-            tmp = dest + ".tmp-%d" % os.getpid()
-            _unlink(tmp)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
-        _update_layout_index(directory, entries)
+        os.makedirs(directory, exist_ok=True)
+        top = _open_dir(directory)
     except OSError as e:
         raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
+    try:
+        blobs = _open_dir("blobs", top, create=True)
+        try:
+            algos: Dict[str, int] = {}
+            for path in paths:
+                algo, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+                check_digest("%s:%s" % (algo, name), "blob")
+                if algo not in algos:
+                    algos[algo] = _open_dir(algo, blobs, create=True)
+                if not _is_regular_at(algos[algo], name):
+                    _copy_into(path, algos[algo], name)
+        finally:
+            for fd in algos.values():
+                os.close(fd)
+            os.close(blobs)
+        _update_layout_index(top, directory, entries)
+    except OSError as e:
+        raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
+    finally:
+        os.close(top)
 
 
 def _split_layout_arg(text: str, default_name: str) -> Tuple[str, str]:
@@ -3030,8 +3309,20 @@ def _familiar(ref: Reference) -> str:
     return name
 
 
-def export_docker_archive(result: PullResult, path: str) -> str:
-    """Write a `docker save`-format tar (also an OCI layout inside), atomically."""
+def _check_archive_target(path: str, overwrite: bool = False) -> None:
+    """Refuse, before anything is fetched, an archive path whose directory is missing or which
+    exists (unless ``overwrite``): skopeo refuses it too, and a typo must not eat a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StorageError("cannot write the docker archive %s: its directory %s does not exist" % (path, directory))
+    if os.path.lexists(path) and not overwrite:
+        raise UsageError("the docker archive %s exists: refused (--overwrite, or overwrite=True, replaces it)" % path)
+
+
+def export_docker_archive(result: PullResult, path: str, overwrite: bool = False) -> str:
+    """Write a `docker save`-format tar (also an OCI layout inside), atomically; an existing
+    ``path`` is refused unless ``overwrite``."""
+    _check_archive_target(path, overwrite)
     ref = parse_reference(result.reference)
     tags = ["%s:%s" % (_familiar(ref), ref.tag)] if ref.tag else []
     blob_name = lambda d: "blobs/%s/%s" % tuple(d.split(":"))  # noqa: E731
@@ -3042,7 +3333,10 @@ def export_docker_archive(result: PullResult, path: str) -> str:
         entry["annotations"]["io.containerd.image.name"] = str(ref)
     index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [entry]}
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _mkstemp(directory, prefix=".tmp-", suffix=".tar")
+    try:
+        fd, tmp = _mkstemp(directory, prefix=".tmp-", suffix=".tar")
+    except OSError as e:
+        raise StorageError("cannot write %s: %s" % (path, e.strerror or e)) from None
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             def add_bytes(name, data):
@@ -3063,7 +3357,15 @@ def export_docker_archive(result: PullResult, path: str) -> str:
                 info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, 0, "", ""
                 with open(blob, "rb") as src:
                     tar.addfile(info, src)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:  # no clobbering, even of a file made meanwhile
+            os.link(tmp, path)
+            _unlink(tmp)
+    except FileExistsError:
+        _unlink(tmp)
+        raise UsageError("the docker archive %s exists: refused (--overwrite, or overwrite=True, replaces it)"
+                         % path) from None
     except OSError as e:
         _unlink(tmp)
         raise StorageError("cannot write %s: %s" % (path, e.strerror or e)) from None
@@ -3290,9 +3592,6 @@ class _LayerStream(threading.Thread):
 
 def _is_root() -> bool:
     return getattr(os, "geteuid", lambda: -1)() == 0  # Windows has no geteuid
-
-
-_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 class _Unpacker:
@@ -3997,6 +4296,7 @@ def pull(
     rootfs: Optional[str] = None,
     mirrors: Optional[List[str]] = None,
     timeout: Optional[float] = None,
+    overwrite: bool = False,
 ) -> PullResult:
     """Pull ``reference`` into the store at ``home`` and return a :class:`PullResult`.
 
@@ -4021,6 +4321,7 @@ def pull(
     - ``mirrors``: URLs tried in order before the registry (default for docker.io:
       $REGISTRY_PULL_MIRRORS, comma- or space-separated).
     - ``timeout``: seconds the whole pull may take, else :class:`RegistryError`.
+    - ``overwrite``: replace an existing ``docker_archive`` file (refused otherwise).
 
     Raises a :class:`PullError` subclass on failure (its ``exit_code`` is the CLI's); nothing is
     recorded for a failed pull.
@@ -4031,6 +4332,8 @@ def pull(
     creds = session.credentials(ref)
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
+    if docker_archive is not None:
+        _check_archive_target(docker_archive, overwrite)
     job = _RootfsJob(rootfs) if rootfs is not None else None  # a bad DIR is refused before any download
     mirror_list = _mirrors_for(ref, mirrors, insecure)
     store = session.stored()
@@ -4042,7 +4345,7 @@ def pull(
             def attempt(client: _Client) -> PullResult:
                 return _Puller(client, store, ref, want, jobs, progress, job).run()
             result = _from_mirrors(session, ref, mirror_list, attempt) or attempt(session.client(ref, creds))
-        outputs = _write_outputs(result, oci_layout, docker_archive, job)
+        outputs = _write_outputs(result, oci_layout, docker_archive, job, overwrite)
     return dataclasses.replace(result, outputs=tuple(outputs))
 
 
@@ -4061,14 +4364,15 @@ def _from_mirrors(session: _Session, ref: Reference, mirrors: List[Tuple[str, Op
 
 
 def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive: Optional[str],
-                   job: Optional[_RootfsJob]) -> List[Tuple[str, str]]:
+                   job: Optional[_RootfsJob], overwrite: bool = False) -> List[Tuple[str, str]]:
     """The pull's outputs, now that the image is verified; the rootfs is put in place last."""
     outputs = []
     try:
         if oci_layout is not None:
             outputs.append(("oci_layout", os.path.abspath(export_oci_layout(result, oci_layout))))
         if docker_archive is not None:
-            outputs.append(("docker_archive", os.path.abspath(export_docker_archive(result, docker_archive))))
+            outputs.append(("docker_archive", os.path.abspath(export_docker_archive(result, docker_archive,
+                                                                                    overwrite))))
         if job is not None:
             outputs.append(("rootfs", job.commit()))
     except BaseException:
@@ -4499,54 +4803,72 @@ def collect_garbage(*, home: Optional[str] = None, partial_age: float = 86400.0)
     """Delete blobs no image references, and ``.partial`` files older than ``partial_age``
     seconds that no process holds (``gc``). Safe while other processes pull into the same
     HOME: it holds the store's lock exclusively, which every pull holds shared from its first
-    request until its image is recorded. Returns (files deleted, bytes freed)."""
+    request until its image is recorded. Only regular files are deleted, by name inside the
+    store's own directories. Returns (files deleted, bytes freed)."""
     store = _Store(home or default_home())
     if not _have_sqlite():
         raise UnsupportedError("this Python has no sqlite3 module: without the image list no blob is known unused")
     files = freed = 0
-    with store.exclusive():
+    with store.exclusive(), store.blob_files() as entries:
         keep = store.referenced()
         now = time.time()
-        for digest, path in store.blob_files():
+        for digest, name, dir_fd in entries:
             try:
-                st = os.lstat(path)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            if not stat.S_ISREG(st.st_mode):
+                continue  # not ours (verify() reports a planted link)
             if digest:
                 if digest in keep:
                     continue
-            elif path.endswith(".partial") or os.path.basename(path).startswith((".tmp-", ".probe-")):
-                if now - st.st_mtime < partial_age or not _unlocked(path):
+            elif name.endswith(".partial") or name.startswith((".tmp-", ".probe-")):
+                if now - st.st_mtime < partial_age or not _unlocked(dir_fd, name):
                     continue
             else:
                 continue  # not ours: left alone
-            _unlink(path)
+            _unlink_at(dir_fd, name)
             files += 1
             freed += st.st_size
-            log.info("deleted %s (%s)", path, _human(st.st_size))
+            log.info("deleted %s (%s)", digest or name, _human(st.st_size))
     return files, freed
 
 
 def verify(*, home: Optional[str] = None) -> List[Tuple[str, List[str]]]:
-    """Hash every blob again (``verify``); remove the corrupt ones. Returns [(digest, the
-    references of the images it breaks)], empty when all is well (the CLI exits 5 otherwise)."""
+    """Hash every blob again (``verify``); remove the corrupt ones (and anything under a digest's
+    name that is no regular file: a planted link). Returns [(digest, the references of the
+    images it breaks)], empty when all is well (the CLI exits 5 otherwise)."""
     store = _Store(home or default_home())
     bad = []
-    with store.exclusive():
+    with store.exclusive(), store.blob_files() as entries:
         users = store.referenced() if _have_sqlite() else {}
-        for digest, path in store.blob_files():
+        for digest, name, dir_fd in entries:
             if not digest:
                 continue
             h = hashlib.new(digest.split(":")[0])
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0),
+                             dir_fd=dir_fd)
                 with os.fdopen(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        raise OSError(errno.EINVAL, "not a regular file")
                     for chunk in iter(lambda: f.read(CHUNK), b""):
                         h.update(chunk)
-            except OSError as e:
-                raise StorageError("cannot read %s: %s" % (path, e.strerror or e)) from None
-            if "%s:%s" % (h.name, h.hexdigest()) != digest:
-                _unlink(path)
+                actual = "%s:%s" % (h.name, h.hexdigest())
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # a link (ELOOP), a directory, a FIFO...: not a blob
+                if e.errno not in (errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENXIO):
+                    raise StorageError("cannot read %s in %s: %s" % (name, store.home, e.strerror or e)) from None
+                actual = "not a regular file"
+            if actual != digest:
+                log.info("%s is corrupt (%s)", digest, actual)
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                except IsADirectoryError:
+                    os.rmdir(name, dir_fd=dir_fd)
+                except OSError:
+                    pass
                 bad.append((digest, users.get(digest, [])))
     if bad:
         store.write_index()  # an image that lost a blob leaves index.json
@@ -4636,7 +4958,9 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    "default is $REGISTRY_PULL_MIRRORS")
     p.add_argument("--oci-layout", metavar="DIR[:NAME]", help="also write the image into an OCI image layout "
                    "(NAME defaults to the tag; an existing layout gains an entry)")
-    p.add_argument("--docker-archive", metavar="FILE", help="also write a `docker save` tar (docker/podman load)")
+    p.add_argument("--docker-archive", metavar="FILE", help="also write a `docker save` tar (docker/podman load); "
+                   "an existing FILE is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="let --docker-archive replace an existing FILE")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
     p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
                    help="auto (default): bars on a terminal, else a line per blob and a total every %gs; "
@@ -4804,7 +5128,7 @@ def _cmd_pull(args: Any) -> int:
              + ["index %s, %.1fs" % (index_digest, time.monotonic() - started)])
         return 0
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
-                  rootfs=args.rootfs, mirrors=args.mirror, **kw)
+                  rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, **kw)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
     elif not args.quiet:
