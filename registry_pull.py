@@ -163,6 +163,8 @@ STALL_BYTES = 16 * 1024
 # Tag lists: at most this many pages and tags (a server must not keep a listing going forever).
 MAX_TAG_PAGES = 10000
 MAX_TAGS = 1000000
+# inspect: the sizes of at most this many platforms of an index (a manifest fetch each).
+INSPECT_SIZES = 32
 # Progress without a terminal: a total line at most this often (seconds) while bytes arrive.
 PROGRESS_INTERVAL = 10.0
 
@@ -1929,6 +1931,18 @@ class _Repository:
                 resp.close()
                 raise
 
+    def small_blob(self, desc: Descriptor, what: str = "blob") -> bytes:
+        """A small blob (a config) read into memory and verified, not stored."""
+        if desc.size > MAX_MANIFEST_BYTES:
+            raise IntegrityError("%s %s is %d bytes: larger than %d, refused"
+                                 % (what, desc.digest, desc.size, MAX_MANIFEST_BYTES))
+        resp, _ = self.blob(desc, 0, what)
+        data = _answer(resp, desc.size, "%s %s" % (what, desc.digest))
+        if len(data) != desc.size:
+            raise SizeMismatch(what, desc.digest, desc.size, len(data))
+        _verify_bytes(what, data, desc.digest)
+        return data
+
     def tags(self, page_size: int = 1000) -> List[str]:
         """Every tag, following the registry's pagination (``?n=`` and the ``Link`` header, on
         the registry's own host only) to the end."""
@@ -2340,8 +2354,12 @@ def default_home() -> str:
 class _Store:
     """``HOME/blobs/ALGO/HEX`` (content-addressed, shared by all images) + ``HOME/oci.db``."""
 
-    def __init__(self, home: str) -> None:
+    def __init__(self, home: str, writable: bool = True) -> None:
+        """``writable=False``: only read an existing store (inspect): nothing is made or written."""
         self.home = os.path.abspath(home)
+        self.writable = writable
+        if not writable:
+            return
         try:
             for algo in _DIGEST_HEX:
                 os.makedirs(os.path.join(self.home, "blobs", algo), exist_ok=True)
@@ -2377,8 +2395,11 @@ class _Store:
         return data if len(data) <= limit else None
 
     def put(self, digest: str, data: bytes) -> None:
-        """_Store verified small bytes (manifest, index) atomically under their digest."""
+        """Store verified small bytes (manifest, index) atomically under their digest (a
+        read-only store keeps nothing)."""
         _verify_bytes("blob", data, digest)
+        if not self.writable:
+            return
         final = self.path(digest)
         if os.path.exists(final):
             return
@@ -2401,6 +2422,9 @@ class _Store:
         except ImportError:
             return None
         try:
+            if not self.writable:
+                uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.join(self.home, "oci.db"))
+                return sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
             conn = sqlite3.connect(os.path.join(self.home, "oci.db"), timeout=60, isolation_level=None)
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -3385,17 +3409,48 @@ def export_docker_archive(result: PullResult, path: str, overwrite: bool = False
 
 _WHITEOUT = ".wh."
 _MAX_TAR_HEADER = 1024 * 1024  # a pax or GNU long-name header's body: tarfile reads it whole
+_MAX_DEPTH = 256  # directories in a name: deeper is refused as hostile (real trees are far shallower)
+_MAX_SPARSE = 100000  # segments of one sparse file's map
+
+
+class _HeaderBudget:
+    """The layer stream while tarfile reads one member's headers: what it reads whole into
+    memory (pax records, long names, GNU sparse maps and extension blocks) stops a little past
+    _MAX_TAR_HEADER bytes, so a tiny compressed layer cannot make it build a huge map."""
+
+    def __init__(self, stream: Any, left: int) -> None:
+        self.stream, self.left = stream, left
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self.left:
+            raise IntegrityError("a layer's tar headers (a sparse map?) run past %d bytes: refused (hostile)"
+                                 % _MAX_TAR_HEADER)
+        self.left -= n
+        return self.stream.read(n)
+
+    def __getattr__(self, name: str) -> Any:  # tell(), seek(): the stream's own
+        return getattr(self.stream, name)
 
 
 class _LayerTarInfo(tarfile.TarInfo):
     """tarfile's TarInfo, refusing the header bodies it would read whole into memory when
-    they are larger than any real name or pax record set (a 1 MB layer could declare 1 GiB)."""
+    they are larger than any real name or pax record set (a 1 MB layer could declare 1 GiB),
+    and sparse maps longer than _MAX_SPARSE segments."""
 
     def _proc_member(self, tar):
         if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                          tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_TAR_HEADER:
             raise IntegrityError("a layer has a %d-byte tar header: refused (hostile)" % self.size)
-        return getattr(super(), "_proc_member")(tar)  # tarfile's own hook, which this extends
+        stream = tar.fileobj
+        if not isinstance(stream, _HeaderBudget):  # the outermost header of this member
+            tar.fileobj = _HeaderBudget(stream, _MAX_TAR_HEADER + 16 * tarfile.BLOCKSIZE)
+        try:
+            member = getattr(super(), "_proc_member")(tar)  # tarfile's own hook, which this extends
+        finally:
+            tar.fileobj = stream
+        if member.sparse is not None and len(member.sparse) > _MAX_SPARSE:
+            raise IntegrityError("a layer has a sparse file of %d segments: refused (hostile)" % len(member.sparse))
+        return member
 
 
 _OPAQUE = ".wh..wh..opq"
@@ -3422,6 +3477,8 @@ def _clean_name(name: str, layer: str) -> str:
             parts.pop()
             continue
         parts.append(part)
+        if len(parts) > _MAX_DEPTH:
+            raise _hostile(layer, "%r is more than %d directories deep" % (name[:200], _MAX_DEPTH))
     return "/".join(parts)
 
 
@@ -3597,13 +3654,17 @@ def _is_root() -> bool:
 class _Unpacker:
     """Applies layer tar streams to ROOT: one handler per entry type, one removal routine.
 
-    Directories get their mode, owner and times last (a read-only directory must not stop
-    its children), through descriptors opened without following any symlink, after each
-    is found again inside the root; until then every directory is 0700.
+    Every name is resolved from the root's descriptor, one component at a time, each opened
+    ``O_DIRECTORY|O_NOFOLLOW`` (a symlink in the image is followed inside the root, as chroot
+    would, by reading it, never by the kernel), and every file is made relative to its
+    directory's descriptor with an exclusive create: a directory that someone swaps for a
+    symlink while the extraction runs is never walked into. Directories get their mode, owner
+    and times last (a read-only directory must not stop its children), in one pass of
+    descriptors; until then every directory is 0700.
     """
 
-    def __init__(self, root: str) -> None:
-        self.root = root
+    def __init__(self, root: str, root_fd: int) -> None:
+        self.root, self.root_fd = root, root_fd
         self.owner = _is_root()  # ownership is restored by root only
         # Every directory made or declared so far (relative, resolved) -> (mode, uid, gid, mtime):
         # each key is a real directory until _clear forgets it.
@@ -3614,9 +3675,13 @@ class _Unpacker:
         self.lower = False  # is there a lower layer for whiteouts to hide?
         # This layer's own entries, for whiteouts (which hide lower layers only): trees it
         # created, and single entries it made in directories that were there before.
-        self.new_dirs: set = set()
-        self.added: set = set()
-        self.handlers: Dict[bytes, Callable[[tarfile.TarFile, tarfile.TarInfo, str, str], None]] = {
+        self.new_dirs: Set[str] = set()
+        self.added: Set[str] = set()
+        # The last entry's directory (as written, resolved, descriptor): the next entry is most
+        # often in the same one. A descriptor, unlike a name, cannot be redirected by a rename.
+        self.last: Optional[Tuple[str, str, int]] = None
+        self.stale: List[int] = []  # descriptors to close once the entry using them is done
+        self.handlers: Dict[bytes, Callable[[tarfile.TarFile, tarfile.TarInfo, str, int, str], None]] = {
             tarfile.DIRTYPE: self._make_dir, tarfile.SYMTYPE: self._make_symlink,
             tarfile.LNKTYPE: self._make_hardlink, tarfile.FIFOTYPE: self._make_fifo,
             tarfile.CHRTYPE: self._make_device, tarfile.BLKTYPE: self._make_device,
@@ -3651,11 +3716,21 @@ class _Unpacker:
                         # the entry's own doing (a name too long, a file where a directory must be)
                         raise _hostile(name, "%r: %s" % (info.name[:200], e.strerror)) from None
                     raise
+                finally:
+                    for fd in self.stale:
+                        os.close(fd)
+                    self.stale = []
         except (tarfile.TarError, EOFError) as e:
             raise IntegrityError("layer %s is not a valid tar archive: %s" % (name, e)) from None
         self.lower = True
 
-    def _entry(self, tar, info):
+    def close(self) -> None:
+        self._forget_last()
+        for fd in self.stale:
+            os.close(fd)
+        self.stale = []
+
+    def _entry(self, tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
         rel = _clean_name(info.name, self.layer)
         if not (isinstance(info.mtime, (int, float)) and -2 ** 40 < info.mtime < 2 ** 40) or \
                 not (0 <= info.uid < 2 ** 32 and 0 <= info.gid < 2 ** 32):
@@ -3672,61 +3747,93 @@ class _Unpacker:
         if handler is None:
             log.info("skipping %s: unsupported tar entry type %r", rel, info.type)
             return
-        parent = self._resolve(head) if head else ""
-        self._make_parents(parent)
-        rel = parent + "/" + base if parent else base
-        handler(tar, info, rel, os.path.join(self.root, rel))
+        parent, fd = self._parent(head)
+        handler(tar, info, parent + "/" + base if parent else base, fd, base)
 
-    def _resolve(self, rel: str) -> str:
-        """``rel`` with every symlink in it resolved inside the root; relative, without links."""
+    # -- names, resolved through descriptors ------------------------------------------------
+
+    def _parent(self, head: str) -> Tuple[str, int]:
+        """(resolved name, descriptor) of the directory ``head`` names, made where missing; the
+        descriptor stays ours (valid until this entry is done)."""
+        if not head:
+            return "", self.root_fd
+        if self.last is not None and self.last[0] == head:
+            return self.last[1], self.last[2]
+        walked = self._walk(head, make=True)
+        assert walked is not None
+        self._forget_last()
+        self.last = (head, walked[0], walked[1])
+        return walked
+
+    def _forget_last(self) -> None:
+        if self.last is not None:
+            self.stale.append(self.last[2])
+            self.last = None
+
+    def _walk(self, rel: str, make: bool) -> Optional[Tuple[str, int]]:
+        """(``rel`` resolved inside the root, a new descriptor of that directory). Each component
+        is opened O_NOFOLLOW from its parent's descriptor; a symlink is read and its target
+        resolved inside the root (absolute ones from the root); with ``make``, a missing
+        directory is made 0700 (recorded 0755 root-owned, as umoci makes parents). Without
+        ``make``: None when something on the way is missing or no directory."""
         parts = rel.split("/")
         done: List[str] = []
+        fds: List[int] = []
         hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            here = "/".join(done + [part])
-            if here not in self.dirs:  # known directories need no look
-                path = os.path.join(self.root, here)
-                if os.path.islink(path):
+        try:
+            while parts:
+                part = parts.pop(0)
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if done:
+                        done.pop()
+                        os.close(fds.pop())
+                    continue
+                at = fds[-1] if fds else self.root_fd
+                here = "/".join(done + [part])
+                try:
+                    fd = os.open(part, _O_DIR, dir_fd=at)
+                except FileNotFoundError:
+                    if not make:
+                        return None
+                    os.mkdir(part, 0o700, dir_fd=at)
+                    self._mark(here, new_dir=True)
+                    fd = os.open(part, _O_DIR, dir_fd=at)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                        raise
+                    try:
+                        target = os.readlink(part, dir_fd=at)
+                    except OSError:
+                        if not make:
+                            return None
+                        raise _hostile(self.layer, "%r is below %r, which is not a directory"
+                                       % (rel[:200], here[:200])) from None
                     hops += 1
                     if hops > 40:
                         raise _hostile(self.layer, "too many levels of symbolic links in %r" % rel[:200])
-                    target = os.readlink(path)
                     if target.startswith("/"):
+                        while fds:
+                            os.close(fds.pop())
                         done = []
                     parts = target.split("/") + parts
                     continue
-            done.append(part)
-        return "/".join(done)
-
-    def _make_parents(self, rel: str) -> None:
-        """Directories up to ``rel`` (resolved), made 0755 root-owned as umoci does, if missing."""
-        if not rel or rel in self.dirs:
-            return
-        parts = rel.split("/")
-        for i in range(1, len(parts) + 1):
-            here = "/".join(parts[:i])
-            if here in self.dirs:
-                continue
-            path = os.path.join(self.root, here)
-            try:
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                if not os.path.isdir(path) or os.path.islink(path):
-                    raise _hostile(self.layer, "%r is below %r, which is not a directory" % (rel[:200], here[:200]))
-            else:
-                self._mark(here, new_dir=True)
-            self.dirs[here] = (0o755, 0, 0, None)
+                fds.append(fd)
+                done.append(part)
+                if len(done) > _MAX_DEPTH:
+                    raise _hostile(self.layer, "%r is more than %d directories deep" % (rel[:200], _MAX_DEPTH))
+                if make and here not in self.dirs:
+                    self.dirs[here] = (0o755, 0, 0, None)
+            result = fds.pop() if fds else os.open(".", _O_DIR, dir_fd=self.root_fd)
+            return "/".join(done), result
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     # -- what this layer made -------------------------------------------------------------
 
-    def _mark(self, rel, new_dir=False):
+    def _mark(self, rel: str, new_dir: bool = False) -> None:
         if self.lower and not self._is_own(rel.rpartition("/")[0]):
             (self.new_dirs if new_dir else self.added).add(rel)
 
@@ -3744,19 +3851,20 @@ class _Unpacker:
 
     # -- removal: whiteouts and replacements -----------------------------------------------
 
-    def _clear(self, rel: str, path: str) -> None:
-        """Remove whatever is at ``path`` (a directory with all below it) and forget it."""
+    def _clear(self, rel: str, dir_fd: int, base: str) -> None:
+        """Remove whatever is ``base`` in ``dir_fd`` (a directory with all below it) and forget it."""
         try:
-            st = os.lstat(path)
+            st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
+        self._forget_last()  # what was resolved through it may be gone
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
+            _rmtree_at(dir_fd, base)
             prefix = rel + "/"
             for key in [k for k in self.dirs if k == rel or k.startswith(prefix)]:
                 del self.dirs[key]
         else:
-            os.unlink(path)
+            os.unlink(base, dir_fd=dir_fd)
 
     def _whiteout(self, head: str, base: str) -> None:
         if base.startswith(_WHITEOUT + _WHITEOUT) and base != _OPAQUE:
@@ -3766,55 +3874,64 @@ class _Unpacker:
             raise _hostile(self.layer, "whiteout %r names no file" % (head + "/" + base)[:200])
         if not self.lower or not name:
             return  # nothing below the first layer to hide
-        parent = self._resolve(head) if head else ""
-        if base == _OPAQUE:
-            # A directory this layer declared again (overlay writers list "x/" before
-            # "x/.wh..wh..opq") still hides its lower contents; one it created has none.
-            if (not parent or parent in self.dirs) and not self._in_new_tree(parent):
-                self._hide_lower(parent)
-            return
-        rel = parent + "/" + name if parent else name
-        if not self._is_own(rel):  # a whiteout hides lower layers only (layer.md)
-            self._clear(rel, os.path.join(self.root, rel))
+        walked = self._walk(head, make=False)
+        if walked is None:
+            return  # nothing there to hide
+        parent, fd = walked
+        try:
+            if base == _OPAQUE:
+                # A directory this layer declared again (overlay writers list "x/" before
+                # "x/.wh..wh..opq") still hides its lower contents; one it created has none.
+                if (not parent or parent in self.dirs) and not self._in_new_tree(parent):
+                    self._hide_lower(parent, fd)
+                return
+            rel = parent + "/" + name if parent else name
+            if not self._is_own(rel):  # a whiteout hides lower layers only (layer.md)
+                self._clear(rel, fd, name)
+        finally:
+            os.close(fd)
 
-    def _hide_lower(self, rel: str) -> None:
+    def _hide_lower(self, rel: str, fd: int) -> None:
         """Opaque directory: remove what lower layers put below ``rel``; keep this layer's entries."""
-        path = os.path.join(self.root, rel) if rel else self.root
-        for child in os.listdir(path):
+        for child in os.listdir(fd):
             crel = rel + "/" + child if rel else child
             if crel in self.new_dirs:
                 continue
             if crel in self.added:
                 if crel in self.dirs:  # a lower directory this layer declared again
-                    self._hide_lower(crel)
+                    cfd = os.open(child, _O_DIR, dir_fd=fd)
+                    try:
+                        self._hide_lower(crel, cfd)
+                    finally:
+                        os.close(cfd)
                 continue
-            self._clear(crel, os.path.join(path, child))
+            self._clear(crel, fd, child)
 
     # -- one handler per entry type ---------------------------------------------------------
 
-    def _make_dir(self, tar, info, rel, path):
+    def _make_dir(self, tar, info, rel, fd, base):
         if rel not in self.dirs:
             try:
-                st = os.lstat(path)
+                st: Optional[os.stat_result] = os.stat(base, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 st = None
             if st is not None and not stat.S_ISDIR(st.st_mode):
-                self._clear(rel, path)
+                self._clear(rel, fd, base)
                 st = None
             if st is None:
-                os.mkdir(path, 0o700)
+                os.mkdir(base, 0o700, dir_fd=fd)
                 self._mark(rel, new_dir=True)
         elif self.lower and not self._is_own(rel):
             self.added.add(rel)  # declared again here: its lower contents may be hidden (opaque)
         self.dirs[rel] = (info.mode & 0o7777, info.uid, info.gid, info.mtime)
 
-    def _make_file(self, tar, info, rel, path):
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    def _make_file(self, tar, info, rel, fd, base):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
         try:  # most names are new: no look before, and O_EXCL never follows or reuses what is there
-            fd = os.open(path, flags, 0o600)
+            out = os.open(base, flags, 0o600, dir_fd=fd)
         except FileExistsError:
-            self._clear(rel, path)
-            fd = os.open(path, flags, 0o600)
+            self._clear(rel, fd, base)
+            out = os.open(base, flags, 0o600, dir_fd=fd)
         try:
             if info.sparse is None:
                 # Straight from the stream (tarfile's file object adds two buffers per byte).
@@ -3826,90 +3943,98 @@ class _Unpacker:
                     left -= len(chunk)
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(out, view):]
             else:  # a sparse file: its data segments, in order; the holes stay holes
                 for offset, length in info.sparse:
                     while length:
                         chunk = tar.fileobj.read(min(CHUNK, length))
                         if not chunk:
                             raise IntegrityError("layer %s is truncated inside %r" % (self.layer, rel[:200]))
-                        os.lseek(fd, offset, os.SEEK_SET)
+                        os.lseek(out, offset, os.SEEK_SET)
                         view = memoryview(chunk)
                         while view:
-                            view = view[os.write(fd, view):]
+                            view = view[os.write(out, view):]
                         offset += len(chunk)
                         length -= len(chunk)
-                os.ftruncate(fd, info.size)
-            self._set_meta(fd, info)
+                os.ftruncate(out, info.size)
+            self._meta_fd(out, (info.mode & 0o7777, info.uid, info.gid, info.mtime))
         finally:
-            os.close(fd)
+            os.close(out)
         if info.mode & 0o6000:
             self.special += 1
         self._mark(rel)
 
-    def _make_symlink(self, tar, info, rel, path):
+    def _make_symlink(self, tar, info, rel, fd, base):
         try:
-            os.symlink(info.linkname, path)
+            os.symlink(info.linkname, base, dir_fd=fd)
         except FileExistsError:
-            self._clear(rel, path)
-            os.symlink(info.linkname, path)
-        self._set_meta(path, info, link=True)
+            self._clear(rel, fd, base)
+            os.symlink(info.linkname, base, dir_fd=fd)
+        self._set_meta(fd, base, info, link=True)
         self._mark(rel)
 
-    def _make_hardlink(self, tar, info, rel, path):
+    def _make_hardlink(self, tar, info, rel, fd, base):
         name = _clean_name(info.linkname, self.layer)
-        head, _, base = name.rpartition("/")
-        target_rel = (self._resolve(head) + "/" + base).lstrip("/") if head else base
-        if target_rel == rel:
-            return  # a link to itself: nothing to do
-        self._clear(rel, path)
-        target = os.path.join(self.root, target_rel)
-        if not name or not os.path.lexists(target) or (os.path.isdir(target) and not os.path.islink(target)):
+        head, _, tbase = name.rpartition("/")
+        walked = self._walk(head, make=False) if name else None
+        if walked is None:
             raise _hostile(self.layer, "hard link %r -> %r points at nothing in the image"
                            % (info.name[:100], info.linkname[:100]))
-        os.link(target, path, follow_symlinks=False)  # shares its target's inode and metadata
+        tparent, tfd = walked
+        try:
+            if (tparent + "/" + tbase if tparent else tbase) == rel:
+                return  # a link to itself: nothing to do
+            self._clear(rel, fd, base)
+            try:
+                st = os.stat(tbase, dir_fd=tfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is None or stat.S_ISDIR(st.st_mode):
+                raise _hostile(self.layer, "hard link %r -> %r points at nothing in the image"
+                               % (info.name[:100], info.linkname[:100]))
+            # Shares its target's inode and metadata.
+            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(tfd)
         self._mark(rel)
 
-    def _make_fifo(self, tar, info, rel, path):
-        self._clear(rel, path)
-        os.mkfifo(path, 0o600)
-        self._set_meta(path, info)
+    def _make_fifo(self, tar, info, rel, fd, base):
+        self._clear(rel, fd, base)
+        os.mkfifo(base, 0o600, dir_fd=fd)
+        self._set_meta(fd, base, info)
         self._mark(rel)
 
-    def _make_device(self, tar, info, rel, path):
+    def _make_device(self, tar, info, rel, fd, base):
         if not self.owner:
             log.info("skipping device node %s (only root may create it)", rel)
             return
-        self._clear(rel, path)
+        self._clear(rel, fd, base)
         kind = stat.S_IFCHR if info.ischr() else stat.S_IFBLK
         try:
-            os.mknod(path, kind | 0o600, os.makedev(info.devmajor, info.devminor))
+            os.mknod(base, kind | 0o600, os.makedev(info.devmajor, info.devminor), dir_fd=fd)
         except PermissionError:  # root without CAP_MKNOD (a container): as rootless tools do
             log.warning("skipping device node %s: this process may not create device nodes", rel)
             return
-        self._set_meta(path, info)
+        self._set_meta(fd, base, info)
         self.special += 1
         self._mark(rel)
 
-    def _set_meta(self, target, info, link=False):
-        """Owner, mode, times of what was just made: by descriptor, or by a path whose every
-        component was resolved inside the root and whose last one this process just created."""
-        if isinstance(target, int):
-            self._meta_fd(target, (info.mode & 0o7777, info.uid, info.gid, info.mtime))
-            return
+    def _set_meta(self, fd: int, base: str, info: tarfile.TarInfo, link: bool = False) -> None:
+        """Owner, mode, times of what was just made as ``base`` in ``fd`` (0700 directories this
+        process made: nobody else can have replaced it); a symlink's own, never its target's."""
         if self.owner:
             try:
-                os.chown(target, info.uid, info.gid, follow_symlinks=False)
+                os.chown(base, info.uid, info.gid, dir_fd=fd, follow_symlinks=False)
             except OSError:
                 pass
         if not link:
-            os.chmod(target, info.mode & 0o7777)  # a fifo or device made a moment ago, never a link
+            os.chmod(base, info.mode & 0o7777, dir_fd=fd)  # a fifo or device made a moment ago
         try:
-            os.utime(target, (info.mtime, info.mtime), follow_symlinks=False)
+            os.utime(base, (info.mtime, info.mtime), dir_fd=fd, follow_symlinks=False)
         except (NotImplementedError, OSError):
             pass
 
-    def _meta_fd(self, fd, meta):
+    def _meta_fd(self, fd: int, meta: Tuple[int, int, int, Optional[float]]) -> None:
         mode, uid, gid, mtime = meta
         if self.owner:
             try:
@@ -3925,33 +4050,92 @@ class _Unpacker:
 
     # -- the end ------------------------------------------------------------------------
 
-    def finish(self):
-        """Directory metadata, deepest first, each found again without following a symlink."""
-        if os.open not in os.supports_dir_fd:
-            return  # no openat (Windows): directories keep 0700
-        for rel in sorted(self.dirs, key=lambda r: r.count("/"), reverse=True):
-            fd = os.open(self.root, _O_DIR)
-            try:
-                for part in rel.split("/"):
-                    try:
-                        nfd = os.open(part, _O_DIR, dir_fd=fd)
-                    except OSError:  # gone, not a directory, or a symlink (ELOOP): skip it
-                        nfd = -1
+    def finish(self) -> None:
+        """Directory metadata in one pass over the tree in name order (parents before children
+        are opened, children before parents are given their modes), each directory opened from
+        its parent's descriptor without following a symlink; one that a later layer removed or
+        replaced is skipped. At most _MAX_DEPTH descriptors are open at once."""
+        self.close()
+        stack: List[Tuple[List[str], int]] = []
+
+        def pop() -> None:
+            parts, fd = stack.pop()
+            if fd >= 0:
+                try:
+                    rel = "/".join(parts)
+                    if rel in self.dirs:
+                        self._meta_fd(fd, self.dirs[rel])
+                finally:
                     os.close(fd)
-                    fd = nfd
-                    if fd < 0:
-                        break
-                else:
-                    self._meta_fd(fd, self.dirs[rel])
-            finally:
+
+        try:
+            for rel in sorted(self.dirs, key=lambda r: r.split("/")):
+                parts = rel.split("/")
+                while stack and stack[-1][0] != parts[:len(stack[-1][0])]:
+                    pop()
+                for i in range(len(stack[-1][0]) if stack else 0, len(parts)):
+                    at = stack[-1][1] if stack else self.root_fd
+                    fd = -1
+                    if at >= 0:
+                        try:
+                            fd = os.open(parts[i], _O_DIR, dir_fd=at)
+                        except OSError:  # gone, not a directory, or a symlink (ELOOP): skipped
+                            fd = -1
+                    stack.append((parts[:i + 1], fd))
+            while stack:
+                pop()
+        finally:
+            for _, fd in stack:
                 if fd >= 0:
                     os.close(fd)
 
 
+def _rmtree_at(dir_fd: int, name: str) -> None:
+    """Remove the directory ``name`` in ``dir_fd`` and everything below it: descriptors all the
+    way (nothing is followed), a loop rather than recursion (no depth is too deep)."""
+    stack: List[Tuple[int, str, List[str]]] = []
+    fd = os.open(name, _O_DIR, dir_fd=dir_fd)
+    stack.append((fd, name, os.listdir(fd)))
+    try:
+        while stack:
+            fd, here, children = stack[-1]
+            if not children:
+                stack.pop()
+                os.close(fd)
+                os.rmdir(here, dir_fd=stack[-1][0] if stack else dir_fd)
+                continue
+            child = children.pop()
+            try:
+                os.unlink(child, dir_fd=fd)
+            except IsADirectoryError:
+                cfd = os.open(child, _O_DIR, dir_fd=fd)
+                stack.append((cfd, child, os.listdir(cfd)))
+            except PermissionError:  # Linux says EISDIR; others may say EPERM for a directory
+                if not stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise
+                cfd = os.open(child, _O_DIR, dir_fd=fd)
+                stack.append((cfd, child, os.listdir(cfd)))
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
 def _check_rootfs_target(target: str) -> None:
-    if os.path.lexists(target) and not (os.path.isdir(target) and not os.path.islink(target)
-                                        and not os.listdir(target)):
-        raise UsageError("--rootfs %s exists and is not an empty directory" % target)
+    """A rootfs target must not exist, or be an empty directory that only its owner (this
+    process's user) can change: another user could otherwise swap what is in it for links
+    while it is filled."""
+    if not os.path.lexists(target):
+        return
+    if not (os.path.isdir(target) and not os.path.islink(target) and not os.listdir(target)):
+        raise UsageError("the rootfs target %s exists and is not an empty directory" % target)
+    st = os.stat(target)
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise UsageError("the rootfs target %s belongs to uid %d, not to this user: refused (its owner could "
+                         "change it while it is filled); use a new directory" % (target, st.st_uid))
+    if st.st_mode & 0o022:
+        raise UsageError("the rootfs target %s is writable by %s: refused (they could change it while it is "
+                         "filled); chmod go-w it or use a new directory"
+                         % (target, "others" if st.st_mode & 0o002 else "its group"))
 
 
 def _open_to_others(path: str) -> bool:
@@ -3990,6 +4174,7 @@ class _RootfsJob:
         _check_rootfs_target(self.target)
         self.in_place = os.path.isdir(self.target)
         self.root: Optional[str] = None
+        self.root_fd = -1  # the root, as opened when it was made or checked: never walked again by name
         self.unpacker: Optional[_Unpacker] = None
         self.stream: Optional[_LayerStream] = None
         self.thread: Optional[threading.Thread] = None
@@ -4022,11 +4207,17 @@ class _RootfsJob:
                ready: Optional[Callable[[LayerResult], None]] = None) -> None:
         try:
             if self.in_place:
-                self.root = self.target
+                fd = os.open(self.target, _O_DIR)
+                st = os.fstat(fd)  # what was opened is still the empty directory of the caller's own
+                if os.listdir(fd) or (hasattr(os, "geteuid") and st.st_uid != os.geteuid()) or st.st_mode & 0o022:
+                    os.close(fd)
+                    raise UsageError("the rootfs target %s changed since it was checked: refused" % self.target)
+                self.root, self.root_fd = self.target, fd
             else:
                 os.makedirs(os.path.dirname(self.target), exist_ok=True)
                 self.root = tempfile.mkdtemp(dir=os.path.dirname(self.target),
                                              prefix=".%s.rootfs-" % os.path.basename(self.target))
+                self.root_fd = os.open(self.root, _O_DIR)
             if ready is not None:
                 ready(config)
             with open(config.path, "rb") as f:
@@ -4040,7 +4231,7 @@ class _RootfsJob:
             algos = [check_digest(d, "diff_id")[0] for d in diff_ids]
             self.stream = _LayerStream(layers, algos, ready)
             self.stream.start()
-            self.unpacker = _Unpacker(self.root)
+            self.unpacker = _Unpacker(self.root, self.root_fd)
             for layer, diff_id in zip(layers, diff_ids):
                 self.unpacker.apply(self.stream, layer.digest)
                 actual = self.stream.finish()
@@ -4063,10 +4254,12 @@ class _RootfsJob:
                 info = unpacker.root_info
                 mode = (info.mode & 0o7777) if info is not None else 0o755
                 if unpacker.owner and info is not None:
-                    os.chown(root, info.uid, info.gid)
-                os.chmod(root, mode if unpacker.owner else mode & ~_umask())
+                    os.fchown(self.root_fd, info.uid, info.gid)
+                os.fchmod(self.root_fd, mode if unpacker.owner else mode & ~_umask())
                 os.rename(root, self.target)
                 self.root = None
+            os.close(self.root_fd)
+            self.root_fd = -1
         except OSError as e:
             self.discard()
             raise StorageError("cannot extract into %s: %s" % (self.target, e.strerror or e)) from None
@@ -4082,26 +4275,31 @@ class _RootfsJob:
             self.stream.stop.set()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(10)
-        if self.root is not None:
-            _discard_rootfs(self.root, self.in_place)
-            self.root = None
+            if self.thread.is_alive():  # its descriptors are still in use: leave them to it
+                log.warning("the extraction into %s did not stop; its remains are left", self.target)
+                return
+        if self.unpacker is not None:
+            self.unpacker.close()
+        if self.root is not None and self.root_fd >= 0:
+            _discard_rootfs(self.root, self.root_fd, self.in_place)
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+        self.root, self.root_fd = None, -1
 
 
-def _discard_rootfs(root: str, in_place: bool) -> None:
-    """Remove a failed extraction: the hidden sibling, or what was put in the caller's directory."""
-    if not in_place:
-        shutil.rmtree(root, ignore_errors=True)
-        return
+def _discard_rootfs(root: str, root_fd: int, in_place: bool) -> None:
+    """Remove a failed extraction: what was put in the caller's directory, or the hidden
+    sibling; through the root's descriptor, without recursion and without following links."""
     try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(root, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            _unlink(path)
+        for name in os.listdir(root_fd):
+            try:
+                os.unlink(name, dir_fd=root_fd)
+            except IsADirectoryError:
+                _rmtree_at(root_fd, name)
+        if not in_place:
+            os.rmdir(root)
+    except OSError as e:
+        log.warning("could not remove all of the failed extraction %s: %s", root, e.strerror or e)
 
 
 # --------------------------------------------------------------------------- Public API
@@ -4214,13 +4412,15 @@ def _check_jobs(jobs: Any) -> int:
 
 
 class _Session:
-    """What one public call opens and closes: the store (unless ``store`` is False and no home
-    was named), the connection pool that its clients share, and the caller's cancellation and
-    deadline. ``with _Session(...) as s:`` closes the pool's connections at the end."""
+    """What one public call opens and closes: the store (``store``: "write", made if absent;
+    "read", an existing one, written if it can be, never made; "named", read only, and only
+    when ``home`` is named),
+    the connection pool that its clients share, and the caller's cancellation and deadline.
+    ``with _Session(...) as s:`` closes the pool's connections at the end."""
 
     def __init__(self, home: Optional[str], *, insecure: bool = False, ca_file: Optional[str] = None,
                  username: Optional[str] = None, password: Optional[str] = None, cancel: Any = None,
-                 timeout: Optional[float] = None, store: bool = True) -> None:
+                 timeout: Optional[float] = None, store: str = "write") -> None:
         if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                                         and timeout > 0):
             raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
@@ -4228,7 +4428,17 @@ class _Session:
         self.username, self.password = username, password
         self.cancel, self.timeout = cancel, timeout
         self.deadline = time.monotonic() + timeout if timeout else None
-        self.store: Optional[_Store] = _Store(home or default_home()) if store or home else None
+        path = home or default_home()
+        self.store: Optional[_Store] = None
+        if store == "write":
+            self.store = _Store(path)
+        elif store == "read" and os.path.isdir(path):
+            try:  # an existing store keeps what is shown; one that cannot be written is only read
+                self.store = _Store(path)
+            except StorageError:
+                self.store = _Store(path, writable=False)
+        elif store == "named" and home and os.path.isdir(os.path.join(path, "blobs")):
+            self.store = _Store(path, writable=False)
         self.pool = _Pool()
 
     def __enter__(self) -> "_Session":
@@ -4419,14 +4629,8 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
                     if i not in chosen:
                         chosen.append(i)
             blobs = [store.path(top_digest)]
-            for i in chosen:
-                d = top.manifests[i]
-                if _is_attestation(d) or d.platform is None or d.platform.architecture in ("", "unknown"):
-                    blobs += _fetch_artifact(repo, store, ref, d, progress)
-                    continue
-                res = _Puller(client, store, ref, d.platform, jobs, progress).run()
-                results.append(res)
-                blobs += res.blob_paths()
+            entries = [top.manifests[i] for i in chosen]
+            _pull_entries(client, store, ref, (top_digest, top), entries, jobs, progress, results, blobs, 1)
         index_digest, index_data = top_digest, top_data
         if wants is not None:
             raw_entries = top.doc.get("manifests") or []
@@ -4443,29 +4647,55 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
     return index_digest, results
 
 
+def _pull_entries(client: _Client, store: _Store, ref: Reference, index: Tuple[str, Manifest],
+                  entries: List[Descriptor], jobs: int, progress: Any, results: List[PullResult], blobs: List[str],
+                  depth: int) -> None:
+    """Each entry of an index by its own digest (two entries for one platform, e.g. gzip and
+    zstd variants, are both pulled): images into ``results``, every blob (nested indexes,
+    attestations) into ``blobs``."""
+    repo = _Repository(client, ref.repository)
+    for d in entries:
+        if d.media_type in INDEX_TYPES:
+            if depth >= 4:
+                raise IntegrityError("%s: indexes nested more than 4 deep" % ref)
+            digest, _, nested = _fetch_manifest(repo, store, ref, d.digest, set())
+            blobs.append(store.path(digest))
+            _pull_entries(client, store, ref, index, list(nested.manifests), jobs, progress, results, blobs,
+                          depth + 1)
+        elif _is_attestation(d) or d.platform is None or d.platform.architecture in ("", "unknown"):
+            blobs += _fetch_artifact(repo, store, ref, d, progress)
+        else:
+            res = _Puller(client, store, ref, d.platform, jobs, progress, start=(d.digest, index)).run()
+            results.append(res)
+            blobs += res.blob_paths()
+
+
 def _is_attestation(desc: Descriptor) -> bool:
     return bool(desc.annotations and desc.annotations.get(_ANNOTATION_REF_TYPE) == "attestation-manifest")
 
 
-def _fetch_manifest(repo: _Repository, store: _Store, ref: Reference, ref_or_digest: str,
-                    seen: Set[str]) -> Tuple[str, bytes, Manifest]:
+def _fetch_manifest(repo: _Repository, store: Optional[_Store], ref: Reference, ref_or_digest: str,
+                    seen: Set[str], keep: bool = True) -> Tuple[str, bytes, Manifest]:
     """(digest, bytes, parsed) for a tag or digest of ``ref``'s repository, stored: the store
-    answers digests it has, and a tag it has pulled before costs one HEAD when unchanged."""
+    answers digests it has, and a tag it has pulled before costs one HEAD when unchanged
+    (without a store, or with ``keep`` False: nothing is kept)."""
     is_digest = ref_or_digest.startswith(tuple(a + ":" for a in _DIGEST_HEX))
     what = "%s@%s" % (ref.name, ref_or_digest) if is_digest else str(ref)
     if ref_or_digest in seen:
         raise IntegrityError("%s refers to itself" % what)
     seen.add(ref_or_digest)
-    if is_digest:
-        data = store.read(ref_or_digest)
-        if data is not None:
-            return ref_or_digest, data, parse_manifest(data, "", what)
+    if is_digest and store is not None:
+        stored = store.read(ref_or_digest)
+        if stored is not None:
+            return ref_or_digest, stored, parse_manifest(stored, "", what)
     # A warm re-pull asks only a HEAD: the digest says whether anything changed. On a cold
     # store there is nothing to confirm: the GET is the first request.
-    warm = not is_digest and store.knows(str(ref))
-    digest, data, content_type = repo.manifest(ref_or_digest, what=what, head_first=store.read if warm else None)
+    warm = store is not None and not is_digest and store.knows(str(ref))
+    digest, data, content_type = repo.manifest(ref_or_digest, what=what,
+                                               head_first=store.read if store is not None and warm else None)
     parsed = parse_manifest(data, content_type, what)
-    store.put(digest, data)
+    if store is not None and keep:
+        store.put(digest, data)
     return digest, data, parsed
 
 
@@ -4491,8 +4721,11 @@ class _Puller:
     blobs in parallel (feeding the rootfs extraction as each lands), then the rows."""
 
     def __init__(self, client: _Client, store: _Store, ref: Reference, want: Platform, jobs: int, progress: Any,
-                 rootfs: Optional[_RootfsJob] = None) -> None:
+                 rootfs: Optional[_RootfsJob] = None, start: Optional[Tuple[str, Tuple[str, Manifest]]] = None) -> None:
+        """``start``: (a manifest's digest, (the digest and document of the index listing it)),
+        to pull that entry itself rather than the one the platform rules choose."""
         self.client, self.store, self.ref, self.want = client, store, ref, want
+        self.start = start
         self.repo = _Repository(client, ref.repository)
         self.jobs, self.progress, self.rootfs = jobs, progress, rootfs
         self._fetched = threading.Condition()  # notified as each blob lands in the store
@@ -4525,7 +4758,11 @@ class _Puller:
             # A cold pull (from the registry: a mirror may be dead): blobs are coming. Their
             # connections' handshakes overlap the manifest requests, once the scheme is known.
             self.client.preconnect(self.jobs - 1)
-        digest, data, manifest = _fetch_manifest(self.repo, store, ref, ref.ref, seen)
+        if self.start is not None:
+            (index_digest, index), platform_match = self.start[1], "exact"
+            digest, data, manifest = _fetch_manifest(self.repo, store, ref, self.start[0], seen)
+        else:
+            digest, data, manifest = _fetch_manifest(self.repo, store, ref, ref.ref, seen)
         depth = 0
         while manifest.is_index:
             depth += 1
@@ -4673,12 +4910,15 @@ def inspect(reference: Any, *, home: Optional[str] = None, platform: Any = None,
     ``ManifestDigest`` (the chosen image's), ``Platform``, ``PlatformMatch``, ``Config``
     (Entrypoint, Cmd, WorkingDir, ExposedPorts, User), ``Size`` (compressed) and, for an index,
     ``Index`` with every platform it offers, its compressed size and which one this host takes.
-    Only manifests and the config are fetched, and only they are stored. ``timeout`` as for pull().
+    Only manifests and the config are fetched (sizes of at most INSPECT_SIZES other platforms),
+    and only what is shown (the documents named and the config) is kept, in an existing store
+    that can be written: inspect never makes a store and works without a writable HOME.
+    ``timeout`` as for pull().
     """
     ref, want = _reference(reference), _platform(platform)
     with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
-                  timeout=timeout) as session:
-        found = _inspected(session.repository(ref), session.stored(), ref, want)
+                  timeout=timeout, store="read") as session:
+        found = _inspected(session.repository(ref), session.store, ref, want)
     return _inspect_doc(ref, found)
 
 
@@ -4692,32 +4932,40 @@ class _Inspected:
         self.manifest, self.config = manifest, config
 
 
-def _inspected(repo: _Repository, store: _Store, ref: Reference, want: Platform) -> _Inspected:
+def _inspected(repo: _Repository, store: Optional[_Store], ref: Reference, want: Platform) -> _Inspected:
     seen: Set[str] = set()
     top, _, manifest = _fetch_manifest(repo, store, ref, ref.ref, seen)
     index: Optional[Dict[str, Any]] = None
     digest, how = top, "exact"
     if manifest.is_index:
         chosen, how = _choose_platform(list(manifest.manifests), want, str(ref))
-        entries = []
+        entries, sized = [], 0
         for d in manifest.manifests:
             entry: Dict[str, Any] = {"Digest": d.digest, "MediaType": d.media_type,
                                      "Platform": str(d.platform or ""), "Chosen": d.digest == chosen.digest}
             kind = (d.annotations or {}).get(_ANNOTATION_REF_TYPE)
             if kind:
                 entry["Kind"] = kind
-            elif d.media_type in MANIFEST_TYPES:
-                _, _, m = _fetch_manifest(repo, store, ref, d.digest, set())
+            elif d.media_type in MANIFEST_TYPES and sized < INSPECT_SIZES and d.size <= MAX_MANIFEST_BYTES:
+                sized += 1
+                _, _, m = _fetch_manifest(repo, store, ref, d.digest, set(), keep=False)
                 entry["Size"] = sum(x.size for x in m.layers) + (m.config.size if m.config else 0)
             entries.append(entry)
         index = {"Digest": top, "MediaType": manifest.media_type, "Manifests": entries}
+        if sized < sum(1 for e in entries if "Kind" not in e and e["MediaType"] in MANIFEST_TYPES):
+            index["SizesOmitted"] = "sizes of the first %d platforms only" % INSPECT_SIZES
+            log.warning("%s lists more than %d platforms: sizes of the first %d only", ref, INSPECT_SIZES,
+                        INSPECT_SIZES)
         digest, _, manifest = _fetch_manifest(repo, store, ref, chosen.digest, seen)
         if manifest.is_index:
             raise UnsupportedError("%s: nested indexes cannot be inspected" % ref)
     assert manifest.config is not None
-    _Downloader(repo, store).fetch(manifest.config, "config")
-    config = _loads_json(store.read(manifest.config.digest) or b"{}", "config")
-    return _Inspected(top, index, digest, how, manifest, config)
+    data = store.read(manifest.config.digest) if store is not None else None
+    if data is None:
+        data = repo.small_blob(manifest.config, "config")
+        if store is not None:
+            store.put(manifest.config.digest, data)
+    return _Inspected(top, index, digest, how, manifest, _loads_json(data, "config"))
 
 
 def _inspect_doc(ref: Reference, found: _Inspected) -> Dict[str, Any]:
@@ -4763,7 +5011,7 @@ def list_tags(reference: Any, *, insecure: bool = False, ca_file: Optional[str] 
     it remembers of the host) only when ``home`` is given; ``timeout`` as for pull()."""
     ref = _reference(reference)
     with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
-                  timeout=timeout, store=False) as session:
+                  timeout=timeout, store="named") as session:
         return session.repository(ref).tags(page_size)
 
 
@@ -4776,7 +5024,7 @@ def referrers(reference: Any, *, artifact_type: Optional[str] = None, insecure: 
     if not ref.digest:
         raise UsageError("%s: referrers are asked for by digest (NAME@sha256:...)" % ref)
     with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
-                  store=False) as session:
+                  store="named") as session:
         return session.repository(ref).referrers(ref.digest, artifact_type)
 
 
