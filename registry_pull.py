@@ -1857,7 +1857,9 @@ class _Repository:
             if found is not None:
                 return found
         resp = self._request("GET", "manifests/" + ref, {"Accept": accept})
-        data = _answer(resp, MAX_MANIFEST_BYTES, what, "manifest not found", "manifest of ")
+        missing = "manifest not found" if is_digest else \
+            "manifest not found (the tags it has: registry_pull tags %s)" % self.name
+        data = _answer(resp, MAX_MANIFEST_BYTES, what, missing, "manifest of ")
         served = resp.header("Docker-Content-Digest").strip()
         if is_digest:
             _verify_bytes("manifest", data, ref)
@@ -2841,6 +2843,9 @@ def _unlocked(dir_fd: int, name: str) -> bool:
 # --------------------------------------------------------------------------- Downloads
 
 
+_PARTIAL = threading.Event()  # some download has written into a .partial file (the Ctrl-C line says so)
+
+
 class _Downloader:
     """Fetches blobs into the store: resumable, locked against other processes, verified."""
 
@@ -2989,6 +2994,7 @@ class _Downloader:
                     if have + n > size:
                         raise SizeMismatch(what, desc.digest, size, "more")
                     f.write(chunk)  # OSError here is the disk's: StorageError in fetch()
+                    _PARTIAL.set()
                     hasher.update(chunk)
                     have += n
                     with self._count_lock:
@@ -5028,10 +5034,23 @@ def referrers(reference: Any, *, artifact_type: Optional[str] = None, insecure: 
         return session.repository(ref).referrers(ref.digest, artifact_type)
 
 
+def _existing_store(home: Optional[str]) -> Optional[_Store]:
+    """The store for a local action (images, rm, gc, verify): never made by it. A named HOME
+    that is no store is an error (a typo must not make a directory); the default one, absent,
+    just holds nothing yet (None)."""
+    path = home or default_home()
+    if os.path.isdir(os.path.join(path, "blobs")):
+        return _Store(path)
+    if home:
+        raise NotFound("there is no store at %s (nothing was ever pulled there)" % path)
+    return None
+
+
 def images(*, home: Optional[str] = None) -> List[dict]:
     """What the store holds (``images``): one dict per image (reference, platform, manifest
     digest, size, pulled_at, last_used_at), from sqlite3."""
-    return _Store(home or default_home()).images()
+    store = _existing_store(home)
+    return store.images() if store is not None else []
 
 
 def remove(reference: Any, *, home: Optional[str] = None, platform: Any = None) -> int:
@@ -5040,10 +5059,11 @@ def remove(reference: Any, *, home: Optional[str] = None, platform: Any = None) 
     NotFound when none matched."""
     ref = _reference(reference)
     want = _platform(platform) if platform is not None else None
-    store = _Store(home or default_home())
-    n = store.forget(str(ref), want)
+    store = _existing_store(home)
+    n = store.forget(str(ref), want) if store is not None else 0
     if not n:
-        raise NotFound("%s%s is not in the store %s" % (ref, " for %s" % want if want else "", store.home))
+        raise NotFound("%s%s is not in the store %s" % (ref, " for %s" % want if want else "",
+                                                        store.home if store else home or default_home()))
     return n
 
 
@@ -5053,7 +5073,9 @@ def collect_garbage(*, home: Optional[str] = None, partial_age: float = 86400.0)
     HOME: it holds the store's lock exclusively, which every pull holds shared from its first
     request until its image is recorded. Only regular files are deleted, by name inside the
     store's own directories. Returns (files deleted, bytes freed)."""
-    store = _Store(home or default_home())
+    store = _existing_store(home)
+    if store is None:
+        return 0, 0
     if not _have_sqlite():
         raise UnsupportedError("this Python has no sqlite3 module: without the image list no blob is known unused")
     files = freed = 0
@@ -5086,7 +5108,9 @@ def verify(*, home: Optional[str] = None) -> List[Tuple[str, List[str]]]:
     """Hash every blob again (``verify``); remove the corrupt ones (and anything under a digest's
     name that is no regular file: a planted link). Returns [(digest, the references of the
     images it breaks)], empty when all is well (the CLI exits 5 otherwise)."""
-    store = _Store(home or default_home())
+    store = _existing_store(home)
+    if store is None:
+        return []
     bad = []
     with store.exclusive(), store.blob_files() as entries:
         users = store.referenced() if _have_sqlite() else {}
@@ -5371,20 +5395,26 @@ def _cmd_pull(args: Any) -> int:
         if args.rootfs or args.docker_archive:
             raise UsageError("--rootfs and --docker-archive take exactly one platform")
         index_digest, results = pull_platforms(ref, "all" if platforms == ["all"] else platforms, **kw)
-        _out(args, {"index_digest": index_digest, "images": [r.to_json() for r in results]},
-             ["pulled %s (%s) %s" % (r.reference, r.platform, r.manifest_digest) for r in results]
-             + ["index %s, %.1fs" % (index_digest, time.monotonic() - started)])
+        if args.json:
+            _out(args, {"index_digest": index_digest, "images": [r.to_json() for r in results]}, [])
+        elif not args.quiet:  # a summary, as for one platform: on stderr
+            lines = ["pulled %s (%s) %s" % (r.reference, r.platform, r.manifest_digest) for r in results]
+            lines.append("index %s, %.1fs; in %s%s" % (index_digest, time.monotonic() - started,
+                                                       results[0].home if results else args.home or default_home(),
+                                                       ", layout %s" % args.oci_layout if args.oci_layout else ""))
+            sys.stderr.write("".join(_printable("registry_pull: " + ln, 2000) + "\n" for ln in lines))
         return 0
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
                   rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, **kw)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
     elif not args.quiet:
+        where = ", ".join(["store %s" % result.home] + ["%s %s" % (k.replace("_", " "), v) for k, v in result.outputs])
         sys.stderr.write(_printable(
-            "registry_pull: pulled %s (%s) %s, %d layer%s, %s; downloaded %s in %.1fs"
+            "registry_pull: pulled %s (%s) %s, %d layer%s, %s; downloaded %s in %.1fs; into %s"
             % (result.reference, result.platform, result.manifest_digest, len(result.layers),
                "" if len(result.layers) == 1 else "s", _human(result.size), _human(result.downloaded_bytes),
-               time.monotonic() - started), 2000) + "\n")
+               time.monotonic() - started, where), 2000) + "\n")
     return 0
 
 
@@ -5442,7 +5472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _COMMANDS[args.verb](args)
     except KeyboardInterrupt:
         cancel.set()
-        sys.stderr.write("registry_pull: error: interrupted; partial downloads are kept and will resume\n")
+        kept = "; partial downloads are kept and will resume" if _PARTIAL.is_set() else ""
+        sys.stderr.write("registry_pull: error: interrupted%s\n" % kept)
         return 130
     except PullError as e:
         cancel.set()
