@@ -161,7 +161,8 @@ def serve(case, handler):
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             report(request, client_address)
     server.handle_error = handle_error
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Polled every 50 ms, not serve_forever's 0.5 s: shutdown() at cleanup waits for the poll, per server.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     case.addCleanup(server.server_close)
     case.addCleanup(server.shutdown)
     return server, "127.0.0.1:%d" % server.server_address[1]
@@ -1804,12 +1805,11 @@ class PlatformPullTests(Base):
     def test_single_image_for_another_platform_is_refused_unless_pinned(self):
         reg = self.registry()
         img = reg.push("single/arm", "v1", Image("arm64", "v8"))
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/single/arm:v1")
+        code, out, err = self.main(*self.cli_args(reg.host + "/single/arm:v1"))
         self.assertEqual(code, 4, err)
         self.assertIn("by digest", err)
         self.assertEqual(self.image_rows(), [])
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64",
-                                   reg.host + "/single/arm@" + img.digest)
+        code, out, err = self.main(*self.cli_args(reg.host + "/single/arm@" + img.digest))
         self.assertEqual(code, 0, err)
         self.assertIn("is an image for linux/arm64/v8, not linux/amd64", err)
 
@@ -2537,8 +2537,7 @@ class FailFastTests(Base):
             return True
         reg.fault = drip
         start = time.monotonic()
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--timeout", "2",
-                                   reg.host + "/drip/man:v1")
+        code, out, err = self.main(*self.cli_args("--timeout", "2", reg.host + "/drip/man:v1"))
         self.assertEqual(code, 6, err)
         self.assertLess(time.monotonic() - start, 5)
 
@@ -2593,8 +2592,7 @@ class ConnectionTests(Base):
             return False
         reg.fault = close_second_request
         opened = count_connections(reg)
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--jobs", "2",
-                                   reg.host + "/idle/app:v1")
+        code, out, err = self.main(*self.cli_args("--jobs", "2", reg.host + "/idle/app:v1"))
         self.assertEqual(code, 0, err)
         self.assertStoreHas(img)
         self.assertTrue(dropped)
@@ -2706,8 +2704,8 @@ class MirrorTests(Base):
         upstream.push("lib/app", [img])
         mirror = Distribution(self, proxy_of="http://" + upstream.host)
         dead = "http://127.0.0.1:%d" % free_port()
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--mirror", dead,
-                                   "--mirror", "http://" + mirror.host, upstream.host + "/lib/app:v1")
+        code, out, err = self.main(*self.cli_args("--mirror", dead, "--mirror", "http://" + mirror.host,
+                                                  upstream.host + "/lib/app:v1"))
         self.assertEqual(code, 0, err)
         self.assertIn("mirror 127.0.0.1", err)  # the dead one was tried and said so
         self.assertStoreHas(img)
@@ -2956,8 +2954,7 @@ class HostileInputTests(Base):
         for name, data, code in cases:
             with self.subTest(case=name):
                 self.serve_manifest(reg, "bad/" + name, data)
-                got, out, err = self.main("--home", self.home, "--platform", "linux/amd64",
-                                          reg.host + "/bad/%s:v1" % name)
+                got, out, err = self.main(*self.cli_args(reg.host + "/bad/%s:v1" % name))
                 self.assertEqual(got, code, err)
                 self.assertEqual(err.count("\n"), 1, err)
         self.serve_manifest(reg, "bad/unknown-type", variant(mediaType="application/vnd.example.thing+json"),
@@ -3223,7 +3220,7 @@ class StoreRecoveryTests(Base):
         blobs = os.path.join(self.home, "blobs", "sha256")
         os.makedirs(blobs)
         os.symlink(victim, os.path.join(blobs, sha256(img.layers[0]).split(":")[1]))
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/plant/app:v1")
+        code, out, err = self.main(*self.cli_args(reg.host + "/plant/app:v1"))
         self.assertEqual(code, 7, err)
         self.assertIn("not a regular file", err)
 
@@ -3475,7 +3472,7 @@ class StoreCareTests(Base):
     def test_actions_and_references_do_not_clash(self):
         reg = self.registry()
         reg.push("inspect", "latest", Image())  # an image named like an action is pulled
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/inspect")
+        code, out, err = self.main(*self.cli_args(reg.host + "/inspect"))
         self.assertEqual(code, 0, err)
         code, out, err = self.main("--home", self.home, "--images", reg.host + "/inspect")
         self.assertEqual(code, 2, err)
@@ -3650,8 +3647,7 @@ class FaultTests(Base):
 
 class InterruptionTests(Base):
     def cli(self, *argv, **kw):
-        return subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
-                                 "--platform", "linux/amd64"] + list(argv),
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"), *self.cli_args(*argv)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
     def big(self, reg, name):
@@ -3694,8 +3690,8 @@ class InterruptionTests(Base):
         # run in the background (`cmd &` in a script) ignores it: the child installs the handler itself.
         code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
                 "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
-        proc = subprocess.Popen([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64",
-                                 reg.host + "/int/app:v1"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", code, *self.cli_args(reg.host + "/int/app:v1")], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(end_process, proc)
         self.assertTrue(wait_for(lambda: os.path.exists(final + ".partial") and
                                  os.path.getsize(final + ".partial") > 0))
@@ -3749,9 +3745,8 @@ class InterruptionTests(Base):
         code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                 "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
                 "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
-        proc = subprocess.run([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64",
-                               reg.host + "/full/app:v1"], cwd=HERE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=60)
+        proc = subprocess.run([sys.executable, "-c", code, *self.cli_args(reg.host + "/full/app:v1")], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 7, proc.stderr)
         self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
         self.assertIn(b"File too large", proc.stderr)
@@ -3897,8 +3892,7 @@ class RootfsTests(Base):
             with self.subTest(case=name):
                 reg.push("hostile/" + name, "v1", layered_image(*layers))
                 target = os.path.join(self.home, "rootfs-" + name)
-                code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs", target,
-                                           reg.host + "/hostile/%s:v1" % name)
+                code, out, err = self.main(*self.cli_args("--rootfs", target, reg.host + "/hostile/%s:v1" % name))
                 self.assertEqual(code, 5, err)
                 self.assertIn("hostile", err)
                 self.assertFalse(os.path.exists(target))
@@ -3925,8 +3919,7 @@ class RootfsTests(Base):
         img.edit(config=lambda cfg: cfg["rootfs"].update(diff_ids=[sha256(b"something else")]))
         reg.push("diff/app", "v1", img)
         target = os.path.join(self.home, "rootfs")
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs", target,
-                                   reg.host + "/diff/app:v1")
+        code, out, err = self.main(*self.cli_args("--rootfs", target, reg.host + "/diff/app:v1"))
         self.assertEqual(code, 5, err)
         self.assertIn("diff_id", err)
         self.assertFalse(os.path.exists(target))
@@ -3967,8 +3960,7 @@ class RootfsTests(Base):
             with self.subTest(case=name):
                 reg.push("hostile/" + name, "v1", self.hostile_tar(build))
                 target = os.path.join(self.home, "rootfs-" + name)
-                code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs", target,
-                                           reg.host + "/hostile/%s:v1" % name)
+                code, out, err = self.main(*self.cli_args("--rootfs", target, reg.host + "/hostile/%s:v1" % name))
                 self.assertEqual(code, 5, err)
                 self.assertIn("hostile", err)
                 self.assertFalse(os.path.exists(target))
@@ -4022,8 +4014,7 @@ class RootfsOwnershipTests(Base):
                                                [("h", "link", "nothing/here", 0o644)]))
         target = os.path.join(self.home, "mine")
         os.mkdir(target)
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs", target,
-                                   reg.host + "/fs/bad:v1")
+        code, out, err = self.main(*self.cli_args("--rootfs", target, reg.host + "/fs/bad:v1"))
         self.assertEqual(code, 5, err)
         self.assertEqual(os.listdir(target), [])
 
@@ -4053,14 +4044,14 @@ class RootfsOwnershipTests(Base):
         os.mkdir(open_parent, 0o755)
         os.mkdir(closed_parent, 0o700)
         os.chmod(self.home, 0o755)
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs",
-                                   os.path.join(open_parent, "rootfs"), reg.host + "/fs/suid:v1")
+        code, out, err = self.main(*self.cli_args("--rootfs", os.path.join(open_parent, "rootfs"),
+                                                  reg.host + "/fs/suid:v1"))
         self.assertEqual(code, 0, err)
         self.assertIn("set-id", err)
         self.assertIn("chmod 700 " + open_parent, err)
         self.assertEqual(os.stat(os.path.join(open_parent, "rootfs", "bin", "su")).st_mode & 0o7777, 0o4755)
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs",
-                                   os.path.join(closed_parent, "rootfs"), reg.host + "/fs/suid:v1")
+        code, out, err = self.main(*self.cli_args("--rootfs", os.path.join(closed_parent, "rootfs"),
+                                                  reg.host + "/fs/suid:v1"))
         self.assertEqual(code, 0, err)
         self.assertNotIn("set-id", err)
 
@@ -4078,8 +4069,8 @@ class RootfsOwnershipTests(Base):
                 img = Image(layers=[(blob, sha256(b"unused: decompression fails first"))])
                 repo = "bad/" + name.replace(" ", "-")
                 reg.push(repo, "v1", img)
-                code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--rootfs",
-                                           os.path.join(self.home, repo), reg.host + "/%s:v1" % repo)
+                code, out, err = self.main(*self.cli_args("--rootfs", os.path.join(self.home, repo),
+                                                          reg.host + "/%s:v1" % repo))
                 self.assertEqual(code, 5, err)
                 self.assertIn(words, err)
                 self.assertNotRegex(err, r"\(\)|: $")  # the cause is there, not an empty detail
@@ -4094,9 +4085,9 @@ class RootfsOwnershipTests(Base):
                 "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
                 "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
         target = os.path.join(self.home, "rootfs")
-        proc = subprocess.run([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64",
-                               "--rootfs", target, reg.host + "/zst/big:v1"], cwd=HERE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        proc = subprocess.run([sys.executable, "-c", code, *self.cli_args("--rootfs", target,
+                                                                          reg.host + "/zst/big:v1")],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 7, proc.stderr)
         self.assertIn(b"File too large", proc.stderr)
         self.assertFalse(os.path.exists(target))
@@ -4125,9 +4116,9 @@ class RootfsOwnershipTests(Base):
                 "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(code)")
         if not os.path.exists("/proc/self/status"):
             self.skipTest("needs /proc/self/status (Linux) to read the peak RSS of the child alone")
-        proc = subprocess.run([sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64", "-q",
-                               "--rootfs", os.path.join(out, "rootfs"), reg.host + "/many/files:v1"], cwd=HERE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+        proc = subprocess.run([sys.executable, "-c", code, *self.cli_args("-q", "--rootfs", os.path.join(out, "rootfs"),
+                                                                          reg.host + "/many/files:v1")],
+                              cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(len(os.listdir(os.path.join(out, "rootfs", "d199"))), 1000)
         peak_mb = int(proc.stdout.split()[-1]) / 1024
@@ -4317,7 +4308,7 @@ class CliTests(Base):
     def test_json_output(self):
         reg = self.registry()
         img = reg.push("cli/app", "v1", Image())
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--json", reg.host + "/cli/app:v1")
+        code, out, err = self.main(*self.cli_args("--json", reg.host + "/cli/app:v1"))
         self.assertEqual(code, 0, err)
         doc = json.loads(out)
         self.assertEqual(doc["reference"], reg.host + "/cli/app:v1")
@@ -4393,8 +4384,8 @@ class CliTests(Base):
         reg = self.registry(auth="basic")
         img = reg.push("pw/app", "v1", Image())
         proc = subprocess.run(
-            [sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home, "--platform",
-             "linux/amd64", "-v", "--username", "alice", "--password-stdin", reg.host + "/pw/app:v1"],
+            [sys.executable, os.path.join(HERE, "registry_pull.py"),
+             *self.cli_args("-v", "--username", "alice", "--password-stdin", reg.host + "/pw/app:v1")],
             input=b"s3cret\n", stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertNotIn(b"s3cret", proc.stderr + proc.stdout)
@@ -4422,9 +4413,8 @@ class CliTests(Base):
         img = reg.push("bars/app", "v1", Image())
         master, slave = pty.openpty()
         self.addCleanup(os.close, master)
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
-                                 "--platform", "linux/amd64", reg.host + "/bars/app:v1"],
-                                stdout=subprocess.PIPE, stderr=slave)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"),
+                                 *self.cli_args(reg.host + "/bars/app:v1")], stdout=subprocess.PIPE, stderr=slave)
         os.close(slave)
         chunks = []
         while True:
@@ -4445,7 +4435,7 @@ class CliTests(Base):
         self.assertIn("registry_pull: pulled", screen)  # the one-line summary
         # Not a terminal: no bars, just the summary; -q: nothing at all.
         shutil.rmtree(os.path.join(self.home, "blobs"))
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/bars/app:v1")
+        code, out, err = self.main(*self.cli_args(reg.host + "/bars/app:v1"))
         self.assertEqual(code, 0)
         self.assertNotIn("\x1b[", err)
         self.assertEqual(err.count("\n"), 1)
@@ -4473,7 +4463,7 @@ class CliTests(Base):
         code = ("import sys; sys.modules['ssl'] = sys.modules['_ssl'] = None; "
                 "sys.modules['sqlite3'] = sys.modules['_sqlite3'] = None; "
                 "import registry_pull; sys.exit(registry_pull.main(sys.argv[1:]))")
-        base = [sys.executable, "-c", code, "--home", self.home, "--platform", "linux/amd64"]
+        base = [sys.executable, "-c", code, *self.cli_args()]
         proc = subprocess.run(base + [reg.host + "/min/app:v1"], cwd=HERE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 0, proc.stderr)
@@ -4490,7 +4480,7 @@ class CliTests(Base):
         img = Image("amd64")
         img.edit(config=lambda cfg: cfg.update(variant="\x1b]0;owned\x07\x1b[2J"))
         reg.push_index("esc/sum", "v1", [img])
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/esc/sum:v1")
+        code, out, err = self.main(*self.cli_args(reg.host + "/esc/sum:v1"))
         self.assertEqual(code, 0, err)
         self.assertNotIn("\x1b", err)
         self.assertIn("\\x1b", err)
@@ -4569,15 +4559,13 @@ class DistributionTests(Base):
         rp_ssl = __import__("ssl")
         rp_ssl.create_default_context = strict
         self.addCleanup(setattr, rp_ssl, "create_default_context", real)
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--ca-file", tls[0],
-                                   dist.host + "/ca/app:v1")
+        code, out, err = self.main(*self.cli_args("--ca-file", tls[0], dist.host + "/ca/app:v1"))
         self.assertEqual(code, 0, err)
         self.assertStoreHas(img)
         wrong = os.path.join(certs, "other")
         os.mkdir(wrong)
         other = make_ca(wrong)
-        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--ca-file", other[0],
-                                   dist.host + "/ca/app:v2")
+        code, out, err = self.main(*self.cli_args("--ca-file", other[0], dist.host + "/ca/app:v2"))
         self.assertEqual(code, 6, err)
         self.assertIn("although --ca-file %s was loaded" % other[0], err)
         for py313 in glob.glob("/root/.pyenv/versions/3.13*/bin/python3.13") + [shutil.which("python3.13") or ""]:
@@ -4587,8 +4575,8 @@ class DistributionTests(Base):
         else:
             py313 = ""
         if py313:
-            proc = subprocess.run([py313, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
-                                   "--platform", "linux/amd64", "--ca-file", tls[0], dist.host + "/ca/app:v1"],
+            proc = subprocess.run([py313, os.path.join(HERE, "registry_pull.py"),
+                                   *self.cli_args("--ca-file", tls[0], dist.host + "/ca/app:v1")],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
             self.assertEqual(proc.returncode, 0, proc.stderr)
 
@@ -4612,8 +4600,7 @@ class DistributionTests(Base):
         self.assertIn("--ca-file", err)
         # Trusted through --ca-file; right, wrong and no password.
         def run(*extra, password=None):
-            argv = [sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", self.home,
-                    "--platform", "linux/amd64"] + list(extra) + [ref]
+            argv = [sys.executable, os.path.join(HERE, "registry_pull.py"), *self.cli_args(*extra, ref)]
             return subprocess.run(argv, input=(password or "").encode(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, timeout=120)
         proc = run("--ca-file", tls[0], "--username", "alice", "--password-stdin", password="s3cret\n")
