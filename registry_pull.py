@@ -60,7 +60,7 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 __all__ = [
     "pull",
@@ -80,10 +80,13 @@ __all__ = [
     "Descriptor",
     "select_platform",
     "parse_www_authenticate",
+    "verify_signature",
+    "SignatureError",
     "find_credentials",
     "Credentials",
     "export_oci_layout",
     "export_docker_archive",
+    "export_files",
     "extract_rootfs",
     "inspect",
     "list_tags",
@@ -264,6 +267,13 @@ class UnsupportedError(PullError):
     unknown media type or digest algorithm, a zstd layer without a decoder (exit 1)."""
 
     exit_code = 1
+
+
+class SignatureError(PullError):
+    """The image is not signed by any of the keys given (exit 8): no output was written and no
+    image recorded (its verified blobs may stay in the store)."""
+
+    exit_code = 8
 
 
 class Interrupted(PullError):
@@ -2036,6 +2046,10 @@ def _dict_at(doc: dict, key: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _list_at(doc: dict, key: str) -> list:
     """``doc[key]`` when it is a list, else an empty one."""
     value = doc.get(key)
@@ -2164,17 +2178,24 @@ def _config_platform(config: dict, want: Platform) -> Platform:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """A parsed, validated index or image manifest."""
+    """A parsed, validated index or manifest (of an image, or of any other OCI content)."""
 
     media_type: str
     doc: dict
     manifests: Tuple[Descriptor, ...] = ()  # an index's entries
     config: Optional[Descriptor] = None
     layers: Tuple[Descriptor, ...] = ()
+    artifact_type: Optional[str] = None  # for an artifact: its artifactType, else its config's media type
+    subject: Optional[Descriptor] = None  # what it refers to (a signature, an SBOM of an image)
 
     @property
     def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES
+
+    @property
+    def is_image(self) -> bool:
+        """A runnable image: an image config and layers that are tar changesets."""
+        return not self.is_index and self.artifact_type is None
 
 
 def parse_manifest(data: bytes, content_type: str = "", what: str = "manifest") -> Manifest:
@@ -2188,30 +2209,30 @@ def parse_manifest(data: bytes, content_type: str = "", what: str = "manifest") 
             "%s is a Docker schema 1 manifest, retired since 2019 and not supported; "
             "push the image again with a current client" % what
         )
+    subject = Descriptor.parse(doc["subject"], "subject") if doc.get("subject") is not None else None
+    kind = doc.get("artifactType") if isinstance(doc.get("artifactType"), str) and doc.get("artifactType") else None
     if mt in INDEX_TYPES:
         entries = doc.get("manifests")
         if not isinstance(entries, list):
             raise IntegrityError("%s is an index without a manifests list" % what)
-        return Manifest(mt, doc, manifests=tuple(Descriptor.parse(e, "index entry") for e in entries))
+        return Manifest(mt, doc, manifests=tuple(Descriptor.parse(e, "index entry") for e in entries),
+                        artifact_type=kind, subject=subject)
     if mt not in MANIFEST_TYPES:
         raise UnsupportedError("%s has unsupported media type %r" % (what, mt[:100]))
     if not isinstance(doc.get("layers"), list):
         raise IntegrityError("%s has no layers list" % what)
     config = Descriptor.parse(doc.get("config"), "config")
     layers = tuple(Descriptor.parse(x, "layer %d" % i) for i, x in enumerate(doc["layers"]))
-    if config.media_type not in (MT_OCI_CONFIG, MT_DOCKER_CONFIG):
-        raise UnsupportedError(
-            "%s is not a container image (config media type %s): artifacts are not supported"
-            % (what, config.media_type[:100])
-        )
+    # Anything else than an image config with tar layers is an artifact (a Helm chart, an SBOM,
+    # a signature): content like any other, pulled and verified, never extracted.
+    if kind is None and (config.media_type not in (MT_OCI_CONFIG, MT_DOCKER_CONFIG)
+                         or any(layer.media_type not in LAYER_TYPES for layer in layers)):
+        kind = config.media_type
     sizes: Dict[str, int] = {}
-    for i, layer in enumerate(layers):
-        if layer.media_type not in LAYER_TYPES:
-            raise UnsupportedError("%s: layer %d has unsupported media type %s" % (what, i, layer.media_type[:100]))
     for d in (config,) + layers:
         if sizes.setdefault(d.digest, d.size) != d.size:
             raise IntegrityError("%s gives blob %s two sizes (%d and %d)" % (what, d.digest, sizes[d.digest], d.size))
-    return Manifest(mt, doc, config=config, layers=layers)
+    return Manifest(mt, doc, config=config, layers=layers, artifact_type=kind, subject=subject)
 
 
 # --------------------------------------------------------------------------- Store
@@ -2219,7 +2240,8 @@ def parse_manifest(data: bytes, content_type: str = "", what: str = "manifest") 
 # Version 2: an image is a (reference, platform) pair, so two platforms of one tag are two
 # images; a manifest may list the same layer twice (one manifest_layers row per position).
 # Version 3: the hosts table.
-_SCHEMA_VERSION = 3
+# Version 4: manifests.artifact_type (anything that is not a runnable image).
+_SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -2255,7 +2277,8 @@ CREATE TABLE IF NOT EXISTS manifests (
     annotations_json TEXT,
     created_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
-    digest TEXT
+    digest TEXT,
+    artifact_type TEXT
 );
 CREATE TABLE IF NOT EXISTS configs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -2470,6 +2493,8 @@ class _Store:
                 for stmt in statements:
                     if stmt.startswith("CREATE INDEX"):
                         conn.execute(stmt)
+            if 1 <= version < 4:
+                conn.execute("ALTER TABLE manifests ADD COLUMN artifact_type TEXT")
             if 1 <= version < 3:
                 conn.execute(next(s for s in statements if s.startswith("CREATE TABLE IF NOT EXISTS hosts ")))
             conn.execute("PRAGMA user_version = %d" % _SCHEMA_VERSION)
@@ -2517,9 +2542,9 @@ class _Store:
                     ).lastrowid
                 manifest_id = conn.execute(
                     "INSERT INTO manifests (index_id, image_id, schema_version, media_type, annotations_json,"
-                    " created_at, modified_at, digest) VALUES (?,?,?,?,?,?,?,?)",
+                    " created_at, modified_at, digest, artifact_type) VALUES (?,?,?,?,?,?,?,?,?)",
                     (index_id, image_id, int(manifest_doc.get("schemaVersion") or 2), result.manifest_media_type,
-                     dumps(manifest_doc.get("annotations")), now, now, result.manifest_digest),
+                     dumps(manifest_doc.get("annotations")), now, now, result.manifest_digest, result.artifact_type),
                 ).lastrowid
                 conn.execute(
                     "INSERT INTO configs (manifest_id, media_type, created, architecture, os, os_variant,"
@@ -3337,6 +3362,85 @@ def _familiar(ref: Reference) -> str:
     if ref.registry == _DOCKER_HUB:
         name = ref.repository[len("library/"):] if ref.repository.startswith("library/") else ref.repository
     return name
+
+
+_TITLE = "org.opencontainers.image.title"
+
+
+def export_files(result: PullResult, directory: str) -> List[str]:
+    """Write each layer that has an ``org.opencontainers.image.title`` annotation as a file
+    under ``directory`` (made if absent), as ``oras pull`` does; returns the paths written.
+    Titles are checked as tar names are (no absolute path, no ``..``, nothing through a link:
+    IntegrityError); an existing file is refused (StorageError), and each file appears whole
+    or not at all."""
+    manifest = parse_manifest(_read_blob(result.manifest_path), result.manifest_media_type, result.reference)
+    titled = [(d, (d.annotations or {}).get(_TITLE)) for d in manifest.layers]
+    titled = [(d, t) for d, t in titled if isinstance(t, str) and t]
+    names = [_clean_name(str(t), result.reference) for _, t in titled]
+    if len(set(names)) != len(names) or "" in names:
+        raise IntegrityError("%s: the layers' titles name one file twice, or no file" % result.reference)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        top = _open_dir(directory)
+    except OSError as e:
+        raise StorageError("cannot write into %s: %s" % (directory, e.strerror or e)) from None
+    written = []
+    try:
+        for (desc, _), name in zip(titled, names):
+            head, _, base = name.rpartition("/")
+            fd = _walk_dirs(top, head, result.reference)
+            try:
+                _copy_new(os.path.join(result.home, "blobs", *desc.digest.split(":")), fd, base)
+            except FileExistsError:
+                raise StorageError("%s exists: refused (a pulled file never replaces one)"
+                                   % os.path.join(directory, name)) from None
+            finally:
+                os.close(fd)
+            written.append(os.path.join(os.path.abspath(directory), name))
+    except OSError as e:
+        raise StorageError("cannot write into %s: %s" % (directory, e.strerror or e)) from None
+    finally:
+        os.close(top)
+    return written
+
+
+def _read_blob(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(MAX_MANIFEST_BYTES + 1)
+
+
+def _walk_dirs(top: int, rel: str, what: str) -> int:
+    """A new descriptor of directory ``rel`` below ``top``, made where missing, each component
+    opened without following links (a link on the way is hostile: IntegrityError)."""
+    fd = os.open(".", _O_DIR, dir_fd=top)
+    for part in [p for p in rel.split("/") if p]:
+        try:
+            try:
+                nfd = os.open(part, _O_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(part, 0o777, dir_fd=fd)
+                nfd = os.open(part, _O_DIR, dir_fd=fd)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise IntegrityError("%s: a title leads through %r, which is a link or no directory: refused"
+                                     % (what, part[:100])) from None
+            raise
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+def _copy_new(src_path: str, dir_fd: int, name: str) -> None:
+    """Copy the store's file to a new ``name`` in ``dir_fd``: written under a temporary name,
+    then linked into place, which fails (FileExistsError) rather than replace anything."""
+    tmp = _tmp_name()
+    _copy_into(src_path, dir_fd, tmp)
+    try:
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    finally:
+        _unlink_at(dir_fd, tmp)
 
 
 def _check_archive_target(path: str, overwrite: bool = False) -> None:
@@ -4308,6 +4412,475 @@ def _discard_rootfs(root: str, root_fd: int, in_place: bool) -> None:
         log.warning("could not remove all of the failed extraction %s: %s", root, e.strerror or e)
 
 
+# --------------------------------------------------------------------------- Signatures
+# ECDSA P-256 / SHA-256 verification (what cosign's keys sign with), written here because
+# neither ssl nor hashlib offers it: verification only, of public data, so constant time is not
+# a concern; correctness is (Project Wycheproof's vectors are the tests). SEC 1 v2, FIPS 186-4.
+
+# -- Curve parameters: y^2 = x^3 + a*x + b over GF(p), base point G of prime order n, cofactor 1. ---
+_P256_P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
+_P256_A = _P256_P - 3
+_P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+_P256_GX = 0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296
+_P256_GY = 0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_P256_COORD_BYTES = 32
+_P256_WNAF_WIDTH = 5
+
+# DER of AlgorithmIdentifier { id-ecPublicKey (1.2.840.10045.2.1), prime256v1 (1.2.840.10045.3.1.7) }.
+_P256_SPKI_ALGORITHM = bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107")
+_DER_SEQUENCE = 0x30
+_DER_INTEGER = 0x02
+_DER_BIT_STRING = 0x03
+_DER_MAX_LENGTH_OCTETS = 4
+
+_PEM_PUBLIC_KEY_RE = re.compile(
+    r"[ \t\r\n]*-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\t\r\n ]*)-----END PUBLIC KEY-----[ \t\r\n]*"
+)
+_PEM_BASE64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+_AffinePoint = Tuple[int, int]
+_JacobianPoint = Tuple[int, int, int]  # (X, Y, Z) stands for (X / Z^2, Y / Z^3); Z == 0 is infinity.
+_JACOBIAN_INFINITY: _JacobianPoint = (1, 1, 0)
+
+
+# -- Strict DER reading -------------------------------------------------------------------------------
+
+
+def _der_read(buf: bytes, pos: int, end: int, tag: int) -> Optional[Tuple[int, int]]:
+    """Read one DER element with the given one-byte tag at buf[pos:end].
+
+    Return (content_start, content_end), or None if the tag differs or the length is truncated,
+    indefinite, or not minimally encoded.
+    """
+    if pos + 2 > end or buf[pos] != tag:
+        return None
+    first = buf[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > _DER_MAX_LENGTH_OCTETS or pos + count > end or buf[pos] == 0:
+            return None
+        length = int.from_bytes(buf[pos:pos + count], "big")
+        if length < 0x80:
+            return None
+        pos += count
+    if pos + length > end:
+        return None
+    return pos, pos + length
+
+
+def _der_positive_integer(content: bytes) -> Optional[int]:
+    """Decode the content octets of a DER INTEGER that must be non-negative and minimally encoded."""
+    if not content or content[0] & 0x80:
+        return None
+    if len(content) > 1 and content[0] == 0 and not content[1] & 0x80:
+        return None
+    return int.from_bytes(content, "big")
+
+
+def _parse_der_signature(der: Union[bytes, bytearray, memoryview]) -> Optional[Tuple[int, int]]:
+    """Parse a DER ECDSA-Sig-Value SEQUENCE { r INTEGER, s INTEGER } strictly.
+
+    Return (r, s) with both in [1, n-1], or None for any other input (including BER encodings,
+    trailing data and wrong types).
+    """
+    if not isinstance(der, (bytes, bytearray, memoryview)):
+        return None
+    buf = bytes(der)
+    seq = _der_read(buf, 0, len(buf), _DER_SEQUENCE)
+    if seq is None or seq[1] != len(buf):
+        return None
+    r_pos = _der_read(buf, seq[0], seq[1], _DER_INTEGER)
+    if r_pos is None:
+        return None
+    s_pos = _der_read(buf, r_pos[1], seq[1], _DER_INTEGER)
+    if s_pos is None or s_pos[1] != seq[1]:
+        return None
+    r = _der_positive_integer(buf[r_pos[0]:r_pos[1]])
+    s = _der_positive_integer(buf[s_pos[0]:s_pos[1]])
+    if r is None or s is None or not 0 < r < _P256_N or not 0 < s < _P256_N:
+        return None
+    return r, s
+
+
+# -- Public key loading ---------------------------------------------------------------------------------
+
+
+def _pem_public_key_der(pem: Union[str, bytes, bytearray]) -> Optional[bytes]:
+    """Return the DER inside a single "PUBLIC KEY" PEM block, or None if the text is not exactly that."""
+    if isinstance(pem, (bytes, bytearray)):
+        try:
+            text = bytes(pem).decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    elif isinstance(pem, str):
+        text = pem
+    else:
+        return None
+    match = _PEM_PUBLIC_KEY_RE.fullmatch(text)
+    if match is None:
+        return None
+    body = re.sub(r"[ \t\r\n]+", "", match.group(1))
+    if not body or _PEM_BASE64_RE.fullmatch(body) is None:
+        return None
+    return base64.b64decode(body, validate=True)
+
+
+def _p256_on_curve(x: int, y: int) -> bool:
+    """Return True if the affine point (x, y), with coordinates already in [0, p-1], lies on P-256."""
+    return (y * y - (x * x * x + _P256_A * x + _P256_B)) % _P256_P == 0
+
+
+def _p256_decompress(x: int, odd: bool) -> Optional[_AffinePoint]:
+    """Recover the point with x-coordinate x and the given y parity (p = 3 mod 4, so sqrt is a power)."""
+    rhs = (x * x * x + _P256_A * x + _P256_B) % _P256_P
+    y = pow(rhs, (_P256_P + 1) // 4, _P256_P)
+    if y * y % _P256_P != rhs:
+        return None
+    if bool(y & 1) != odd:
+        y = (_P256_P - y) % _P256_P
+    if bool(y & 1) != odd:
+        return None
+    return x, y
+
+
+def _p256_decode_point(octets: bytes) -> Optional[_AffinePoint]:
+    """Decode a SEC 1 uncompressed (04||X||Y) or compressed (02/03||X) point; None unless valid on P-256."""
+    size = _P256_COORD_BYTES
+    if len(octets) == 1 + 2 * size and octets[0] == 0x04:
+        x = int.from_bytes(octets[1:1 + size], "big")
+        y = int.from_bytes(octets[1 + size:], "big")
+        if x >= _P256_P or y >= _P256_P or not _p256_on_curve(x, y):
+            return None
+        return x, y
+    if len(octets) == 1 + size and octets[0] in (0x02, 0x03):
+        x = int.from_bytes(octets[1:], "big")
+        if x >= _P256_P:
+            return None
+        return _p256_decompress(x, octets[0] == 0x03)
+    return None
+
+
+def _load_public_key(pem: Union[str, bytes, bytearray]) -> Optional[_AffinePoint]:
+    """Load a P-256 public key from a PEM SubjectPublicKeyInfo; return its affine point (x, y) or None.
+
+    Only id-ecPublicKey with the named curve prime256v1 is accepted; explicit curve parameters,
+    other curves and other key types give None.
+    """
+    der = _pem_public_key_der(pem)
+    if der is None:
+        return None
+    spki = _der_read(der, 0, len(der), _DER_SEQUENCE)
+    if spki is None or spki[1] != len(der):
+        return None
+    algorithm_end = spki[0] + len(_P256_SPKI_ALGORITHM)
+    if der[spki[0]:algorithm_end] != _P256_SPKI_ALGORITHM:
+        return None
+    bits = _der_read(der, algorithm_end, spki[1], _DER_BIT_STRING)
+    if bits is None or bits[1] != spki[1] or bits[1] - bits[0] < 2 or der[bits[0]] != 0:
+        return None
+    return _p256_decode_point(der[bits[0] + 1:bits[1]])
+
+
+# -- Point arithmetic in Jacobian coordinates -----------------------------------------------------------
+
+
+def _jacobian_double(pt: _JacobianPoint) -> _JacobianPoint:
+    """Return 2*pt (formula dbl-2001-b, which uses a = -3)."""
+    x, y, z = pt
+    if z == 0 or y == 0:
+        return _JACOBIAN_INFINITY
+    p = _P256_P
+    delta = z * z % p
+    gamma = y * y % p
+    beta = x * gamma % p
+    alpha = 3 * (x - delta) * (x + delta) % p
+    x3 = (alpha * alpha - 8 * beta) % p
+    z3 = ((y + z) * (y + z) - gamma - delta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    return x3, y3, z3
+
+
+def _jacobian_add(pt1: _JacobianPoint, pt2: _JacobianPoint) -> _JacobianPoint:
+    """Return pt1 + pt2, handling infinity, pt1 == pt2 and pt1 == -pt2 (formula add-1998-cmo-2)."""
+    x1, y1, z1 = pt1
+    x2, y2, z2 = pt2
+    if z1 == 0:
+        return pt2
+    if z2 == 0:
+        return pt1
+    p = _P256_P
+    z1z1 = z1 * z1 % p
+    z2z2 = z2 * z2 % p
+    u1 = x1 * z2z2 % p
+    u2 = x2 * z1z1 % p
+    s1 = y1 * z2 * z2z2 % p
+    s2 = y2 * z1 * z1z1 % p
+    if u1 == u2:
+        return _jacobian_double(pt1) if s1 == s2 else _JACOBIAN_INFINITY
+    h = u2 - u1
+    r = s2 - s1
+    hh = h * h % p
+    hhh = h * hh % p
+    v = u1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    y3 = (r * (v - x3) - s1 * hhh) % p
+    z3 = z1 * z2 * h % p
+    return x3, y3, z3
+
+
+def _jacobian_negate(pt: _JacobianPoint) -> _JacobianPoint:
+    """Return -pt."""
+    return pt[0], (_P256_P - pt[1]) % _P256_P, pt[2]
+
+
+def _wnaf(k: int, width: int) -> List[int]:
+    """Width-w non-adjacent form of k >= 0: odd digits in (-2^(w-1), 2^(w-1)) or 0, least significant first."""
+    digits: List[int] = []
+    window = 1 << width
+    while k:
+        digit = 0
+        if k & 1:
+            digit = k & (window - 1)
+            if digit >= window >> 1:
+                digit -= window
+            k -= digit
+        digits.append(digit)
+        k >>= 1
+    return digits
+
+
+def _odd_multiples(pt: _AffinePoint, width: int) -> List[_JacobianPoint]:
+    """Return [1*pt, 3*pt, 5*pt, ..., (2^(w-1) - 1)*pt] in Jacobian coordinates."""
+    first: _JacobianPoint = (pt[0], pt[1], 1)
+    twice = _jacobian_double(first)
+    table = [first]
+    for _ in range((1 << (width - 2)) - 1):
+        table.append(_jacobian_add(table[-1], twice))
+    return table
+
+
+def _p256_mul_add(k1: int, pt1: _AffinePoint, k2: int, pt2: _AffinePoint) -> _JacobianPoint:
+    """Return k1*pt1 + k2*pt2 by interleaved wNAF (Shamir/Straus trick): one shared chain of doublings."""
+    width = _P256_WNAF_WIDTH
+    terms = [(_wnaf(k1, width), _odd_multiples(pt1, width)), (_wnaf(k2, width), _odd_multiples(pt2, width))]
+    acc = _JACOBIAN_INFINITY
+    for i in range(max(len(terms[0][0]), len(terms[1][0])) - 1, -1, -1):
+        acc = _jacobian_double(acc)
+        for digits, table in terms:
+            digit = digits[i] if i < len(digits) else 0
+            if digit > 0:
+                acc = _jacobian_add(acc, table[digit >> 1])
+            elif digit < 0:
+                acc = _jacobian_add(acc, _jacobian_negate(table[(-digit) >> 1]))
+    return acc
+
+
+# -- ECDSA ----------------------------------------------------------------------------------------------
+
+
+def _ecdsa_p256_verify_digest(q: _AffinePoint, r: int, s: int, digest: bytes) -> bool:
+    """Check the ECDSA equation for r, s in [1, n-1] and a 32-byte digest (SEC 1 v2, section 4.1.4)."""
+    e = int.from_bytes(digest, "big") % _P256_N  # 256-bit digest and 256-bit n: no truncation needed.
+    w = pow(s, -1, _P256_N)
+    x, _, z = _p256_mul_add(e * w % _P256_N, (_P256_GX, _P256_GY), r * w % _P256_N, q)
+    if z == 0:
+        return False
+    z_inv = pow(z, -1, _P256_P)
+    return x * z_inv * z_inv % _P256_P % _P256_N == r
+
+
+def verify_signature(
+    public_key_pem: Union[str, bytes, bytearray],
+    signature_der: Union[bytes, bytearray, memoryview],
+    data: Union[bytes, bytearray, memoryview],
+) -> bool:
+    """Verify a DER-encoded ECDSA P-256 / SHA-256 signature of data under a PEM "PUBLIC KEY".
+
+    Return True only for a valid signature. Any malformed key or signature, a key on another
+    curve or of another type, or an argument of the wrong type gives False; no exception is raised.
+    """
+    try:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return False
+        q = _load_public_key(public_key_pem)
+        rs = _parse_der_signature(signature_der)
+        if q is None or rs is None:
+            return False
+        return _ecdsa_p256_verify_digest(q, rs[0], rs[1], hashlib.sha256(data).digest())
+    except Exception:  # Defence in depth: a verifier must answer False, never raise.
+        return False
+
+
+# -- what cosign and sigstore put in a registry, checked offline ------------------------------
+
+MT_SIMPLESIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+MT_SIGSTORE_BUNDLE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+_COSIGN_SIGNATURE = "dev.cosignproject.cosign/signature"
+_COSIGN_TYPE = "cosign container image signature"
+_COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+
+
+def _load_keys(keys: Any) -> List[Union[str, bytes]]:
+    """The public keys given (PEM text or bytes), each checked to be an ECDSA P-256 key."""
+    out = []
+    for i, key in enumerate(keys or ()):
+        if not isinstance(key, (str, bytes)) or _load_public_key(key) is None:
+            raise UsageError("verify key %d is not a PEM ECDSA P-256 public key (as cosign generate-key-pair "
+                             "writes it)" % (i + 1))
+        out.append(key)
+    return out
+
+
+def _same_repository(signed: str, wanted: str) -> bool:
+    """Does a signed ``docker-reference`` name the repository ``wanted`` (REGISTRY/PATH)? Both
+    normalised as references are (docker.io's other spellings included); tag or digest ignored."""
+    def norm(text: str) -> Optional[str]:
+        try:
+            ref = parse_reference(text.strip())
+        except PullError:
+            return None
+        registry = _DOCKER_HUB if ref.registry in ("index.docker.io", _DOCKER_HUB_ENDPOINT) else ref.registry
+        return "%s/%s" % (registry, ref.repository)
+    a, b = norm(signed), norm(wanted)
+    return a is not None and a == b
+
+
+def _dsse_pae(payload_type: str, body: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what a DSSE signature signs."""
+    kind = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(body), body)
+
+
+class _SignatureCheck:
+    """Is an image signed by one of ``keys`` (cosign's ``sha256-HEX.sig`` simple signing, or a
+    sigstore bundle referrer)? Says what it found when not: every reason is kept for the one line."""
+
+    def __init__(self, repo: _Repository, keys: List[Union[str, bytes]], identity: str) -> None:
+        self.repo, self.keys, self.identity = repo, keys, identity
+        self.found: List[str] = []
+        self.known: Dict[str, bool] = {}
+
+    def signed(self, digest: str) -> bool:
+        if digest not in self.known:
+            self.known[digest] = self._cosign(digest) or self._bundles(digest)
+        return self.known[digest]
+
+    def require(self, what: str, digests: List[str]) -> None:
+        """SignatureError (one line: what was found) unless one of ``digests`` is signed."""
+        if any(self.signed(d) for d in digests):
+            return
+        found = list(dict.fromkeys(self.found))
+        raise SignatureError("%s is not signed by %s: %s" % (
+            what, "the key given" if len(self.keys) == 1 else "any of the %d keys given" % len(self.keys),
+            "; ".join(found) if found else "no signature (no sha256-HEX.sig tag, no sigstore bundle referrer)"))
+
+    def _by_key(self, signature: bytes, data: bytes) -> bool:
+        return any(verify_signature(key, signature, data) for key in self.keys)
+
+    def _cosign(self, digest: str) -> bool:
+        tag = digest.replace(":", "-") + ".sig"
+        try:
+            _, data, content_type = self.repo.manifest(tag, what="%s:%s" % (self.repo.name, tag))
+            manifest = parse_manifest(data, content_type, "signature manifest %s" % tag)
+        except NotFound:
+            return False
+        except IntegrityError as e:
+            self.found.append("a signature manifest that cannot be read (%s)" % e)
+            return False
+        for layer in manifest.layers:
+            if layer.media_type != MT_SIMPLESIGNING:
+                continue
+            try:
+                signature = base64.b64decode((layer.annotations or {}).get(_COSIGN_SIGNATURE) or "", validate=True)
+                payload = self.repo.small_blob(layer, "signature payload")
+                critical = _dict_at(_loads_json(payload, "signature payload"), "critical")
+            except (ValueError, PullError) as e:
+                self.found.append("a signature that cannot be read (%s)" % e)
+                continue
+            if not self._by_key(signature, payload):
+                self.found.append("a signature by another key")
+                continue
+            signed_digest = _dict_at(critical, "image").get("docker-manifest-digest")
+            signed_repo = _dict_at(critical, "identity").get("docker-reference")
+            if critical.get("type") != _COSIGN_TYPE:
+                self.found.append("a signed payload of another type (%r)" % _printable(critical.get("type"), 60))
+            elif signed_digest != digest:
+                self.found.append("a signature for another digest (%s)" % _printable(signed_digest, 80))
+            elif not isinstance(signed_repo, str) or not _same_repository(signed_repo, self.identity):
+                self.found.append("a signature for another repository (%s, not %s)"
+                                  % (_printable(signed_repo, 100), self.identity))
+            else:
+                log.info("%s is signed (cosign, %s)", digest, tag)
+                return True
+        if not any(layer.media_type == MT_SIMPLESIGNING for layer in manifest.layers):
+            self.found.append("a %s tag that holds no simple-signing signature" % tag)
+        return False
+
+    def _bundles(self, digest: str) -> bool:
+        for desc in _all_referrers(self.repo, digest):
+            if desc.artifact_type != MT_SIGSTORE_BUNDLE:
+                continue
+            try:
+                _, data, content_type = self.repo.manifest(desc.digest, what="%s@%s" % (self.repo.name, desc.digest))
+                manifest = parse_manifest(data, content_type, "bundle manifest %s" % desc.digest)
+                layer = next((d for d in manifest.layers if d.media_type == MT_SIGSTORE_BUNDLE), None)
+                if layer is None:
+                    raise IntegrityError("no bundle layer")
+                bundle = _loads_json(self.repo.small_blob(layer, "sigstore bundle"), "sigstore bundle")
+                envelope = _dict_at(bundle, "dsseEnvelope")
+                body = base64.b64decode(str(envelope.get("payload") or ""), validate=True)
+                kind = str(envelope.get("payloadType") or "")
+                sigs = [base64.b64decode(str(_as_dict(s).get("sig") or ""), validate=True)
+                        for s in _list_at(envelope, "signatures")]
+            except (ValueError, PullError) as e:
+                self.found.append("a sigstore bundle that cannot be read (%s)" % e)
+                continue
+            if not any(self._by_key(sig, _dsse_pae(kind, body)) for sig in sigs):
+                self.found.append("a sigstore bundle signed by another key")
+                continue
+            try:
+                statement = _loads_json(body, "in-toto statement")
+            except IntegrityError:
+                self.found.append("a sigstore bundle whose statement is not JSON")
+                continue
+            subjects = [_dict_at(_as_dict(s), "digest") for s in _list_at(statement, "subject")]
+            algo, hexpart = digest.split(":", 1)
+            if any(d.get(algo) == hexpart for d in subjects):
+                log.info("%s is signed (sigstore bundle %s)", digest, desc.digest)
+                return True
+            self.found.append("a sigstore bundle for another digest")
+        return False
+
+
+def _all_referrers(repo: _Repository, digest: str) -> List[Descriptor]:
+    """What refers to ``digest``: the OCI 1.1 referrers API, else the referrers tag schema
+    (``sha256-HEX`` holding an index), plus cosign's tags (``sha256-HEX.sig``, ``.att``,
+    ``.sbom``: each a descriptor named by its tag, ``org.opencontainers.image.ref.name``)."""
+    found = repo.referrers(digest)
+    base = digest.replace(":", "-")
+    if found is None:  # no referrers API: the tag schema, as a client pushing to such a registry writes it
+        found = []
+        try:
+            _, data, content_type = repo.manifest(base, accept=MT_OCI_INDEX, what="%s:%s" % (repo.name, base))
+            index = parse_manifest(data, content_type, "referrers index %s" % base)
+            found = list(index.manifests) if index.is_index else []
+        except NotFound:
+            pass
+    for suffix in _COSIGN_SUFFIXES:
+        tag = base + suffix
+        try:
+            d, data, content_type = repo.manifest(tag, what="%s:%s" % (repo.name, tag))
+        except NotFound:
+            continue
+        m = parse_manifest(data, content_type, "%s:%s" % (repo.name, tag))
+        found.append(Descriptor(m.media_type, d, len(data), None, {_REF_NAME: tag}, m.artifact_type))
+    return found
+
+
 # --------------------------------------------------------------------------- Public API
 
 
@@ -4337,6 +4910,7 @@ class PullResult:
     recorded: bool = True
     outputs: Tuple[Tuple[str, str], ...] = ()
     platform_match: str = ""  # "exact", "compatible (...)", "no platform given", "pinned by digest (...)"
+    artifact_type: Optional[str] = None  # set for anything that is not a runnable image (README: artifacts)
 
     @property
     def manifest_path(self) -> str:
@@ -4365,6 +4939,7 @@ class PullResult:
                 + ([("os.version", self.platform.os_version)] if self.platform.os_version else [])
                 + ([("os.features", list(self.platform.os_features))] if self.platform.os_features else [])),
             "platform_match": self.platform_match,
+            "artifact_type": self.artifact_type,
             "config_digest": self.config.digest,
             "config_path": self.config.path,
             "size": self.size,
@@ -4513,6 +5088,9 @@ def pull(
     mirrors: Optional[List[str]] = None,
     timeout: Optional[float] = None,
     overwrite: bool = False,
+    output: Optional[str] = None,
+    verify_keys: Optional[List[Union[str, bytes]]] = None,
+    signed_identity: Optional[str] = None,
 ) -> PullResult:
     """Pull ``reference`` into the store at ``home`` and return a :class:`PullResult`.
 
@@ -4538,11 +5116,18 @@ def pull(
       $REGISTRY_PULL_MIRRORS, comma- or space-separated).
     - ``timeout``: seconds the whole pull may take, else :class:`RegistryError`.
     - ``overwrite``: replace an existing ``docker_archive`` file (refused otherwise).
+    - ``output``: a directory to write each layer with an ``org.opencontainers.image.title``
+      into, as a file of that name (artifacts, as ``oras pull`` does).
+    - ``verify_keys``: PEM ECDSA P-256 public keys (cosign's): the image, or its index, must be
+      signed by one of them (cosign simple signing or a sigstore bundle) for the repository
+      named (``signed_identity``: another repository name to accept), else SignatureError
+      before any blob is fetched.
 
     Raises a :class:`PullError` subclass on failure (its ``exit_code`` is the CLI's); nothing is
     recorded for a failed pull.
     """
     ref, want, jobs = _reference(reference), _platform(platform), _check_jobs(jobs)
+    keys = _load_keys(verify_keys)
     session = _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
                        cancel=cancel, timeout=timeout)
     creds = session.credentials(ref)
@@ -4559,9 +5144,14 @@ def pull(
         stack.enter_context(store.shared(session.attempt()))
         with session:  # one pool for the whole pull: registry, token service, blob CDN, mirrors
             def attempt(client: _Client) -> PullResult:
-                return _Puller(client, store, ref, want, jobs, progress, job).run()
+                check = _SignatureCheck(_Repository(client, ref.repository), keys, signed_identity or ref.name) \
+                    if keys else None
+                return _Puller(client, store, ref, want, jobs, progress, job, signatures=check).run()
             result = _from_mirrors(session, ref, mirror_list, attempt) or attempt(session.client(ref, creds))
         outputs = _write_outputs(result, oci_layout, docker_archive, job, overwrite)
+        if output is not None:
+            export_files(result, output)
+            outputs.append(("output", os.path.abspath(output)))
     return dataclasses.replace(result, outputs=tuple(outputs))
 
 
@@ -4583,6 +5173,9 @@ def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive
                    job: Optional[_RootfsJob], overwrite: bool = False) -> List[Tuple[str, str]]:
     """The pull's outputs, now that the image is verified; the rootfs is put in place last."""
     outputs = []
+    if result.artifact_type is not None and (docker_archive is not None or job is not None):
+        raise UnsupportedError("%s is not a container image (%s): a docker archive or a rootfs needs one"
+                               % (result.reference, _printable(result.artifact_type, 100)))
     try:
         if oci_layout is not None:
             outputs.append(("oci_layout", os.path.abspath(export_oci_layout(result, oci_layout))))
@@ -4727,11 +5320,13 @@ class _Puller:
     blobs in parallel (feeding the rootfs extraction as each lands), then the rows."""
 
     def __init__(self, client: _Client, store: _Store, ref: Reference, want: Platform, jobs: int, progress: Any,
-                 rootfs: Optional[_RootfsJob] = None, start: Optional[Tuple[str, Tuple[str, Manifest]]] = None) -> None:
+                 rootfs: Optional[_RootfsJob] = None, start: Optional[Tuple[str, Tuple[str, Manifest]]] = None,
+                 signatures: Optional[_SignatureCheck] = None) -> None:
         """``start``: (a manifest's digest, (the digest and document of the index listing it)),
-        to pull that entry itself rather than the one the platform rules choose."""
+        to pull that entry itself rather than the one the platform rules choose; ``signatures``:
+        the image (or its index) must be signed, checked before any blob is fetched."""
         self.client, self.store, self.ref, self.want = client, store, ref, want
-        self.start = start
+        self.start, self.signatures = start, signatures
         self.repo = _Repository(client, ref.repository)
         self.jobs, self.progress, self.rootfs = jobs, progress, rootfs
         self._fetched = threading.Condition()  # notified as each blob lands in the store
@@ -4783,6 +5378,11 @@ class _Puller:
             digest, data, manifest = _fetch_manifest(self.repo, store, ref, chosen.digest, seen)
         config, layers = manifest.config, list(manifest.layers)
         assert config is not None
+        if self.signatures is not None:
+            self.signatures.require(str(ref), ([index_digest] if index_digest else []) + [digest])
+        if not manifest.is_image and self.rootfs is not None:
+            raise UnsupportedError("%s is not a container image (%s): it has no root file system to extract"
+                                   % (ref, _printable(manifest.artifact_type or "", 100)))
 
         def mk(d: Descriptor) -> LayerResult:
             return LayerResult(d.digest, d.media_type, d.size, store.path(d.digest))
@@ -4798,13 +5398,17 @@ class _Puller:
         if self.rootfs is not None:
             self.rootfs.wait(self.client.cancel)
 
-        config_doc = _loads_json(store.read(config.digest) or b"", "config")
-        rootfs = config_doc.get("rootfs")
-        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-        if isinstance(diff_ids, list) and len(diff_ids) != len(layers):
-            raise IntegrityError("%s: the manifest has %d layers but the config lists %d diff_ids"
-                                 % (ref, len(layers), len(diff_ids)))
-        plat = _config_platform(config_doc, self.want)
+        if manifest.is_image:
+            config_doc = _loads_json(store.read(config.digest) or b"", "config")
+            rootfs = config_doc.get("rootfs")
+            diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+            if isinstance(diff_ids, list) and len(diff_ids) != len(layers):
+                raise IntegrityError("%s: the manifest has %d layers but the config lists %d diff_ids"
+                                     % (ref, len(layers), len(diff_ids)))
+            plat = _config_platform(config_doc, self.want)
+        else:  # an artifact's config is whatever its type says (often {}): kept, not read
+            config_doc, plat = {}, Platform("", "")
+            platform_match = platform_match or "an artifact (no platform)"
         if index is None and plat.architecture:
             platform_match = self._single_image_match(plat, digest)
         result = PullResult(
@@ -4812,6 +5416,7 @@ class _Puller:
             index_digest=index_digest, index_media_type=index.media_type if index else None, platform=plat,
             config=mk(config), layers=tuple(mk(d) for d in layers), home=store.home,
             manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes, platform_match=platform_match,
+            artifact_type=manifest.artifact_type,
         )
         recorded = store.touch(str(ref), digest) or \
             store.record(result, index.doc if index else None, manifest.doc, config_doc)
@@ -5173,7 +5778,8 @@ _VERBS = {
 }
 # The options that take a value (to find the verb among the arguments, options may come first).
 _VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--username", "--oci-layout",
-           "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p"}
+           "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p", "--output",
+           "--verify-key", "--signed-identity"}
 
 
 class _Formatter(logging.Formatter):
@@ -5191,6 +5797,13 @@ class _ArgumentParser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
     def error(self, message: str) -> Any:
+        # Never repeat a value the user typed after an option that was not understood: it may be
+        # a password (``--pass=s3cret``, ``--password-stdin=s3cret``).
+        message = re.sub(r"ignored explicit argument '.*'", "ignored the value given to it", message)
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            flags = [a.split("=", 1)[0] for a in m.group(1).split() if a.startswith("-")]
+            message = "unrecognized arguments: %s" % (" ".join(flags) or "(values not shown)")
         sys.stderr.write("registry_pull: error: %s (see %s --help)\n" % (_printable(message, 500), self.prog))
         sys.exit(2)
 
@@ -5234,6 +5847,13 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    "an existing FILE is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="let --docker-archive replace an existing FILE")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
+    p.add_argument("--verify-key", metavar="FILE", action="append", help="refuse (exit 8) an image not signed "
+                   "by this public key (PEM, ECDSA P-256, as cosign generate-key-pair writes it; repeatable: any "
+                   "one is enough)")
+    p.add_argument("--signed-identity", metavar="REPO", help="accept signatures made for this repository name "
+                   "(default: the one pulled)")
+    p.add_argument("--output", metavar="DIR", help="also write each layer that has a title annotation as a file "
+                   "under DIR (artifacts, as oras pull does; an existing file is refused)")
     p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
                    help="auto (default): bars on a terminal, else a line per blob and a total every %gs; "
                    "bar, plain, or none" % PROGRESS_INTERVAL)
@@ -5404,8 +6024,16 @@ def _cmd_pull(args: Any) -> int:
                                                        ", layout %s" % args.oci_layout if args.oci_layout else ""))
             sys.stderr.write("".join(_printable("registry_pull: " + ln, 2000) + "\n" for ln in lines))
         return 0
+    keys: List[Union[str, bytes]] = []
+    for path in args.verify_key or []:
+        try:
+            with open(path, "rb") as f:
+                keys.append(f.read(65536))
+        except OSError as e:
+            raise UsageError("cannot read --verify-key %s: %s" % (path, e.strerror or e)) from None
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
-                  rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, **kw)
+                  rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, output=args.output,
+                  verify_keys=keys or None, signed_identity=args.signed_identity, **kw)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
     elif not args.quiet:
@@ -5453,6 +6081,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """The command line (``argv`` without the program name; default sys.argv[1:]): returns the
     exit status (README's table) and never raises, whatever goes wrong."""
     verbose = 0
+    _PARTIAL.clear()  # this command's own downloads, not an earlier main()'s in the same process
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     old_level = log.level

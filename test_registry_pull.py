@@ -394,6 +394,11 @@ class ObjectStore:
         return self
 
 
+# A progress line (README: --progress): "sha256:0123456789ab 3.1 KiB done in 0.0s (67.0 KiB/s)",
+# "... present", or the periodic total "1.2 MiB of 2.0 MiB (60%), 3.0 MiB/s, ETA 1s".
+PROGRESS_LINE = re.compile(r"registry_pull: (sha256:[0-9a-f]{12} \S+ \S+ (done in |present)|\S+ \S+ of \S+ \S+ \(\d+%\), )")
+
+
 class Base(unittest.TestCase):
     def setUp(self):
         self.home = tempfile.mkdtemp(prefix="rp-home-")
@@ -491,7 +496,17 @@ class Base(unittest.TestCase):
     def cli_args(self, *argv):
         return ("--home", self.home, "--platform", "linux/amd64") + argv
 
+    @staticmethod
+    def without_progress(err):
+        """stderr without its progress lines (a line per finished blob, a total every 10 s),
+        which a pull prints where stderr is no terminal."""
+        binary = isinstance(err, bytes)
+        text = err.decode("utf-8", "replace") if binary else err
+        kept = "".join(ln for ln in text.splitlines(True) if not PROGRESS_LINE.match(ln))
+        return kept.encode() if binary else kept
+
     def assertOneErrorLine(self, err):
+        err = self.without_progress(err)
         self.assertTrue(err.startswith("registry_pull: error: "), err)
         self.assertEqual(err.count("\n"), 1, err)
         self.assertNotIn("Traceback", err)
@@ -2108,7 +2123,7 @@ class QuirkTests(Base):
         self.assertStoreHas(img)
         self.assertEqual(len(reg.token_requests), 1)  # cached, not fetched per request
         client = rp._Client(reg.host)
-        token, lifetime = client._fetch_token({"realm": "http://%s/token" % reg.host}, "repository:q/noexp:pull")
+        token, lifetime = client.auth.fetch_token({"realm": "http://%s/token" % reg.host}, "repository:q/noexp:pull")
         self.assertEqual(lifetime, 60.0)
 
     def test_several_challenges_in_one_header(self):
@@ -2198,9 +2213,9 @@ class TrustBoundaryTests(Base):
                 return True
             return False
         reg.fault = challenge
-        real = rp._Client._registry_is_public
-        rp._Client._registry_is_public = lambda client: True  # as if the registry resolved to a public address
-        self.addCleanup(setattr, rp._Client, "_registry_is_public", real)
+        real = rp._Targets.is_public
+        rp._Targets.is_public = lambda targets: True  # as if the registry resolved to a public address
+        self.addCleanup(setattr, rp._Targets, "is_public", real)
         code, out, err = self.main(*self.cli_args(reg.host + "/realm/app:v1"))
         self.assertEqual(code, 3, err)
         self.assertOneErrorLine(err)
@@ -2214,15 +2229,15 @@ class TrustBoundaryTests(Base):
         tokens = self.registry()
         params = {"realm": "http://%s/token" % tokens.host, "service": "test-registry"}
         client = rp._Client("registry.example.com")
-        client._scheme, client._public = "https", False  # an HTTPS registry; the SSRF rule is not what is tested
+        client.scheme, client.targets.public = "https", False  # an HTTPS registry; the SSRF rule is not what is tested
         with self.assertRaises(rp.AuthError) as cm:  # even on loopback, as a redirect from HTTPS to HTTP is
-            client._fetch_token(params, "repository:a/b:pull")
+            client.auth.fetch_token(params, "repository:a/b:pull")
         self.assertIn("realm", str(cm.exception))
         self.assertIn("refused", str(cm.exception))
         self.assertEqual(tokens.log, [])
         client = rp._Client("registry.example.com", insecure=True)
-        client._scheme, client._public = "https", False
-        token, lifetime = client._fetch_token(params, "repository:a/b:pull")
+        client.scheme, client.targets.public = "https", False
+        token, lifetime = client.auth.fetch_token(params, "repository:a/b:pull")
         self.assertTrue(token)
         self.assertEqual(len(tokens.token_requests), 1)
 
@@ -2851,7 +2866,7 @@ class PullTests(Base):
         index_digest = reg.push_index("db/app", "2", images)
         res = self.pull(reg, "db/app:2")
         with contextlib.closing(sqlite3.connect(os.path.join(self.home, "oci.db"))) as conn:
-            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], rp._SCHEMA_VERSION)
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
             row = conn.execute("SELECT id, reference, size_bytes, manifest_digest, index_digest, platform "
                                "FROM images").fetchone()
@@ -2910,9 +2925,14 @@ class PullTests(Base):
         data = json.dumps(doc).encode()
         reg.blobs.update(img.blobs())
         reg.manifests[("art", "v1")] = (rp.MT_OCI_MANIFEST, data)
+        # Not an image: an artifact, pulled as it is; extracting it is refused, naming its type.
+        res = self.pull(reg, "art:v1")
+        self.assertEqual(res.artifact_type, rp.MT_OCI_CONFIG)
+        self.assertStoreHas(img)
         with self.assertRaises(rp.UnsupportedError) as cm:
-            self.pull(reg, "art:v1")
-        self.assertIn("helm", str(cm.exception))
+            self.pull(reg, "art:v1", rootfs=os.path.join(self.home, "root"))
+        self.assertIn("not a container image", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.home, "root")))
 
 
 class HostileInputTests(Base):
@@ -3006,19 +3026,19 @@ class HostileInputTests(Base):
 
     def test_public_registry_redirect_to_private_refused(self):
         client = rp._Client("registry.example.com")
-        client._public, client._scheme = True, "https"  # as if it resolved to a public address
+        client.targets.public, client.scheme = True, "https"  # as if it resolved to a public address
         for url in ("https://127.0.0.1/blob", "https://10.1.2.3/blob", "https://169.254.169.254/latest/meta-data",
                     "https://[::1]/x", "https://192.168.0.10/x", "https://[fd00::1]/x"):
             with self.subTest(case=url):
                 with self.assertRaises(rp.RegistryError) as cm:
-                    client._follow("https://registry.example.com/v2/a/blobs/x", url)
+                    client.targets.follow("https://registry.example.com/v2/a/blobs/x", url)
                 self.assertIn("non-public", str(cm.exception))
-        url, own = client._follow("https://registry.example.com/v2/a/blobs/x", "https://8.8.8.8/x")
+        url, own = client.targets.follow("https://registry.example.com/v2/a/blobs/x", "https://8.8.8.8/x")
         self.assertFalse(own)  # another host: no Authorization goes there
-        url, own = client._follow("https://registry.example.com/v2/a/blobs/x", "/v2/a/blobs/y")
+        url, own = client.targets.follow("https://registry.example.com/v2/a/blobs/x", "/v2/a/blobs/y")
         self.assertTrue(own)
         with self.assertRaises(rp.RegistryError):  # and no downgrade to plain HTTP
-            client._follow("https://registry.example.com/v2/a/blobs/x", "http://8.8.8.8/x")
+            client.targets.follow("https://registry.example.com/v2/a/blobs/x", "http://8.8.8.8/x")
 
     def test_one_digest_with_two_sizes_is_refused(self):
         layer = {"mediaType": LAYER_TYPE["gzip"], "digest": "sha256:" + "a" * 64}
@@ -3372,7 +3392,7 @@ class DatabaseSchemaTests(Base):
         self.pull(reg, "new/app:v1", platform="linux/amd64")
         res = self.pull(reg, "new/app:v1", platform="linux/arm64")
         conn = self.db()
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], rp._SCHEMA_VERSION)
         images = conn.execute("SELECT reference, platform FROM images ORDER BY id").fetchall()
         self.assertEqual(images, [(old_ref, "linux/amd64"), (res.reference, "linux/amd64"),
                                   (res.reference, "linux/arm64/v8")])
@@ -3702,6 +3722,7 @@ class InterruptionTests(Base):
         elapsed = time.monotonic() - start
         self.assertEqual(proc.returncode, 130, err)
         self.assertLess(elapsed, 3.0)  # not the 60 s read timeout
+        err = self.without_progress(err)
         self.assertEqual(err.count(b"\n"), 1, err)
         self.assertTrue(err.startswith(b"registry_pull: error: interrupted"), err)
         self.assertFalse(os.path.exists(final))
@@ -3748,7 +3769,7 @@ class InterruptionTests(Base):
         proc = subprocess.run([sys.executable, "-c", code, *self.cli_args(reg.host + "/full/app:v1")], cwd=HERE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         self.assertEqual(proc.returncode, 7, proc.stderr)
-        self.assertEqual(proc.stderr.count(b"\n"), 1, proc.stderr)
+        self.assertEqual(self.without_progress(proc.stderr).count(b"\n"), 1, proc.stderr)
         self.assertIn(b"File too large", proc.stderr)
         self.assertFalse(os.path.exists(final))
         self.assertEqual(self.image_rows(), [])
@@ -4351,7 +4372,7 @@ class CliTests(Base):
                     argv = ["--home", self.home] + argv
                 got, out, err = self.main(*argv)
                 self.assertEqual(got, code, err)
-                lines = err.splitlines()
+                lines = self.without_progress(err).splitlines()
                 self.assertTrue(lines[-1].startswith("registry_pull: error: "), err)
                 self.assertEqual(err.count("error:"), 1, err)
                 self.assertTrue(all("retrying" in line for line in lines[:-1]), err)  # retries are said
@@ -4433,12 +4454,15 @@ class CliTests(Base):
         self.assertIn("/s", screen)  # the rate
         self.assertIn("[" + "#" * 10, screen)
         self.assertIn("registry_pull: pulled", screen)  # the one-line summary
-        # Not a terminal: no bars, just the summary; -q: nothing at all.
+        # Not a terminal: no bars, a line per blob and the summary; -q: nothing at all.
         shutil.rmtree(os.path.join(self.home, "blobs"))
         code, out, err = self.main(*self.cli_args(reg.host + "/bars/app:v1"))
         self.assertEqual(code, 0)
         self.assertNotIn("\x1b[", err)
-        self.assertEqual(err.count("\n"), 1)
+        self.assertEqual(err.count("\n"), 1 + len(img.layers) + 1, err)
+        for blob in [img.config] + img.layers:
+            self.assertIn("registry_pull: %s " % sha256(blob)[:19], err)
+        self.assertEqual(self.without_progress(err).count("\n"), 1, err)
         code, out, err = self.main("-q", "--home", self.home, "--platform", "linux/amd64", reg.host + "/bars/app:v1")
         self.assertEqual((code, out, err), (0, "", ""))
 
