@@ -89,6 +89,7 @@ __all__ = [
     "export_files",
     "extract_rootfs",
     "inspect",
+    "inspect_raw",
     "list_tags",
     "images",
     "remove",
@@ -122,6 +123,7 @@ MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_OCI_EMPTY = "application/vnd.oci.empty.v1+json"  # the config (and layer) of an artifact with none
 MT_DOCKER_SCHEMA1 = (
     "application/vnd.docker.distribution.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
@@ -2240,7 +2242,7 @@ def parse_manifest(data: bytes, content_type: str = "", what: str = "manifest") 
 # Version 2: an image is a (reference, platform) pair, so two platforms of one tag are two
 # images; a manifest may list the same layer twice (one manifest_layers row per position).
 # Version 3: the hosts table.
-# Version 4: manifests.artifact_type (anything that is not a runnable image).
+# Version 4: manifests.artifact_type (anything that is not a runnable image), the referrers table.
 _SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -2319,6 +2321,17 @@ CREATE TABLE IF NOT EXISTS manifest_layers (
     modified_at DATETIME DEFAULT CURRENT_TIMESTAMP,
     position INTEGER,
     UNIQUE(manifest_id, position)
+);
+-- What was pulled with an image because it refers to it (--referrers: signatures, SBOMs).
+CREATE TABLE IF NOT EXISTS referrers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    subject TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    artifact_type TEXT,
+    tag TEXT,
+    created_at DATETIME DEFAULT CURRENT_TIMESTAMP
 );
 -- What a registry host speaks (never a secret): the next process sends its credentials, or
 -- fetches its token, before the first request instead of after a 401.
@@ -2495,6 +2508,7 @@ class _Store:
                         conn.execute(stmt)
             if 1 <= version < 4:
                 conn.execute("ALTER TABLE manifests ADD COLUMN artifact_type TEXT")
+                conn.execute(next(s for s in statements if s.startswith("CREATE TABLE IF NOT EXISTS referrers ")))
             if 1 <= version < 3:
                 conn.execute(next(s for s in statements if s.startswith("CREATE TABLE IF NOT EXISTS hosts ")))
             conn.execute("PRAGMA user_version = %d" % _SCHEMA_VERSION)
@@ -2686,6 +2700,30 @@ class _Store:
                 self.write_index()
         return n
 
+    def record_referrers(self, reference: str, platform: str, found: List[Tuple[str, Descriptor]]) -> None:
+        """Rows for what was pulled with an image because it refers to it: kept while it is."""
+        now = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        conn = self.connect()
+        if conn is None:
+            return
+        try:
+            with conn:
+                row = conn.execute("SELECT id FROM images WHERE reference = ? AND platform = ?",
+                                   (reference, platform)).fetchone()
+                if row is None:
+                    return
+                conn.execute("DELETE FROM referrers WHERE image_id = ?", (row[0],))
+                for subject, d in found:
+                    conn.execute("INSERT INTO referrers (image_id, subject, digest, media_type, artifact_type, tag,"
+                                 " created_at) VALUES (?,?,?,?,?,?,?)",
+                                 (row[0], subject, d.digest, d.media_type, d.artifact_type,
+                                  (d.annotations or {}).get(_REF_NAME), now))
+        except Exception as e:
+            raise StorageError("cannot record the referrers in %s: %s" % (os.path.join(self.home, "oci.db"), e)) \
+                from None
+        finally:
+            conn.close()
+
     def referenced(self) -> Dict[str, List[str]]:
         """digest -> the references of the images that need it (manifests, indexes, configs,
         layers, and what an image's index lists beside it: attestations and their blobs)."""
@@ -2698,7 +2736,23 @@ class _Store:
             for digest in list(row[1:]) + self._listed(row[2]):
                 if digest and row[0] not in refs.setdefault(digest, []):
                     refs[digest].append(row[0])
+        # What an image's referrers (signatures, SBOMs) need belongs to the image too.
+        for reference, digest in self._query("SELECT i.reference, r.digest FROM referrers r"
+                                             " JOIN images i ON i.id = r.image_id", ()) or []:
+            for d in [digest] + self._blobs_of(digest):
+                if reference not in refs.setdefault(d, []):
+                    refs[d].append(reference)
         return refs
+
+    def _blobs_of(self, digest: str) -> List[str]:
+        """The config and layer digests of a manifest in the store (none if it is absent or no manifest)."""
+        try:
+            data = self.read(digest)
+            doc = _loads_json(data, "manifest") if data else {}
+        except PullError:
+            return []
+        parts = [doc.get("config")] + _list_at(doc, "layers")
+        return [d["digest"] for d in parts if isinstance(d, dict) and isinstance(d.get("digest"), str)]
 
     def _listed(self, index_digest: Optional[str]) -> List[str]:
         """Digests of the manifests an index in the store lists, and of their blobs, where stored."""
@@ -3299,8 +3353,10 @@ def _update_layout_index(dir_fd: int, directory: str, entries: List[dict]) -> No
             index, manifests = {}, []
         except (ValueError, AttributeError, OSError):
             raise StorageError("%s is not a valid OCI index: refusing to overwrite it" % path) from None
-        names = set(e["annotations"][_REF_NAME] for e in entries)
-        manifests = [m for m in manifests if (m.get("annotations") or {}).get(_REF_NAME) not in names]
+        names = set((e.get("annotations") or {}).get(_REF_NAME) for e in entries) - {None}
+        unnamed = set(e["digest"] for e in entries if not (e.get("annotations") or {}).get(_REF_NAME))
+        manifests = [m for m in manifests if (m.get("annotations") or {}).get(_REF_NAME) not in names
+                     and not (m.get("digest") in unnamed and not (m.get("annotations") or {}).get(_REF_NAME))]
         index["manifests"] = manifests + entries
         _write_layout(dir_fd, index)
 
@@ -5091,6 +5147,7 @@ def pull(
     output: Optional[str] = None,
     verify_keys: Optional[List[Union[str, bytes]]] = None,
     signed_identity: Optional[str] = None,
+    referrers: bool = False,
 ) -> PullResult:
     """Pull ``reference`` into the store at ``home`` and return a :class:`PullResult`.
 
@@ -5122,6 +5179,10 @@ def pull(
       signed by one of them (cosign simple signing or a sigstore bundle) for the repository
       named (``signed_identity``: another repository name to accept), else SignatureError
       before any blob is fetched.
+    - ``referrers``: also fetch what refers to the image and its index (signatures, SBOMs,
+      attestations; and what refers to those, 3 levels deep) into the store, kept with the
+      image, and into ``oci_layout`` (each a descriptor with its ``artifactType``; a cosign tag's
+      named by its tag).
 
     Raises a :class:`PullError` subclass on failure (its ``exit_code`` is the CLI's); nothing is
     recorded for a failed pull.
@@ -5148,7 +5209,17 @@ def pull(
                     if keys else None
                 return _Puller(client, store, ref, want, jobs, progress, job, signatures=check).run()
             result = _from_mirrors(session, ref, mirror_list, attempt) or attempt(session.client(ref, creds))
+            found: List[Tuple[str, Descriptor]] = []
+            paths: List[str] = []
+            if referrers:
+                repo = _Repository(session.client(ref, creds), ref.repository)
+                found, paths = _pull_referrers(repo, store, ref, [result.index_digest, result.manifest_digest],
+                                               progress)
+                store.record_referrers(result.reference, str(result.platform), found)
         outputs = _write_outputs(result, oci_layout, docker_archive, job, overwrite)
+        if found and oci_layout is not None:
+            _export_blobs(paths, _split_layout_arg(oci_layout, "latest")[0],
+                          [_descriptor_entry(d) for _, d in found])
         if output is not None:
             export_files(result, output)
             outputs.append(("output", os.path.abspath(output)))
@@ -5167,6 +5238,44 @@ def _from_mirrors(session: _Session, ref: Reference, mirrors: List[Tuple[str, Op
                 raise
             log.warning("mirror %s failed (%s); trying the next", host, e)
     return None
+
+
+MAX_REFERRERS = 1000  # what --referrers fetches for one image, at most
+
+
+def _pull_referrers(repo: _Repository, store: _Store, ref: Reference, subjects: List[Optional[str]],
+                    progress: Any, depth: int = 3) -> Tuple[List[Tuple[str, Descriptor]], List[str]]:
+    """What refers to ``subjects`` (and to those referrers, ``depth`` levels in all), fetched and
+    verified into the store: [(subject, descriptor)] and the paths of every blob."""
+    found: List[Tuple[str, Descriptor]] = []
+    paths: List[str] = []
+    seen: Set[str] = set()
+    todo = [(s, 1) for s in dict.fromkeys(s for s in subjects if s)]
+    while todo:
+        subject, level = todo.pop(0)
+        for d in _all_referrers(repo, subject):
+            if d.digest in seen:
+                continue
+            seen.add(d.digest)
+            if len(seen) > MAX_REFERRERS:
+                raise IntegrityError("%s: more than %d referrers: refused" % (ref, MAX_REFERRERS))
+            paths += _fetch_artifact(repo, store, ref, d, progress)
+            found.append((subject, d))
+            if level < depth:
+                todo.append((d.digest, level + 1))
+    if found:
+        log.info("%s: %d referrers pulled", ref, len(found))
+    return found, paths
+
+
+def _descriptor_entry(d: Descriptor) -> Dict[str, Any]:
+    """An index.json entry for a descriptor, as the registry gave it (artifactType, annotations)."""
+    entry: Dict[str, Any] = {"mediaType": d.media_type, "digest": d.digest, "size": d.size}
+    if d.artifact_type:
+        entry["artifactType"] = d.artifact_type
+    if d.annotations:
+        entry["annotations"] = dict(d.annotations)
+    return entry
 
 
 def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive: Optional[str],
@@ -5529,8 +5638,49 @@ def inspect(reference: Any, *, home: Optional[str] = None, platform: Any = None,
     ref, want = _reference(reference), _platform(platform)
     with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
                   timeout=timeout, store="read") as session:
-        found = _inspected(session.repository(ref), session.store, ref, want)
-    return _inspect_doc(ref, found)
+        repo = session.repository(ref)
+        found = _inspected(repo, session.store, ref, want)
+        doc = _inspect_doc(ref, found)
+        doc["Referrers"] = [_referrer_doc(d, subject)
+                            for subject in dict.fromkeys([found.top, found.digest])
+                            for d in _all_referrers(repo, subject)]
+    return doc
+
+
+def _referrer_doc(desc: Descriptor, subject: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"Subject": subject, "Digest": desc.digest, "MediaType": desc.media_type,
+                           "ArtifactType": desc.artifact_type, "Size": desc.size}
+    if desc.annotations:
+        out["Annotations"] = desc.annotations
+        if desc.annotations.get(_REF_NAME):
+            out["Tag"] = desc.annotations[_REF_NAME]
+    return out
+
+
+def inspect_raw(reference: Any, *, config: bool = False, platform: Any = None, home: Optional[str] = None,
+                insecure: bool = False, ca_file: Optional[str] = None, username: Optional[str] = None,
+                password: Optional[str] = None, timeout: Optional[float] = None) -> bytes:
+    """The manifest (or index) ``reference`` names, byte for byte as served (``inspect --raw``);
+    with ``platform``, that platform's manifest from the index; with ``config``, the chosen
+    platform's config blob (``inspect --config``). Verified; nothing is stored, no layer fetched."""
+    ref = _reference(reference)
+    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+                  timeout=timeout, store="named") as session:
+        repo = session.repository(ref)
+        seen: Set[str] = set()
+        digest, data, manifest = _fetch_manifest(repo, None, ref, ref.ref, seen)
+        depth = 0
+        while manifest.is_index and (platform is not None or config):
+            depth += 1
+            if depth > 4:
+                raise IntegrityError("%s: indexes nested more than 4 deep" % ref)
+            chosen, _ = _choose_platform(list(manifest.manifests), _platform(platform), str(ref))
+            digest, data, manifest = _fetch_manifest(repo, None, ref, chosen.digest, seen)
+        if not config:
+            return data
+        if manifest.config is None:
+            raise UnsupportedError("%s is an index without an image for the platform: it has no config" % ref)
+        return repo.small_blob(manifest.config, "config")
 
 
 class _Inspected:
@@ -5628,15 +5778,19 @@ def list_tags(reference: Any, *, insecure: bool = False, ca_file: Optional[str] 
 
 def referrers(reference: Any, *, artifact_type: Optional[str] = None, insecure: bool = False,
               ca_file: Optional[str] = None, username: Optional[str] = None, password: Optional[str] = None,
-              home: Optional[str] = None) -> Optional[List[Descriptor]]:
-    """The manifests whose ``subject`` is ``reference``'s manifest (it must name a digest), from
-    the OCI 1.1 referrers API, every page; None where the registry has no such API."""
+              home: Optional[str] = None, timeout: Optional[float] = None) -> List[Descriptor]:
+    """What refers to the manifest ``reference`` names (by digest, or by tag: its digest is asked
+    first): the OCI 1.1 referrers API (every page) or, where the registry has none, the
+    referrers tag schema (``sha256-HEX``), plus cosign's ``sha256-HEX.sig``/``.att``/``.sbom``
+    tags (their descriptors carry the tag as ``org.opencontainers.image.ref.name``).
+    ``artifact_type`` keeps only those of that type."""
     ref = _reference(reference)
-    if not ref.digest:
-        raise UsageError("%s: referrers are asked for by digest (NAME@sha256:...)" % ref)
     with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
-                  store="named") as session:
-        return session.repository(ref).referrers(ref.digest, artifact_type)
+                  timeout=timeout, store="named") as session:
+        repo = session.repository(ref)
+        digest = ref.digest or repo.manifest(ref.ref, what=str(ref))[0]
+        found = _all_referrers(repo, digest)
+    return [d for d in found if artifact_type is None or d.artifact_type == artifact_type]
 
 
 def _existing_store(home: Optional[str]) -> Optional[_Store]:
@@ -5847,6 +6001,9 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    "an existing FILE is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="let --docker-archive replace an existing FILE")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
+    p.add_argument("--referrers", action="store_true", help="also fetch what refers to the image (signatures, "
+                   "SBOMs, attestations: OCI referrers, the referrers tag, cosign's tags) into the store and "
+                   "--oci-layout")
     p.add_argument("--verify-key", metavar="FILE", action="append", help="refuse (exit 8) an image not signed "
                    "by this public key (PEM, ECDSA P-256, as cosign generate-key-pair writes it; repeatable: any "
                    "one is enough)")
@@ -5872,6 +6029,11 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
         _registry_options(p)
     if verb in ("pull", "inspect", "rm"):
         _platform_option(p, several=verb == "pull")
+    if verb == "inspect":
+        raw = p.add_mutually_exclusive_group()
+        raw.add_argument("--raw", action="store_true", help="print the manifest or index as served, byte for byte "
+                         "(with --platform: that platform's manifest)")
+        raw.add_argument("--config", action="store_true", help="print the chosen platform's config blob, byte for byte")
     if verb == "pull":
         _pull_options(p)
     return p
@@ -5895,6 +6057,8 @@ def _parser() -> argparse.ArgumentParser:
     one = old.add_mutually_exclusive_group()
     for flag, verb in _LEGACY_ACTIONS:
         one.add_argument(flag, action="store_true", help="= `registry_pull %s`" % verb)
+    old.add_argument("--raw", action="store_true", help="with --inspect: the manifest as served (= inspect --raw)")
+    old.add_argument("--config", action="store_true", help="with --inspect: the config blob (= inspect --config)")
     _common_options(p, "print the result as one JSON object on stdout")
     _registry_options(p)
     _platform_option(p, several=True)
@@ -5972,6 +6136,17 @@ def _cmd_tags(args: Any) -> int:
 
 def _cmd_inspect(args: Any) -> int:
     ref = parse_reference(args.reference)
+    if getattr(args, "raw", False) or getattr(args, "config", False):
+        data = inspect_raw(ref, config=args.config, platform=_one_platform(args), home=args.home,
+                           **_registry_kw(args))
+        sys.stdout.flush()
+        binary = getattr(sys.stdout, "buffer", None)
+        if binary is not None:
+            binary.write(data)
+        else:  # a text stream (an embedding program's): the same bytes, as text
+            sys.stdout.write(data.decode("utf-8", "surrogateescape"))
+        sys.stdout.flush()
+        return 0
     doc = inspect(ref, home=args.home, platform=_one_platform(args), **_registry_kw(args))
     lines = ["%s  %s" % (doc["Name"], doc["Digest"])]
     for entry in (doc.get("Index") or {}).get("Manifests", []):
@@ -5984,6 +6159,8 @@ def _cmd_inspect(args: Any) -> int:
     lines += ["%-9s %s" % (k.lower(), json.dumps(v)) for k, v in sorted(doc["Config"].items()) if v]
     lines += ["env       %s" % e for e in doc["Env"] or []]
     lines += ["label     %s=%s" % kv for kv in sorted((doc["Labels"] or {}).items())]
+    lines += ["referrer  %s %s%s" % (r["Digest"], r.get("ArtifactType") or r["MediaType"],
+                                     " (%s)" % r["Tag"] if r.get("Tag") else "") for r in doc.get("Referrers", [])]
     _out(args, doc, lines)
     return 0
 
@@ -6033,7 +6210,7 @@ def _cmd_pull(args: Any) -> int:
             raise UsageError("cannot read --verify-key %s: %s" % (path, e.strerror or e)) from None
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
                   rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, output=args.output,
-                  verify_keys=keys or None, signed_identity=args.signed_identity, **kw)
+                  verify_keys=keys or None, signed_identity=args.signed_identity, referrers=args.referrers, **kw)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
     elif not args.quiet:
