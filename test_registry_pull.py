@@ -18,6 +18,7 @@ import json
 import os
 import platform as platform_mod
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -521,6 +522,26 @@ class Base(unittest.TestCase):
         self.assertNotIn("internal error", err)
         return last
 
+    def child(self, *argv, timeout=50):
+        """The CLI in a subprocess: (code, stdout without the RSS line, stderr, peak RSS MB, CPU seconds)."""
+        if not os.path.exists("/proc/self/status"):
+            self.skipTest("needs /proc/self/status (Linux) to read the child's peak RSS")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD] + list(argv), cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(end_process, proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            self.fail("the pull took more than %d s (killed)" % timeout)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        lines = out.decode().splitlines()
+        peak = int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else -1.0
+        return proc.returncode, "\n".join(lines[:-1]), err.decode("utf-8", "replace"), peak, cpu
+
 
 REGISTRY_BIN = shutil.which("docker-registry") or shutil.which("registry")
 SKOPEO = shutil.which("skopeo")
@@ -533,6 +554,7 @@ BUILDAH = shutil.which("buildah")
 SETPRIV = shutil.which("setpriv")
 UNSHARE = shutil.which("unshare")
 NOBODY = 65534
+IS_ROOT = os.geteuid() == 0
 
 
 def static_busybox():
@@ -1158,6 +1180,220 @@ def host_state(path):
                     e["content"] = f.read()
             out[os.path.relpath(p, path)] = e
     return out
+
+
+# The CLI in a child process; prints the child's peak RSS (kB, VmHWM: Linux carries ru_maxrss
+# of the forking process across exec) on its last stdout line.
+_CHILD = ("import re, sys, registry_pull as rp; code = rp.main(sys.argv[1:]); "
+          "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(code)")
+
+
+def as_nobody(argv):
+    """``argv`` run as uid/gid 65534 with no supplementary groups (root only)."""
+    return [SETPRIV, "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"] + list(argv)
+
+
+def victim_dir(case):
+    """A root-only (0700) directory holding one file: what an attacker must not reach through us."""
+    victim = tempfile.mkdtemp(prefix="rp-victim-")
+    case.addCleanup(shutil.rmtree, victim, True)
+    path = os.path.join(victim, "passwd")
+    with open(path, "wb") as f:
+        f.write(b"victim secret\n")
+    os.chmod(path, 0o600)
+    os.chmod(victim, 0o700)
+    return victim
+
+
+def raw_image(raw):
+    """An image of one gzip layer made of the uncompressed tar bytes ``raw``."""
+    return Image(layers=[(gzip.compress(raw, 6), sha256(raw))])
+
+
+# Layer 1 makes etc/ and a file; its last entry says it is done.  Layer 2 whites out that file
+# and writes etc/target: both through etc/, which is swapped for a symlink between the layers.
+SWAP_LAYERS = [
+    [("etc", "dir", None, 0o755), ("etc/passwd", "file", b"image passwd\n", 0o644),
+     ("zz-layer1-done", "file", b"", 0o644)],
+    [("etc/.wh.passwd", "file", b"", 0o644), ("etc/target", "file", b"written by layer 2\n", 0o644)],
+]
+
+
+def gnu_sparse_10_layer(segments):
+    """A PAX member in GNU sparse 1.0 form whose map (at the start of its data) lists ``segments`` entries."""
+    mapdata = b"%d\n" % segments + b"1099511627776\n0\n" * segments
+    mapdata += b"\0" * (-len(mapdata) % 512)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("GNUSparseFile.0/f")
+        info.size = len(mapdata)
+        info.mode = 0o644
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "f",
+                            "GNU.sparse.realsize": "1"}
+        tar.addfile(info, io.BytesIO(mapdata))
+    return buf.getvalue()
+
+
+def old_gnu_sparse_layer(blocks):
+    """An old GNU sparse member ('S') followed by ``blocks`` extension blocks of 21 segments each."""
+    info = tarfile.TarInfo("f")
+    info.type, info.mode, info.size = tarfile.GNUTYPE_SPARSE, 0o644, 0
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[482] = 1  # isextended
+    header[483:495] = b"%011o\0" % 1  # realsize
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    struct_ = b"%011o\0%011o\0" % (0o7777777777, 1)
+    ext = struct_ * 21 + b"\0" * (504 - 21 * 24)
+    more, last = ext + b"\1" + b"\0" * 7, ext + b"\0" * 8
+    return bytes(header) + more * (blocks - 1) + last + b"\0" * 1024
+
+
+def deep_layer(*names):
+    """A layer of files each ``depth`` directories deep (no directory entries: all implied)."""
+    return tar_layer([(name, "file", b"x", 0o644) for name in names])
+
+
+def count_dirs(path):
+    """Directories below ``path``, however deep (os.walk recurses, and paths pass PATH_MAX)."""
+    out = subprocess.run(["find", path, "-mindepth", "1", "-type", "d"], stdout=subprocess.PIPE, timeout=30).stdout
+    return out.count(b"\n")
+
+
+CAP = 12.0  # seconds a test waits, at most, for a client that may hang
+
+
+def run_cli(*argv, cap=CAP):
+    """``python3 registry_pull.py ARGV`` in a subprocess, killed after ``cap`` s:
+    (exit code, or None when it was still running; seconds taken; stderr)."""
+    start = time.monotonic()
+    try:
+        p = subprocess.run([sys.executable, os.path.join(HERE, "registry_pull.py")] + list(argv),
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=cap)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr or b""
+        return None, time.monotonic() - start, err.decode("utf-8", "replace") if isinstance(err, bytes) else err
+    return p.returncode, time.monotonic() - start, p.stderr.decode("utf-8", "replace")
+
+
+class RawServer:
+    """A hand-written HTTP/1.1 server on 127.0.0.1, a thread per connection, for answers
+    http.server cannot give. ``answer(conn, method, path, headers, server)`` writes what it
+    likes and returns True to keep the connection for the next request. Everything stops at
+    the test's cleanup, or after LIFETIME seconds whatever happens."""
+
+    LIFETIME = 30.0
+
+    def __init__(self, case, answer):
+        self.answer = answer
+        self.requests = []
+        self.stop = threading.Event()
+        self.until = time.monotonic() + self.LIFETIME
+        self.conns = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(32)
+        self.sock.settimeout(0.1)
+        self.host = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        case.addCleanup(self.close)
+
+    def alive(self):
+        return not self.stop.is_set() and time.monotonic() < self.until
+
+    def _accept(self):
+        while self.alive():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        conn.settimeout(0.2)
+        buf = b""
+        try:
+            while self.alive():
+                try:
+                    data = conn.recv(65536)
+                except socket.timeout:
+                    continue
+                if not data:
+                    return
+                buf += data
+                if buf[:1] == b"\x16":
+                    return  # a TLS hello (the client's HTTPS probe on loopback): not spoken here
+                while b"\r\n\r\n" in buf:
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    lines = head.decode("latin-1").split("\r\n")
+                    method, path = (lines[0].split(" ") + ["", ""])[:2]
+                    headers = {}
+                    for line in lines[1:]:
+                        k, _, v = line.partition(":")
+                        headers[k.strip().lower()] = v.strip()
+                    self.requests.append((method, path))
+                    if not self.answer(conn, method, path, headers, self):
+                        return
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    @staticmethod
+    def reply(conn, status, body=b"", headers=(), head=False):
+        text = "HTTP/1.1 %s\r\n" % status + "".join("%s: %s\r\n" % kv for kv in headers)
+        text += "Content-Length: %d\r\n\r\n" % len(body)
+        conn.sendall(text.encode() + (b"" if head else body))
+        return True
+
+    def keep_sending(self, conn, pieces, interval):
+        """Send each of ``pieces`` (an endless iterator) ``interval`` s apart until stopped or refused."""
+        try:
+            for piece in pieces:
+                if not self.alive():
+                    break
+                conn.sendall(piece)
+                time.sleep(interval)
+        except OSError:
+            pass
+        return False
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+
+def endless(first, then):
+    yield first
+    n = 0
+    while True:
+        n += 1
+        yield then(n)
+
+
+def realm_row(home, host):
+    with sqlite3.connect(os.path.join(home, "oci.db")) as conn:
+        rows = conn.execute("SELECT challenge, realm FROM hosts WHERE host = ?", (host,)).fetchall()
+    return rows[0] if rows else None
+
+
+def store_files(home):
+    d = os.path.join(home, "blobs", "sha256")
+    return set(f for f in os.listdir(d) if re.fullmatch(r"[0-9a-f]{64}", f)) if os.path.isdir(d) else set()
+
+
+def hexes(*digests):
+    return set(d.split(":")[1] for d in digests)
 
 
 # --------------------------------------------------------------------------- references and platforms
@@ -2113,6 +2349,21 @@ class CredentialTests(Base):
         self.assertEqual(form["scope"], ["repository:idt/app:pull"])
         self.assertEqual(auth, "")  # the refresh token goes in the form, not in a Basic header
 
+    def test_missing_creds_store_helper_is_a_warning_for_an_anonymous_pull(self):
+        """config.json naming credsStore "desktop" (not on PATH): a warning, and the anonymous pull succeeds."""
+        if shutil.which("docker-credential-desktop"):
+            self.skipTest("docker-credential-desktop is on PATH here")
+        reg = self.registry()
+        img = reg.push("anon/app", "v1", Image())
+        os.makedirs(os.environ["DOCKER_CONFIG"], exist_ok=True)
+        with open(os.path.join(os.environ["DOCKER_CONFIG"], "config.json"), "w") as f:
+            json.dump({"auths": {}, "credsStore": "desktop"}, f)
+        code, out, err = self.main(*self.cli_args(reg.host + "/anon/app:v1"))
+        self.assertTrue(reg.log, "no request reached the registry")
+        self.assertEqual(code, 0, err)
+        self.assertIn("docker-credential-desktop", err)  # the warning
+        self.assertStoreHas(img)
+
 
 class QuirkTests(Base):
     def test_missing_expires_in_means_60s(self):
@@ -2149,6 +2400,36 @@ class QuirkTests(Base):
         reg.v2_wants_auth = True
         img = reg.push("q/anon", "v1", Image())
         self.pull(reg, "q/anon:v1")
+        self.assertStoreHas(img)
+
+    def test_every_www_authenticate_header_is_read(self):
+        """A 401 with a Basic and a Bearer WWW-Authenticate header: the Bearer one is used, anonymous pull works."""
+        reg = self.registry(auth="bearer")
+        img = reg.push("two/app", "v1", Image())
+
+        def fault(h, method, path):
+            if path == "/token":
+                return False
+            auth = h.headers.get("Authorization", "")
+            tok = auth[7:] if auth.startswith("Bearer ") else None
+            if tok in reg.tokens and time.time() < reg.tokens[tok]:
+                return False
+            m = re.match(r"^/v2/(.+)/(?:manifests|blobs)/", path)
+            scope = ',scope="repository:%s:pull"' % m.group(1) if m else ""
+            body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+            h.send_response(401)
+            h.send_header("WWW-Authenticate", 'Basic realm="%s"' % reg.host)
+            h.send_header("WWW-Authenticate",
+                          'Bearer realm="http://%s/token",service="test-registry"%s' % (reg.host, scope))
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            if method != "HEAD":
+                h.wfile.write(body)
+            return True
+        reg.fault = fault
+        code, out, err = self.main(*self.cli_args(reg.host + "/two/app:v1"))
+        self.assertEqual(code, 0, err)
         self.assertStoreHas(img)
 
 
@@ -2343,6 +2624,103 @@ class TrustBoundaryTests(Base):
                 sent = set(hd.get("Authorization") for m, p, hd in reg.log
                            if p.startswith("/v2/%s/" % repository) and hd.get("Authorization"))
                 self.assertEqual(sent, {"Basic " + entry(user)["auth"]})
+
+
+@unittest.skipIf(sqlite3 is None, "needs the sqlite3 module: the realm is remembered in HOME/oci.db")
+class RememberedRealmTests(Base):
+    """The store's remembered token realm is a hint: credentials go only where this run's
+    registry sends them."""
+
+    def moved_token_service(self):
+        """Pull once with credentials (realm A, the registry's /token); then the registry names
+        realm B (another server) and A is gone (404). Returns (reg, img, B's host, B's log, mark)."""
+        reg = self.registry(auth="bearer")
+        reg.anonymous_tokens = False
+        img = reg.push("realm/app", "v1", Image())
+        self.pull(reg, "realm/app:v1", username="alice", password="s3cret")
+        self.assertEqual(realm_row(self.home, reg.host), ("bearer", "http://%s/token" % reg.host))
+        b_log = []
+
+        class TokenB(QuietHandler):
+            def do_GET(self):
+                auth = self.headers.get("Authorization", "")
+                b_log.append((self.path, auth))
+                if auth.startswith("Basic ") and base64.b64decode(auth[6:]) == b"alice:s3cret":
+                    tok = "b-tok-%d" % len(b_log)
+                    reg.tokens[tok] = time.time() + 300
+                    status, body = 200, json.dumps({"token": tok, "expires_in": 300}).encode()
+                else:
+                    status, body = 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"log in"}]}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        _, b_host = serve(self, TokenB)
+
+        def fault(h, method, path):
+            if path == "/token":  # the old token service moved away
+                h.error(404, "NOT_FOUND", method == "HEAD")
+                return True
+            auth = h.headers.get("Authorization", "")
+            tok = auth[7:] if auth.startswith("Bearer ") else None
+            if path.startswith("/v2/") and not (tok in reg.tokens and time.time() < reg.tokens[tok]):
+                m = re.match(r"^/v2/(.+)/(?:manifests|blobs)/", path)
+                scope = ',scope="repository:%s:pull"' % m.group(1) if m else ""
+                h.error(401, "UNAUTHORIZED", method == "HEAD", {"WWW-Authenticate":
+                        'Bearer realm="http://%s/token",service="test-registry"%s' % (b_host, scope)})
+                return True
+            return False
+        reg.fault = fault
+        return reg, img, b_host, b_log, len(reg.log)
+
+    def test_credentials_go_only_to_the_realm_this_run_was_named(self):
+        """After the registry moved its token service, the remembered realm never gets the credentials."""
+        reg, img, b_host, b_log, mark = self.moved_token_service()
+        try:
+            self.pull(reg, "realm/app:v1", username="alice", password="s3cret")
+        except rp.PullError:
+            pass  # what this test checks is where the credentials went
+        to_a = [(m, p) for m, p, hd in reg.log[mark:] if p.startswith("/token") and "Authorization" in hd]
+        self.assertEqual(to_a, [], "the remembered realm A got the credentials")
+
+    def test_moved_token_service_is_followed_and_remembered(self):
+        """After the registry moved its token service, the pull succeeds with realm B and remembers B."""
+        reg, img, b_host, b_log, mark = self.moved_token_service()
+        res = self.pull(reg, "realm/app:v1", username="alice", password="s3cret")
+        self.assertEqual(res.manifest_digest, img.digest)
+        self.assertTrue(any(a.startswith("Basic ") for _, a in b_log), b_log)
+        self.assertEqual(realm_row(self.home, reg.host), ("bearer", "http://%s/token" % b_host))
+
+
+class PasswordArgumentTests(Base):
+    """A password on the command line."""
+
+    def test_password_argument_is_refused_and_never_echoed(self):
+        """--password s3cret (every spelling, before or after the verb) exits 2 and 's3cret' is in neither
+        stdout nor stderr."""
+        reg = self.registry()
+        reg.push("pw/app", "v1", Image())
+        ref = reg.host + "/pw/app:v1"
+        forms = [["--password", "s3cret", ref], ["-p", "s3cret", ref], ["--password=s3cret", ref], ["-ps3cret", ref],
+                 [ref, "--password", "s3cret"], ["--username", "alice", "--password", "s3cret", ref],
+                 ["pull", "--password", "s3cret", ref], ["inspect", "--password", "s3cret", ref],
+                 ["tags", "--password", "s3cret", reg.host + "/pw/app"]]
+        for argv in forms:
+            with self.subTest(argv=argv):
+                code, out, err = self.main("--home", self.home, *argv)
+                self.assertEqual(code, 2, err)
+                self.assertNotIn("s3cret", out + err)
+                self.assertOneErrorLine(err)
+        self.assertEqual(reg.requests(), [])  # refused before any request
+
+    def test_a_value_given_to_password_stdin_is_never_echoed(self):
+        """--password-stdin=s3cret (a password glued to the flag) exits 2 without 's3cret' on stderr."""
+        code, out, err = self.main("--home", self.home, "--username", "alice", "--password-stdin=s3cret",
+                                   "127.0.0.1:1/pw/app:v1")
+        self.assertEqual(code, 2, err)
+        self.assertNotIn("s3cret", out + err)
 
 
 # --------------------------------------------------------------------------- transport and retries
@@ -2555,6 +2933,71 @@ class FailFastTests(Base):
         code, out, err = self.main(*self.cli_args("--timeout", "2", reg.host + "/drip/man:v1"))
         self.assertEqual(code, 6, err)
         self.assertLess(time.monotonic() - start, 5)
+
+    def test_redirect_to_a_url_http_client_refuses_is_not_retried(self):
+        """A redirect to a URL with a space in it: one attempt, exit 6, one error line."""
+        reg = self.registry()
+        img = reg.push("sp/app", "v1", Image())
+        target = sha256(img.layers[1])
+        reg.fault = lambda h, m, p: m == "GET" and p.endswith(target) and (
+            h.send(307, headers={"Location": "/v2/sp/app/blobs/sha256:abc def"}) or True)
+        code, out, err = self.main(*self.cli_args("--progress", "none", reg.host + "/sp/app:v1"))
+        attempts = [p for m, p in reg.requests("GET") if p.endswith(target)]
+        self.assertEqual(len(attempts), 1, "%d attempts; stderr: %s" % (len(attempts), err[-500:]))
+        self.assertNotIn("retrying", err)
+        self.assertEqual(code, 6, err)
+        self.assertOneErrorLine(err)
+
+    def test_refused_loopback_port_fails_at_once(self):
+        """A loopback port nothing listens on: exit 6 in under 1 s with the real retry waits, one error line."""
+        self.set_constant("RETRY_BASE", 1.0)
+        self.set_constant("RETRY_MAX", 16.0)
+        start = time.monotonic()
+        code, out, err = self.main(*self.cli_args("--timeout", "8", "127.0.0.1:%d/x/app:v1" % free_port()))
+        elapsed = time.monotonic() - start
+        self.assertLess(elapsed, 1.0, err)
+        self.assertEqual(code, 6, err)
+        self.assertOneErrorLine(err)
+
+
+class HttpClientLoopTests(Base):
+    """A server keeps a request inside http.client (interim answers, a dripped header, trailers):
+    --timeout still ends the pull."""
+
+    TIMEOUT = 3
+
+    def pull_from(self, answer_manifest):
+        def answer(conn, method, path, headers, server):
+            if path == "/v2/":
+                return server.reply(conn, "200 OK", b"{}", [("Content-Type", "application/json")], method == "HEAD")
+            if "/manifests/" in path:
+                return answer_manifest(conn, server)
+            return server.reply(conn, "404 Not Found", b'{"errors":[{"code":"NAME_UNKNOWN"}]}', head=method == "HEAD")
+        server = RawServer(self, answer)
+        code, elapsed, err = run_cli("pull", "--home", self.home, "--platform", "linux/amd64",
+                                     "--timeout", str(self.TIMEOUT), server.host + "/slow/app:v1")
+        self.assertTrue(any("/manifests/" in p for _, p in server.requests), server.requests)  # it got that far
+        self.assertIsNotNone(code, "the pull was still running after %.0fs (--timeout %d)" % (CAP, self.TIMEOUT))
+        self.assertLess(elapsed, self.TIMEOUT + 2.5, err)
+        self.assertEqual(code, 6, err)
+
+    def test_endless_100_continue_answers_end_at_the_timeout(self):
+        """Endless `100 Continue` interim answers: the pull fails within --timeout + 2 s, exit 6."""
+        self.pull_from(lambda conn, server: server.keep_sending(
+            conn, endless(b"HTTP/1.1 100 Continue\r\n\r\n", lambda n: b"HTTP/1.1 100 Continue\r\n\r\n"), 0.05))
+
+    def test_dripped_header_line_ends_at_the_timeout(self):
+        """A header line dripped 4 bytes a second: the pull fails within --timeout + 2 s, exit 6."""
+        self.pull_from(lambda conn, server: server.keep_sending(
+            conn, endless(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Drip: ", lambda n: b"a"), 0.25))
+
+    def test_endless_chunked_trailer_ends_at_the_timeout(self):
+        """A chunked body followed by endless trailer lines: the pull fails within --timeout + 2 s, exit 6."""
+        body = b'{"schemaVersion": 2}'
+        first = (b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n"
+                 % (rp.MT_OCI_MANIFEST.encode(), len(body), body))
+        self.pull_from(lambda conn, server: server.keep_sending(
+            conn, endless(first, lambda n: b"X-Trailer-%d: more\r\n" % n), 0.02))
 
 
 class ConnectionTests(Base):
@@ -2842,6 +3285,25 @@ class PullTests(Base):
         self.assertStoreHas(img)
         self.assertIn(("GET", "/v2/nohead/manifests/v1"), reg.requests())
 
+    def warm_repull_with_head(self, status, code_name):
+        reg = self.registry()
+        img = reg.push("head/app", "v1", Image())
+        self.pull(reg, "head/app:v1")
+        mark = len(reg.log)
+        reg.fault = lambda h, m, p: m == "HEAD" and "/manifests/" in p and (h.error(status, code_name, True) or True)
+        code, out, err = self.main(*self.cli_args(reg.host + "/head/app:v1"))
+        self.assertEqual(code, 0, err)
+        self.assertIn(("GET", "/v2/head/app/manifests/v1"), [(m, p) for m, p, _ in reg.log[mark:]])
+        self.assertStoreHas(img)
+
+    def test_warm_repull_falls_back_to_get_when_head_says_404(self):
+        """Manifest HEAD answered 404 while GET works: the warm re-pull falls back to GET and succeeds."""
+        self.warm_repull_with_head(404, "MANIFEST_UNKNOWN")
+
+    def test_warm_repull_falls_back_to_get_when_head_says_403(self):
+        """Manifest HEAD answered 403 while GET works: the warm re-pull falls back to GET and succeeds."""
+        self.warm_repull_with_head(403, "DENIED")
+
     def test_schema1_refused(self):
         reg = self.registry()
         reg.manifests[("old", "v1")] = (rp.MT_DOCKER_SCHEMA1[1], json.dumps(
@@ -3061,6 +3523,104 @@ class HostileInputTests(Base):
         reg.fault = loop
         with self.assertRaises(rp.IntegrityError):
             rp.list_tags(reg.host + "/loop/app", page_size=1)
+
+
+class TagListBoundTests(Base):
+    """A tag listing is bounded and its tags are valid."""
+
+    def endless_pages(self, reg, tags_on_page):
+        def fault(h, method, path):
+            if not path.endswith("/tags/list"):
+                return False
+            n = len(reg.log)
+            body = json.dumps({"name": "x/app", "tags": tags_on_page(n)}).encode()
+            h.send(200, body, {"Content-Type": "application/json",
+                               "Link": '</v2/x/app/tags/list?n=1&last=%d>; rel="next"' % n}, method == "HEAD")
+            return True
+        reg.fault = fault
+
+    def test_endless_empty_pages_are_cut_off(self):
+        """Empty tag pages that each link to a new page: the listing stops by itself (exit 5), soon."""
+        reg = self.registry()
+        self.endless_pages(reg, lambda n: [])
+        code, elapsed, err = run_cli("tags", reg.host + "/x/app")
+        self.assertIsNotNone(code, "still listing after %.0fs: %d pages asked" % (CAP, len(reg.log)))
+        self.assertEqual(code, 5, err)
+
+    def test_page_cap_ends_a_listing_that_never_ends(self):
+        """Pages with one new tag each, forever: MAX_TAG_PAGES (set to 20 here) ends the listing, IntegrityError."""
+        self.set_constant("MAX_TAG_PAGES", 20)  # 10,000 by default: ~8 min at this server's pace
+        reg = self.registry()
+        self.endless_pages(reg, lambda n: ["t%d" % n])
+        outcome = []
+
+        def run():
+            try:
+                outcome.append(rp.list_tags(reg.host + "/x/app", timeout=CAP + 3))  # the safety net
+            except Exception as e:
+                outcome.append(e)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(8)
+        self.assertFalse(t.is_alive(), "still listing after 8s: %d pages asked" % len(reg.log))
+        self.assertIsInstance(outcome[0], rp.IntegrityError)
+        self.assertLessEqual(len(reg.requests("GET")), 30)
+
+    def test_overlong_tag_name_is_refused(self):
+        """A 15 MB tag name in a tag page is refused: tags must match the tag grammar, exit 5."""
+        reg = self.registry()
+        huge = "a" * (15 * 1024 * 1024)
+        body = json.dumps({"name": "x/app", "tags": ["v1", huge]}).encode()
+        reg.fault = lambda h, m, p: p.endswith("/tags/list") and (
+            h.send(200, body, {"Content-Type": "application/json"}, m == "HEAD") or True)
+        code, out, err = self.main("tags", reg.host + "/x/app")
+        self.assertEqual(code, 5, "%s / stdout %d bytes" % (err[:300], len(out)))
+        self.assertOneErrorLine(err)
+
+    def test_link_without_angle_brackets_is_followed(self):
+        """A `Link: /v2/...; rel="next"` without angle brackets is followed to the last page."""
+        reg = self.registry()
+        first, second = ["t%d" % i for i in range(10)], ["t%d" % i for i in range(10, 20)]
+
+        def fault(h, method, path):
+            if not path.endswith("/tags/list"):
+                return False
+            q = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+            if q.get("last") == ["t9"]:
+                h.send(200, json.dumps({"name": "lk/app", "tags": second}).encode(),
+                       {"Content-Type": "application/json"})
+            else:
+                h.send(200, json.dumps({"name": "lk/app", "tags": first}).encode(),
+                       {"Content-Type": "application/json", "Link": '/v2/lk/app/tags/list?n=10&last=t9; rel="next"'})
+            return True
+        reg.fault = fault
+        self.assertEqual(rp.list_tags(reg.host + "/lk/app", timeout=10), first + second)
+
+
+class InspectFetchTests(Base):
+    """inspect fetches a bounded number of documents and writes no store of its own."""
+
+    def test_inspect_of_a_large_index_fetches_a_bounded_number_and_stores_only_what_it_shows(self):
+        """Inspecting a 100-platform index asks at most 40 manifests and stores only index, chosen manifest, config."""
+        reg = self.registry()
+        imgs = [Image(arch="amd64", layers=[make_layer({"a": b"amd64"})])] + [
+            Image(arch="arm64", variant="v%d" % i, layers=[make_layer({"a": b"%d" % i})]) for i in range(99)]
+        top = reg.push_index("many/app", "v1", imgs, attestations=False)
+        doc = rp.inspect(reg.host + "/many/app:v1", home=self.home, platform="linux/amd64", timeout=30)
+        self.assertEqual(doc["ManifestDigest"], imgs[0].digest)
+        gets = reg.requests("GET", "manifests")
+        self.assertLessEqual(len(gets), 40, "inspect asked %d manifests of a 100-entry index" % len(gets))
+        extra = store_files(self.home) - hexes(top, imgs[0].digest, sha256(imgs[0].config))
+        self.assertEqual(len(extra), 0, "%d files stored beyond the index, manifest and config shown" % len(extra))
+
+    def test_inspect_never_makes_a_store(self):
+        """inspect with home= a directory that does not exist works and does not create it."""
+        reg = self.registry()
+        img = reg.push("ro/app", "v1", Image())
+        fresh = os.path.join(self.home, "never-made")
+        doc = rp.inspect(reg.host + "/ro/app:v1", home=fresh, platform="linux/amd64", timeout=30)
+        self.assertEqual(doc["ManifestDigest"], img.digest)
+        self.assertFalse(os.path.exists(fresh), "inspect made a store at %s" % fresh)
 
 
 FUZZ_CASES = int(os.environ.get("RP_FUZZ_CASES", "10000"))
@@ -3498,6 +4058,50 @@ class StoreCareTests(Base):
         self.assertEqual(code, 2, err)
         code, out, err = self.main("--home", self.home, "--inspect")
         self.assertEqual(code, 2, err)
+
+
+class StoreLinkTests(Base):
+    """verify and gc meeting symlinks in HOME/blobs."""
+
+    def test_verify_reports_a_digest_named_symlink_as_corrupt_and_goes_on(self):
+        """verify treats a digest-named symlink as corrupt, still reports the real corrupt blob, exits 5, never
+        touches the link's target."""
+        reg = self.registry()
+        img = reg.push("ver/app", "v1", Image())
+        self.pull(reg, "ver/app:v1")
+        corrupt = sha256(img.layers[1])
+        with open(self.blob_path(corrupt), "r+b") as f:
+            f.write(b"X")
+        victim = os.path.join(victim_dir(self), "passwd")
+        before = host_state(os.path.dirname(victim))
+        planted = "sha256:" + "0" * 64  # sorts first: met before the corrupt blob
+        os.symlink(victim, self.blob_path(planted))
+        code, out, err = self.main("--home", self.home, "verify")
+        self.assertEqual(code, 5, "exit %d: %s" % (code, (out + err).strip()))
+        self.assertIn(planted, out)
+        self.assertIn(corrupt, out)
+        self.assertEqual(host_state(os.path.dirname(victim)), before)
+
+    def test_gc_never_deletes_through_a_symlinked_blob_directory(self):
+        """With HOME/blobs/sha256 a symlink to another directory, gc leaves that directory's 64-hex files alone."""
+        elsewhere = tempfile.mkdtemp(prefix="rp-elsewhere-")
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        files = {}
+        for i in (7, 8):
+            path = os.path.join(elsewhere, "%064x" % i)
+            with open(path, "wb") as f:
+                f.write(b"someone else's file %d\n" % i)
+            files[path] = b"someone else's file %d\n" % i
+        os.makedirs(os.path.join(self.home, "blobs"))
+        os.symlink(elsewhere, os.path.join(self.home, "blobs", "sha256"))
+        code, out, err = self.main("--home", self.home, "gc")
+        for path, data in files.items():
+            self.assertTrue(os.path.exists(path), "gc (exit %d) deleted %s through HOME/blobs/sha256 -> %s: %s"
+                            % (code, os.path.basename(path), elsewhere, (out + err).strip()))
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), data)
+        self.assertIn(code, (0, 7), err)
+        self.assertNotIn("internal error", err)
 
 
 # --------------------------------------------------------------------------- downloads and resume
@@ -4146,6 +4750,98 @@ class RootfsOwnershipTests(Base):
         self.assertLess(peak_mb, 60, "peak RSS %.0f MB for a 200,000-entry layer" % peak_mb)
 
 
+class RootfsExistingDirTests(Base):
+    """An existing DIR someone else controls, and entries resolved through a planted symlink."""
+
+    def swap_between_layers(self, reg, img, rootfs, attack):
+        """A fault: the second layer's blob is served only after layer 1 is extracted into
+        ``rootfs`` and ``attack()`` ran.  Returns a dict recording whether (and how) it ran."""
+        layer2 = sha256(img.layers[1])
+        ran = {}
+
+        def fault(h, method, path):
+            if method == "GET" and path.endswith(layer2) and "result" not in ran:
+                ran["result"] = None
+                if wait_for(lambda: os.path.exists(os.path.join(rootfs, "zz-layer1-done")), timeout=10):
+                    ran["result"] = attack()
+            return False
+        reg.fault = fault
+        return ran
+
+    def assertVictimUnchanged(self, victim, before):
+        after = host_state(victim)
+        if after != before:
+            changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+            self.fail("root changed the victim directory %s through the planted symlink: %s"
+                      % (victim, ", ".join(changed)))
+
+    @unittest.skipUnless(IS_ROOT and SETPRIV, "needs root and setpriv to act as uid 65534")
+    def test_rootfs_dir_owned_by_another_user_is_refused_before_any_write(self):
+        """An existing empty --rootfs DIR owned by another user is refused up front (exit 2, says why); nothing
+        outside DIR changes."""
+        parent = tempfile.mkdtemp(prefix="rp-sticky-")  # as /tmp is: sticky and world-writable
+        self.addCleanup(subprocess.call, ["rm", "-rf", parent])
+        os.chmod(parent, 0o1777)
+        rootfs = os.path.join(parent, "x")
+        os.mkdir(rootfs, 0o755)
+        os.chown(rootfs, NOBODY, NOBODY)
+        victim = victim_dir(self)
+        before = host_state(victim)
+        reg = self.registry()
+        img = reg.push("swap/app", "v1", layered_image(*SWAP_LAYERS))
+
+        def attack():  # uid 65534: move the root-made etc/ aside, plant etc -> the victim directory
+            return subprocess.run(as_nobody(["sh", "-c", 'mv "$1/etc" "$1/etc.moved" && ln -s "$2" "$1/etc"',
+                                             "sh", rootfs, victim]),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=10)
+        ran = self.swap_between_layers(reg, img, rootfs, attack)
+        code, out, err = self.main(*self.cli_args("--rootfs", rootfs, reg.host + "/swap/app:v1"))
+        if ran.get("result") is not None:
+            self.assertEqual(ran["result"].returncode, 0, "the attacker's step failed: %r" % ran["result"].stdout)
+        self.assertVictimUnchanged(victim, before)
+        self.assertEqual(code, 2, "a DIR owned by uid %d was accepted (exit %d): %s" % (NOBODY, code, err))
+        self.assertOneErrorLine(err)
+        self.assertIn(rootfs, err)
+        self.assertRegex(err, r"own|other user|uid")
+        self.assertEqual(reg.requests(kind="blobs"), [])  # refused before any download
+
+    def test_rootfs_dir_writable_by_others_is_refused_up_front(self):
+        """An existing empty --rootfs DIR that other users may write (0777) is refused up front (exit 2, says why)."""
+        rootfs = os.path.join(self.home, "open")
+        os.mkdir(rootfs)
+        os.chmod(rootfs, 0o777)
+        reg = self.registry()
+        reg.push("swap/app", "v1", layered_image(*SWAP_LAYERS))
+        code, out, err = self.main(*self.cli_args("--rootfs", rootfs, reg.host + "/swap/app:v1"))
+        self.assertEqual(code, 2, "a DIR every user may write was accepted (exit %d): %s" % (code, err))
+        self.assertOneErrorLine(err)
+        self.assertIn(rootfs, err)
+        self.assertRegex(err, r"writ")
+        self.assertEqual(reg.requests(kind="blobs"), [])
+        self.assertEqual(os.listdir(rootfs), [])
+
+    def test_directory_swapped_for_a_symlink_between_layers_is_never_followed(self):
+        """A directory of DIR replaced by a symlink to a host dir between layers: later entries and whiteouts
+        never go through it."""
+        rootfs = os.path.join(self.home, "mine")  # owned by the caller, 0755: accepted up front
+        os.mkdir(rootfs, 0o755)
+        victim = victim_dir(self)
+        before = host_state(victim)
+        reg = self.registry()
+        img = reg.push("swap/app", "v1", layered_image(*SWAP_LAYERS))
+
+        def attack():
+            os.rename(os.path.join(rootfs, "etc"), os.path.join(rootfs, "etc.moved"))
+            os.symlink(victim, os.path.join(rootfs, "etc"))
+            return True
+        ran = self.swap_between_layers(reg, img, rootfs, attack)
+        code, out, err = self.main(*self.cli_args("--rootfs", rootfs, reg.host + "/swap/app:v1"))
+        self.assertTrue(ran.get("result"), "layer 1 was never seen extracted: the swap did not happen")
+        self.assertVictimUnchanged(victim, before)
+        self.assertIn(code, (0, 5), err)  # applied inside DIR, or refused: never through the link
+        self.assertNotIn("internal error", err)
+
+
 class ReplacedDirectoryTests(TreeAssertions, Base):
     """A later entry replaces a directory (or a parent of one) whose mode, owner and times were
     left to apply at the end: with a symlink to a host directory, a whiteout, an opaque whiteout.
@@ -4267,6 +4963,71 @@ class ReplacedDirectoryTests(TreeAssertions, Base):
                                     ("x/new", "file", b"n", 0o644)]], expect)
 
 
+class SparseMapTests(Base):
+    """tarfile reads a sparse map whole, however many segments a tiny layer declares."""
+
+    def test_huge_sparse_maps_are_hostile_and_memory_stays_low(self):
+        """A GNU sparse 1.0 map or old GNU extension blocks with millions of segments: exit 5 (hostile), peak
+        RSS < 100 MB."""
+        reg = self.registry()
+        cases = {"gnu-1.0": gnu_sparse_10_layer(1500000), "old-gnu": old_gnu_sparse_layer(60000)}
+        for name, raw in cases.items():
+            with self.subTest(case=name):
+                img = reg.push("sparse/" + name, "v1", raw_image(raw))
+                self.assertLess(len(img.layers[0]), 200000)  # a small layer
+                target = os.path.join(self.home, "rootfs-" + name)
+                code, out, err, peak, cpu = self.child(*self.cli_args("-q", "--rootfs", target,
+                                                                      reg.host + "/sparse/%s:v1" % name), timeout=25)
+                self.assertLess(peak, 100, "peak RSS %.0f MB for a %d-byte layer (exit %d, %.1f s CPU): %s"
+                                % (peak, len(img.layers[0]), code, cpu, err.strip()))
+                self.assertEqual(code, 5, err)
+                self.assertIn("hostile", err)
+                self.assertFalse(os.path.exists(target))
+
+
+class DeepTreeTests(Base):
+    """A few names thousands of levels deep."""
+
+    def test_very_deep_name_is_hostile_and_leaves_nothing(self):
+        """A 2,100-level name is refused as hostile (exit 5, not an internal error) and no directory is left behind."""
+        reg = self.registry()
+        reg.push("deep/2100", "v1", Image(layers=[deep_layer("d/" * 2100 + "f")]))
+        parent = os.path.join(self.home, "out")
+        os.mkdir(parent)
+        target = os.path.join(parent, "rootfs")
+        code, out, err, peak, cpu = self.child(*self.cli_args("-q", "--rootfs", target, reg.host + "/deep/2100:v1"))
+        left = count_dirs(parent)
+        said = "exit %d, %d directories left behind: %s" % (code, left, err.strip())
+        self.assertNotIn("internal error", err, said)
+        self.assertEqual(code, 5, said)
+        self.assertIn("hostile", err)
+        self.assertEqual(left, 0, said)
+
+    def test_deep_names_cost_linear_time_or_are_refused(self):
+        """Two names 1,900 levels deep end within 5 s of CPU: extracted in linear time, or refused as hostile
+        (exit 5)."""
+        reg = self.registry()
+        img = reg.push("deep/1900", "v1", Image(layers=[deep_layer("a/" * 1900 + "f", "b/" * 1900 + "g")]))
+        parent = os.path.join(self.home, "out")
+        os.mkdir(parent)
+        target = os.path.join(parent, "rootfs")
+        code, out, err, peak, cpu = self.child(*self.cli_args("-q", "--rootfs", target, reg.host + "/deep/1900:v1"))
+        self.assertLess(cpu, 5, "%.1f s of CPU for a %d-byte layer (exit %d)" % (cpu, len(img.layers[0]), code))
+        self.assertIn(code, (0, 5), err)
+        if code == 5:
+            self.assertIn("hostile", err)
+            self.assertEqual(os.listdir(parent), [])
+
+    def test_ordinary_depth_is_still_extracted(self):
+        """A 100-level name (deeper than any real image) is still extracted (exit 0)."""
+        reg = self.registry()
+        reg.push("deep/100", "v1", Image(layers=[deep_layer("d/" * 100 + "f")]))
+        target = os.path.join(self.home, "rootfs")
+        code, out, err = self.main(*self.cli_args("-q", "--rootfs", target, reg.host + "/deep/100:v1"))
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.isfile(os.path.join(target, "d/" * 100 + "f")))
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -4320,6 +5081,135 @@ class OutputTests(Base):
             self.assertEqual(cfg, img.config)
             self.assertEqual([tar.extractfile(x).read() for x in manifest[0]["Layers"]], img.layers)
         self.assertEqual([x for x in os.listdir(self.home) if x.startswith(".tmp")], [])
+
+
+class OciLayoutTemporaryTests(Base):
+    """Blobs copied into the layout through BLOB.tmp-PID, a name anyone can predict."""
+
+    def test_oci_layout_never_writes_through_a_planted_temporary_link(self):
+        """Symlinks planted (and re-planted) at BLOB.tmp-PID in the layout never make the export write the
+        victim file."""
+        reg = self.registry()
+        img = reg.push("lay/app", "v1", Image())
+        self.pull(reg, "lay/app:v1")  # the store is warm: each pull below only exports
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        work = tempfile.mkdtemp(prefix="rp-layout-", dir=base)  # another file system: blobs are copied
+        self.addCleanup(subprocess.call, ["rm", "-rf", work])
+        copied = os.stat(work).st_dev != os.stat(self.home).st_dev
+        layout = os.path.join(work, "layout")
+        blobs = os.path.join(layout, "blobs", "sha256")
+        os.makedirs(blobs)
+        victim = os.path.join(victim_dir(self), "passwd")
+        with open(victim, "rb") as f:
+            original = f.read()
+        names = [os.path.join(blobs, "%s.tmp-%d" % (d.split(":")[1], os.getpid()))
+                 for d in [img.digest] + list(img.blobs())]
+        for name in names:
+            os.symlink(victim, name)
+        stop = os.path.join(work, "stop")
+        # The attacker (uid 65534 when we are root: it made the layout directory) keeps planting.
+        planter = [sys.executable, "-c",
+                   "import os, sys\n"
+                   "victim, stop, names = sys.argv[1], sys.argv[2], sys.argv[3:]\n"
+                   "while not os.path.exists(stop):\n"
+                   "    for n in names:\n"
+                   "        try:\n"
+                   "            os.symlink(victim, n)\n"
+                   "        except OSError:\n"
+                   "            pass\n", victim, stop] + names
+        if IS_ROOT and SETPRIV:
+            os.chmod(work, 0o755)
+            subprocess.check_call(["chown", "-R", "%d:%d" % (NOBODY, NOBODY), layout])
+            planter = as_nobody(planter)
+        proc = subprocess.Popen(planter)
+        self.addCleanup(end_process, proc)
+        self.addCleanup(lambda: open(stop, "w").close())
+        time.sleep(0.2)
+        deadline = time.monotonic() + 8
+        tries = 0
+        while time.monotonic() < deadline and tries < 25:
+            tries += 1
+            try:
+                self.pull(reg, "lay/app:v1", oci_layout=layout)
+            except rp.PullError:
+                pass  # refusing is fine; writing the victim is not
+            with open(victim, "rb") as f:
+                now = f.read()
+            if now != original:
+                self.fail("export %d (%s) wrote the victim file through a planted BLOB.tmp-%d link: it now "
+                          "holds %d bytes starting %r" % (tries, "copied: another file system" if copied
+                                                          else "linked", os.getpid(), len(now), now[:8]))
+            for name in os.listdir(blobs):  # export again next time
+                if not name.endswith(".tmp-%d" % os.getpid()):
+                    os.unlink(os.path.join(blobs, name))
+        self.assertEqual(os.stat(victim).st_nlink, 1)
+
+
+class PlatformAllLayoutTests(Base):
+    """`pull --platform all --oci-layout DIR` puts every entry of the index, as listed, in DIR."""
+
+    def layout_has(self, layout, digests):
+        missing = [d for d in digests if not os.path.exists(os.path.join(layout, "blobs", "sha256", d.split(":")[1]))]
+        self.assertEqual(missing, [], "missing from the layout")
+
+    def test_two_entries_for_one_platform_are_both_pulled(self):
+        """Two linux/amd64 entries (e.g. gzip and zstd variants): both manifests and their blobs reach the layout."""
+        reg = self.registry()
+        gz = Image(layers=[make_layer({"v": b"gzip variant"})])
+        other = Image(layers=[make_layer({"v": b"second variant, another digest"})])
+        reg.push_index("dup/app", "v1", [gz, other], attestations=False)
+        layout = os.path.join(self.home, "layout")
+        code, out, err = self.main("pull", "--home", self.home, "--platform", "all", "--oci-layout", layout,
+                                   reg.host + "/dup/app:v1")
+        self.assertEqual(code, 0, err)
+        self.layout_has(layout, [other.digest] + list(other.blobs()))
+        self.layout_has(layout, [gz.digest] + list(gz.blobs()))
+
+    def test_nested_index_is_exported_with_its_images(self):
+        """index -> index -> manifest: the nested index's own blob and the image's blobs reach the layout."""
+        for plat in ({"os": "linux", "architecture": "amd64"}, None):
+            with self.subTest(nested_entry_platform=plat):
+                reg = self.registry()
+                img = reg.push("nest/app", None, Image(layers=[make_layer({"n": repr(plat).encode()})]))
+                nested = make_index([img], attestations=False)
+                reg.manifests[("nest/app", sha256(nested))] = (OCI["index"], nested)
+                entry = {"mediaType": OCI["index"], "digest": sha256(nested), "size": len(nested)}
+                if plat:
+                    entry["platform"] = plat
+                top = json.dumps({"schemaVersion": 2, "mediaType": OCI["index"], "manifests": [entry]}).encode()
+                reg.manifests[("nest/app", "v1")] = (OCI["index"], top)
+                layout = os.path.join(self.home, "layout-%s" % bool(plat))
+                code, out, err = self.main("pull", "--home", self.home, "--platform", "all", "--oci-layout", layout,
+                                           reg.host + "/nest/app:v1")
+                self.assertEqual(code, 0, err)
+                self.layout_has(layout, [sha256(top), sha256(nested), img.digest] + list(img.blobs()))
+
+
+class DockerArchiveTargetTests(Base):
+    """--docker-archive FILE neither clobbers a file nor fails as a bug."""
+
+    def test_existing_file_is_not_overwritten(self):
+        """An existing --docker-archive FILE is refused (exit 2 or 7, a message) and left as it was."""
+        reg = self.registry()
+        reg.push("arc/app", "v1", Image())
+        path = os.path.join(self.home, "precious.tar")
+        with open(path, "wb") as f:
+            f.write(b"precious")
+        code, out, err = self.main(*self.cli_args("--docker-archive", path, reg.host + "/arc/app:v1"))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"precious", "the file was overwritten")
+        self.assertIn(code, (2, 7), err)
+        self.assertIn(path, err)
+
+    def test_missing_directory_is_a_storage_error(self):
+        """--docker-archive in a directory that does not exist: exit 7 and one error line, not an internal error."""
+        reg = self.registry()
+        reg.push("arc/app", "v1", Image())
+        path = os.path.join(self.home, "missing", "img.tar")
+        code, out, err = self.main(*self.cli_args("--progress", "none", "--docker-archive", path,
+                                                  reg.host + "/arc/app:v1"))
+        self.assertEqual(code, 7, err)
+        self.assertOneErrorLine(err)
 
 
 # --------------------------------------------------------------------------- command line
@@ -4508,6 +5398,71 @@ class CliTests(Base):
         self.assertEqual(code, 0, err)
         self.assertNotIn("\x1b", err)
         self.assertIn("\\x1b", err)
+
+
+class MessageTests(Base):
+    """What the command line says, and where."""
+
+    def test_platform_all_summary_goes_to_stderr_with_the_prefix(self):
+        """`pull --platform all` prints its summary on stderr, prefixed `registry_pull:`, as a single pull does."""
+        reg = self.registry()
+        reg.push_index("all/app", "v1", [Image("amd64"), Image("arm64", "v8")], attestations=False)
+        code, out, err = self.main("pull", "--home", self.home, "--platform", "all", reg.host + "/all/app:v1")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, "", "the summary went to stdout")
+        self.assertIn("registry_pull: pulled", err)
+
+    def test_interrupt_does_not_promise_partial_downloads_that_do_not_exist(self):
+        """Ctrl-C while the manifest is awaited (nothing downloaded): exit 130, no word of partial downloads kept."""
+        # A real process and a real SIGINT: the message is about this run, whatever ran before in this process.
+        def answer(conn, method, path, headers, server):
+            if path == "/v2/":
+                return server.reply(conn, "200 OK", b"{}", [("Content-Type", "application/json")], method == "HEAD")
+            while server.alive():  # the manifest never comes
+                time.sleep(0.05)
+            return False
+        server = RawServer(self, answer)
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"), "pull", "--home", self.home,
+                                 "--platform", "linux/amd64", server.host + "/int/app:v1"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        deadline = time.monotonic() + 5
+        while not any("/manifests/" in p for _, p in server.requests) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertTrue(any("/manifests/" in p for _, p in server.requests), server.requests)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=CAP)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            self.fail("still running %.0fs after SIGINT" % CAP)
+        err = err.decode("utf-8", "replace")
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertIn("interrupted", err)
+        self.assertNotIn("partial downloads are kept", err)
+
+    def test_unknown_tag_suggests_listing_tags(self):
+        """A pull of a tag the registry does not know (MANIFEST_UNKNOWN) suggests listing the tags."""
+        reg = self.registry()
+        reg.push("miss/app", "v1", Image())
+        code, out, err = self.main(*self.cli_args(reg.host + "/miss/app:v9"))
+        self.assertEqual(code, 4, err)
+        self.assertIn("tags", err)
+
+    def test_pull_summary_says_where_the_image_went(self):
+        """The pull summary names the store path, or the output written."""
+        reg = self.registry()
+        reg.push("where/app", "v1", Image())
+        archive = os.path.join(self.home, "out.tar")
+        for extra, place in (((), os.path.abspath(self.home)), (("--docker-archive", archive), archive)):
+            with self.subTest(place=place):
+                code, out, err = self.main(*self.cli_args(*(extra + (reg.host + "/where/app:v1",))))
+                self.assertEqual(code, 0, err)
+                summary = [line for line in err.splitlines() if line.startswith("registry_pull: pulled")]
+                self.assertEqual(len(summary), 1, err)
+                self.assertIn(place, summary[0])
 
 
 # --------------------------------------------------------------------------- real tools
