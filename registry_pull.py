@@ -1339,26 +1339,71 @@ def _reason_text(err: object) -> str:
     return _printable(text, 200)
 
 
-def _ssl_context(verify: bool, ca_file: Optional[str], host: str) -> Any:
-    """A TLS context that verifies as Go, curl and skopeo do (or not at all: --insecure)."""
+def _certs_dir(host: str, cert_dir: Optional[str] = None) -> Optional[str]:
+    """The certificate directory for ``host`` (HOST[:PORT]), as containers/image and Docker look
+    it up: ``cert_dir`` itself when given (it replaces the lookup), else the first of
+    $XDG_CONFIG_HOME/containers/certs.d, /etc/containers/certs.d, /etc/docker/certs.d that has
+    a HOST[:PORT] directory (the first found is used, not a merge)."""
+    if cert_dir is not None:
+        if not os.path.isdir(cert_dir):
+            raise UsageError("--cert-dir %s is not a directory" % cert_dir)
+        return cert_dir
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    for base in (os.path.join(config, "containers", "certs.d"), "/etc/containers/certs.d", "/etc/docker/certs.d"):
+        path = os.path.join(base, host)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def _dir_certs(directory: str) -> Tuple[List[str], Optional[Tuple[str, str]]]:
+    """(CA files ``*.crt``, the client pair ``NAME.cert`` + ``NAME.key``) of a certs.d directory."""
+    names = sorted(os.listdir(directory))
+    cas = [os.path.join(directory, n) for n in names if n.endswith(".crt")]
+    pairs = []
+    for n in names:
+        stem = n[:-5] if n.endswith(".cert") else n[:-4] if n.endswith(".key") else None
+        if stem is None:
+            continue
+        other = stem + (".key" if n.endswith(".cert") else ".cert")
+        if other not in names:
+            raise UsageError("%s has %s without %s: a client certificate needs both" % (directory, n, other))
+        if n.endswith(".cert"):
+            pairs.append((os.path.join(directory, n), os.path.join(directory, other)))
+    if len(pairs) > 1:
+        log.warning("%s holds %d client certificates; %s is used", directory, len(pairs), pairs[0][0])
+    return cas, pairs[0] if pairs else None
+
+
+def _ssl_context(verify: bool, ca_file: Optional[str], host: str, certs: Optional[str] = None) -> Any:
+    """A TLS context that verifies as Go, curl and skopeo do (or not at all: --insecure), with
+    the CAs and client certificate of ``certs`` (the host's certs.d directory) where given."""
     try:
         import ssl
     except ImportError:
         raise RegistryError("this Python has no ssl module: HTTPS to %s is impossible" % host) from None
+    cas, pair = _dir_certs(certs) if certs else ([], None)
     if not verify:  # --insecure, by the user's explicit choice
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
-    # Python 3.13 turned on OpenSSL's strict X.509 checks, which refuse private CAs that
-    # Go, curl and skopeo accept (e.g. a non-critical basicConstraints): verify as they do.
-    ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
-    if ca_file:
+    else:
+        ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
+        # Python 3.13 turned on OpenSSL's strict X.509 checks, which refuse private CAs that
+        # Go, curl and skopeo accept (e.g. a non-critical basicConstraints): verify as they do.
+        ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+        sources = [(c, "the CA %s" % c) for c in cas] + ([(ca_file, "--ca-file %s" % ca_file)] if ca_file else [])
+        for path, what in sources:
+            try:
+                ctx.load_verify_locations(cafile=path)
+            except (OSError, ssl.SSLError) as e:
+                raise UsageError("cannot load %s: %s" % (what, e)) from None
+    if pair is not None:  # offered to this host only: each host has a context of its own
         try:
-            ctx.load_verify_locations(cafile=ca_file)
+            ctx.load_cert_chain(pair[0], pair[1])
         except (OSError, ssl.SSLError) as e:
-            raise UsageError("cannot load --ca-file %s: %s" % (ca_file, e)) from None
+            raise UsageError("cannot load the client certificate %s: %s" % (pair[0], e)) from None
+        log.debug("client certificate %s for %s", pair[0], _printable(host, 100))
     return ctx
 
 
@@ -1583,8 +1628,10 @@ class _Client:
 
     def __init__(self, registry: str, *, insecure: bool = False, ca_file: Optional[str] = None,
                  credentials: Optional[Credentials] = None, cancel: Any = None, endpoint: Optional[str] = None,
-                 scheme: Optional[str] = None, mirror: bool = False, pool: Optional[_Pool] = None) -> None:
+                 scheme: Optional[str] = None, mirror: bool = False, pool: Optional[_Pool] = None,
+                 cert_dir: Optional[str] = None) -> None:
         self.registry = registry
+        self.cert_dir = cert_dir  # replaces the certs.d lookup, for the registry's own host only
         self.endpoint = endpoint or (_DOCKER_HUB_ENDPOINT if registry == _DOCKER_HUB else registry)
         self.insecure = insecure
         self.ca_file = ca_file
@@ -1597,8 +1644,9 @@ class _Client:
         self.auth = _Auth(self, credentials)
         self._preconnect = 0  # connections to open as soon as the scheme is known
         self._lock = threading.Lock()
-        self._openers: Dict[Tuple[str, bool, bool], urllib.request.OpenerDirector] = {}
-        self._contexts: Dict[bool, Any] = {}
+        self._openers: Dict[Tuple[str, bool, bool, Optional[str]], urllib.request.OpenerDirector] = {}
+        self._contexts: Dict[Tuple[bool, Optional[str]], Any] = {}
+        self._certs: Dict[str, Optional[str]] = {}
 
     @property
     def credentials(self) -> Optional[Credentials]:
@@ -1606,16 +1654,29 @@ class _Client:
 
     # -- connections ----------------------------------------------------------------
 
-    def _context(self, verify: bool) -> Any:
+    def _host_certs(self, host: str) -> Optional[str]:
+        """The certs.d directory of ``host`` (--cert-dir for the registry itself), cached."""
         with self._lock:
-            if verify not in self._contexts:
-                self._contexts[verify] = _ssl_context(verify, self.ca_file, self.endpoint)
-            return self._contexts[verify]
+            if host not in self._certs:
+                own = host.lower() == self.endpoint.lower()
+                self._certs[host] = _certs_dir(host, self.cert_dir if own else None)
+            return self._certs[host]
+
+    def _context(self, verify: bool, host: str) -> Any:
+        """The TLS context for ``host``: its own where it has a certs.d directory (its CAs and
+        client certificate go to it alone), else one shared by the hosts that have none."""
+        certs = self._host_certs(host)
+        key = (verify, host.lower() if certs else None)
+        with self._lock:
+            if key not in self._contexts:
+                self._contexts[key] = _ssl_context(verify, self.ca_file, host, certs)
+            return self._contexts[key]
 
     def _opener(self, scheme: str, host: str) -> urllib.request.OpenerDirector:
         verify = not (self.insecure and host == self.endpoint)
-        key = (scheme, verify, _is_loopback(host))
-        ctx = self._context(verify) if scheme == "https" else None  # first: without ssl, no HTTPSHandler
+        certs = self._host_certs(host) if scheme == "https" else None
+        key = (scheme, verify, _is_loopback(host), host.lower() if certs else None)
+        ctx = self._context(verify, host) if scheme == "https" else None  # first: without ssl, no HTTPSHandler
         with self._lock:
             opener = self._openers.get(key)
             if opener is None:
@@ -1667,7 +1728,7 @@ class _Client:
             return
         endpoint = self.endpoint
         if scheme == "https":
-            ctx = self._context(not self.insecure)
+            ctx = self._context(not self.insecure, endpoint)
             self.pool.warm(("HTTPSConnection", endpoint, None),
                            lambda: http.client.HTTPSConnection(endpoint, timeout=TIMEOUT, context=ctx), n)
         else:
@@ -5057,11 +5118,11 @@ class _Session:
 
     def __init__(self, home: Optional[str], *, insecure: bool = False, ca_file: Optional[str] = None,
                  username: Optional[str] = None, password: Optional[str] = None, cancel: Any = None,
-                 timeout: Optional[float] = None, store: str = "write") -> None:
+                 timeout: Optional[float] = None, store: str = "write", cert_dir: Optional[str] = None) -> None:
         if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                                         and timeout > 0):
             raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
-        self.insecure, self.ca_file = insecure, ca_file
+        self.insecure, self.ca_file, self.cert_dir = insecure, ca_file, cert_dir
         self.username, self.password = username, password
         self.cancel, self.timeout = cancel, timeout
         self.deadline = time.monotonic() + timeout if timeout else None
@@ -5104,7 +5165,7 @@ class _Session:
         """A client for ``ref``'s registry, starting from what the store remembers of the host."""
         client = _Client(ref.registry, insecure=self.insecure, ca_file=self.ca_file, cancel=self.attempt(),
                          credentials=credentials if credentials is not None else self.credentials(ref),
-                         pool=self.pool)
+                         pool=self.pool, cert_dir=self.cert_dir)
         if self.store is not None:
             client.remembered(self.store.host(client.endpoint))
         return client
@@ -5134,7 +5195,7 @@ def pull(
     jobs: int = 4,
     progress: Optional[Callable[[str, int, int], None]] = None,
     insecure: bool = False,
-    ca_file: Optional[str] = None,
+    ca_file: Optional[str] = None, cert_dir: Optional[str] = None,
     username: Optional[str] = None,
     password: Optional[str] = None,
     cancel: Optional[threading.Event] = None,
@@ -5163,6 +5224,9 @@ def pull(
     - ``insecure``: allow plain HTTP and unverified TLS for this registry (loopback registries
       may use plain HTTP anyway).
     - ``ca_file``: an extra trusted CA bundle (a private CA); SSL_CERT_FILE is honoured too.
+    - ``cert_dir``: the registry's certificate directory (``*.crt`` CAs, a ``NAME.cert`` +
+      ``NAME.key`` client pair), instead of looking in $XDG_CONFIG_HOME/containers/certs.d,
+      /etc/containers/certs.d and /etc/docker/certs.d for a HOST[:PORT] directory.
     - ``username``/``password``: credentials; without them the Podman/Docker files are read.
     - ``cancel``: a :class:`threading.Event`; set it (from another thread) to stop the pull,
       which then raises :class:`Interrupted`. The pull never sets it itself.
@@ -5189,7 +5253,8 @@ def pull(
     """
     ref, want, jobs = _reference(reference), _platform(platform), _check_jobs(jobs)
     keys = _load_keys(verify_keys)
-    session = _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+    session = _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                       password=password,
                        cancel=cancel, timeout=timeout)
     creds = session.credentials(ref)
     if oci_layout is not None:
@@ -5302,6 +5367,7 @@ def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive
 
 def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str] = None, jobs: int = 4,
                    progress: Any = None, insecure: bool = False, ca_file: Optional[str] = None,
+                   cert_dir: Optional[str] = None,
                    username: Optional[str] = None, password: Optional[str] = None,
                    cancel: Optional[threading.Event] = None, oci_layout: Optional[str] = None,
                    timeout: Optional[float] = None) -> Tuple[str, List[PullResult]]:
@@ -5318,7 +5384,8 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
     wants = None if platforms == "all" else [_platform(p) for p in platforms]
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")
-    session = _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+    session = _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                       password=password,
                        cancel=cancel, timeout=timeout)
     store = session.stored()
     results: List[PullResult] = []
@@ -5620,7 +5687,8 @@ def _have_sqlite() -> bool:
 
 
 def inspect(reference: Any, *, home: Optional[str] = None, platform: Any = None, insecure: bool = False,
-            ca_file: Optional[str] = None, username: Optional[str] = None, password: Optional[str] = None,
+            ca_file: Optional[str] = None,
+            cert_dir: Optional[str] = None, username: Optional[str] = None, password: Optional[str] = None,
             timeout: Optional[float] = None) -> Dict[str, Any]:
     """What a pull of ``reference`` would fetch, without fetching a layer (``inspect``).
 
@@ -5636,7 +5704,8 @@ def inspect(reference: Any, *, home: Optional[str] = None, platform: Any = None,
     ``timeout`` as for pull().
     """
     ref, want = _reference(reference), _platform(platform)
-    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+    with _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                  password=password,
                   timeout=timeout, store="read") as session:
         repo = session.repository(ref)
         found = _inspected(repo, session.store, ref, want)
@@ -5658,13 +5727,15 @@ def _referrer_doc(desc: Descriptor, subject: str) -> Dict[str, Any]:
 
 
 def inspect_raw(reference: Any, *, config: bool = False, platform: Any = None, home: Optional[str] = None,
-                insecure: bool = False, ca_file: Optional[str] = None, username: Optional[str] = None,
+                insecure: bool = False, ca_file: Optional[str] = None,
+                cert_dir: Optional[str] = None, username: Optional[str] = None,
                 password: Optional[str] = None, timeout: Optional[float] = None) -> bytes:
     """The manifest (or index) ``reference`` names, byte for byte as served (``inspect --raw``);
     with ``platform``, that platform's manifest from the index; with ``config``, the chosen
     platform's config blob (``inspect --config``). Verified; nothing is stored, no layer fetched."""
     ref = _reference(reference)
-    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+    with _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                  password=password,
                   timeout=timeout, store="named") as session:
         repo = session.repository(ref)
         seen: Set[str] = set()
@@ -5764,20 +5835,22 @@ def _inspect_doc(ref: Reference, found: _Inspected) -> Dict[str, Any]:
     return out
 
 
-def list_tags(reference: Any, *, insecure: bool = False, ca_file: Optional[str] = None,
+def list_tags(reference: Any, *, insecure: bool = False, ca_file: Optional[str] = None, cert_dir: Optional[str] = None,
               username: Optional[str] = None, password: Optional[str] = None, page_size: int = 1000,
               home: Optional[str] = None, timeout: Optional[float] = None) -> List[str]:
     """Every tag of a repository (``tags``), following the registry's pagination (``?n=`` and
     the ``Link`` header, on the registry's own host only) to the end. The store is read (what
     it remembers of the host) only when ``home`` is given; ``timeout`` as for pull()."""
     ref = _reference(reference)
-    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+    with _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                  password=password,
                   timeout=timeout, store="named") as session:
         return session.repository(ref).tags(page_size)
 
 
 def referrers(reference: Any, *, artifact_type: Optional[str] = None, insecure: bool = False,
-              ca_file: Optional[str] = None, username: Optional[str] = None, password: Optional[str] = None,
+              ca_file: Optional[str] = None,
+              cert_dir: Optional[str] = None, username: Optional[str] = None, password: Optional[str] = None,
               home: Optional[str] = None, timeout: Optional[float] = None) -> List[Descriptor]:
     """What refers to the manifest ``reference`` names (by digest, or by tag: its digest is asked
     first): the OCI 1.1 referrers API (every page) or, where the registry has none, the
@@ -5785,7 +5858,8 @@ def referrers(reference: Any, *, artifact_type: Optional[str] = None, insecure: 
     tags (their descriptors carry the tag as ``org.opencontainers.image.ref.name``).
     ``artifact_type`` keeps only those of that type."""
     ref = _reference(reference)
-    with _Session(home, insecure=insecure, ca_file=ca_file, username=username, password=password,
+    with _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                  password=password,
                   timeout=timeout, store="named") as session:
         repo = session.repository(ref)
         digest = ref.digest or repo.manifest(ref.ref, what=str(ref))[0]
@@ -5931,7 +6005,7 @@ _VERBS = {
     "verify": "hash every blob again; remove the corrupt ones and name the images they break (exit 5 if any)",
 }
 # The options that take a value (to find the verb among the arguments, options may come first).
-_VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--username", "--oci-layout",
+_VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--cert-dir", "--username", "--oci-layout",
            "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p", "--output",
            "--verify-key", "--signed-identity"}
 
@@ -5974,6 +6048,9 @@ def _registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow plain HTTP and unverified TLS for this registry (loopback may use HTTP anyway)")
     p.add_argument("--ca-file", metavar="FILE", help="extra trusted CA bundle (besides SSL_CERT_FILE)")
+    p.add_argument("--cert-dir", metavar="DIR", help="the registry's certificates: *.crt CAs and a NAME.cert + "
+                   "NAME.key client pair (default: certs.d/HOST[:PORT] of $XDG_CONFIG_HOME/containers, "
+                   "/etc/containers, /etc/docker)")
     p.add_argument("--username", metavar="USER", help="registry user name (password from --password-stdin)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     # Refused whatever follows it (a password in argv is in the shell history and `ps`).
@@ -6094,8 +6171,8 @@ def _out(args: Any, doc: Any, lines: List[str]) -> None:
 
 
 def _registry_kw(args: Any) -> Dict[str, Any]:
-    return dict(insecure=args.insecure, ca_file=args.ca_file, username=args.username, password=args.password,
-                timeout=args.timeout)
+    return dict(insecure=args.insecure, ca_file=args.ca_file, cert_dir=args.cert_dir, username=args.username,
+                password=args.password, timeout=args.timeout)
 
 
 def _cmd_images(args: Any) -> int:

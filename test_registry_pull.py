@@ -7,6 +7,7 @@ faults; tests that need the real CNCF Distribution registry and skopeo skip with
 when those programs are absent.
 """
 
+import ast
 import base64
 import contextlib
 import glob
@@ -35,6 +36,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import typing
 import unittest
 import urllib.parse
 
@@ -664,7 +666,7 @@ def make_ca(directory, critical=True):
 class Distribution:
     """The real CNCF Distribution registry on 127.0.0.1, with a generated config."""
 
-    def __init__(self, case, tls=None, htpasswd=None, silly_realm=None, proxy_of=None):
+    def __init__(self, case, tls=None, htpasswd=None, silly_realm=None, proxy_of=None, client_ca=None):
         self.case = case
         self.dir = tempfile.mkdtemp(prefix="rp-dist-")
         case.addCleanup(shutil.rmtree, self.dir, True)
@@ -674,6 +676,8 @@ class Distribution:
         http_cfg = {"addr": self.host}
         if tls:
             http_cfg["tls"] = {"certificate": tls[1], "key": tls[2]}
+            if client_ca:  # mTLS: a client certificate signed by this CA, or no connection
+                http_cfg["tls"]["clientcas"] = [client_ca]
         config = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
                   "storage": {"filesystem": {"rootdirectory": os.path.join(self.dir, "data")},
                               "delete": {"enabled": True}},
@@ -714,7 +718,7 @@ class Distribution:
                 self.proc.kill()
                 self.proc.wait()
 
-    def push(self, name, images, tag="v1", with_index=False, docker_format=False, creds=None):
+    def push(self, name, images, tag="v1", with_index=False, docker_format=False, creds=None, cert_dir=None):
         layout = tempfile.mkdtemp(prefix="rp-layout-")
         self.case.addCleanup(shutil.rmtree, layout, True)
         write_oci_layout(layout, tag, images, with_index)
@@ -725,6 +729,8 @@ class Distribution:
             cmd += ["--format", "v2s2"]
         if creds:
             cmd += ["--dest-creds", creds]
+        if cert_dir:
+            cmd += ["--dest-cert-dir", cert_dir]
         cmd += ["oci:%s:%s" % (layout, tag), "docker://%s/%s:%s" % (self.host, name, tag)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
         if proc.returncode != 0:
@@ -1394,6 +1400,361 @@ def store_files(home):
 
 def hexes(*digests):
     return set(d.split(":")[1] for d in digests)
+
+
+WYCHEPROOF = os.path.join(HERE, "..", "shared", "testdata", "wycheproof", "ecdsa_secp256r1_sha256_test.json")
+# A few of Project Wycheproof's ECDSA P-256 / SHA-256 cases (Apache 2.0), for where its folder is absent:
+# (public key PEM, message hex, DER signature hex, valid, note).
+WYCHEPROOF_CASES = [
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEBKrsc2NXJvIT+4qeZNo7hjLkFJWp\n"
+        "RNAEW1IuunJA+tWH2TFXmKqjpboBd1eHztBeqve04J/IHW0apUboNl1SXQ==\n"
+        "-----END PUBLIC KEY-----\n",
+        "",
+        "3045022100b292a619339f6e567a305c951c0dcbcc42d16e47f219f9e98e76e09d8770b34a02200177e60492c5a8242f"
+        "76f07bfe3661bde59ec2a17ce5bd2dab2abebdf89a62e2",
+        True,
+        "wycheproof 0.9rc5 tcId 1 [ValidSignature] pseudorandom signature",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKSexBRK64+3c/kZ4KBKLrSkDJpkZ\n"
+        "9whgacjE32xzKDjHeHlk6qwA5ZIfsUmKYPRgZ2az2WhQAVWNGpdOc0FRPg==\n"
+        "-----END PUBLIC KEY-----\n",
+        "313233343030",
+        "30814502202ba3a8be6b94d5ec80a6d9d1190a436effe50d85a1eee859b8cc6af9bd5c2e18022100b329f479a2bbd0a5"
+        "c384ee1493b1f5186a87139cac5df4087c134b49156847db",
+        False,
+        "wycheproof 0.9rc5 tcId 8 [BerEncodedSignature] length of sequence [r, s] uses long form encoding",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKSexBRK64+3c/kZ4KBKLrSkDJpkZ\n"
+        "9whgacjE32xzKDjHeHlk6qwA5ZIfsUmKYPRgZ2az2WhQAVWNGpdOc0FRPg==\n"
+        "-----END PUBLIC KEY-----\n",
+        "313233343030",
+        "308002202ba3a8be6b94d5ec80a6d9d1190a436effe50d85a1eee859b8cc6af9bd5c2e18022100b329f479a2bbd0a5c3"
+        "84ee1493b1f5186a87139cac5df4087c134b49156847db0000",
+        False,
+        "wycheproof 0.9rc5 tcId 48 [BerEncodedSignature] indefinite length",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKSexBRK64+3c/kZ4KBKLrSkDJpkZ\n"
+        "9whgacjE32xzKDjHeHlk6qwA5ZIfsUmKYPRgZ2az2WhQAVWNGpdOc0FRPg==\n"
+        "-----END PUBLIC KEY-----\n",
+        "313233343030",
+        "30450220d45c5741946b2a137f59262ee6f5bc91001af27a5e1117a64733950642a3d1e8022100b329f479a2bbd0a5c3"
+        "84ee1493b1f5186a87139cac5df4087c134b49156847db",
+        False,
+        "wycheproof 0.9rc5 tcId 155 [ModifiedInteger] replaced r by -r",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKSexBRK64+3c/kZ4KBKLrSkDJpkZ\n"
+        "9whgacjE32xzKDjHeHlk6qwA5ZIfsUmKYPRgZ2az2WhQAVWNGpdOc0FRPg==\n"
+        "-----END PUBLIC KEY-----\n",
+        "313233343030",
+        "3006020100020100",
+        False,
+        "wycheproof 0.9rc5 tcId 168 [InvalidSignature] Signature with special case values r=0 and s=0",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKSexBRK64+3c/kZ4KBKLrSkDJpkZ\n"
+        "9whgacjE32xzKDjHeHlk6qwA5ZIfsUmKYPRgZ2az2WhQAVWNGpdOc0FRPg==\n"
+        "-----END PUBLIC KEY-----\n",
+        "313233343030",
+        "3026020101022100ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551",
+        False,
+        "wycheproof 0.9rc5 tcId 179 [InvalidSignature] Signature with special case values r=1 and s=n",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKSexBRK64+3c/kZ4KBKLrSkDJpkZ\n"
+        "9whgacjE32xzKDjHeHlk6qwA5ZIfsUmKYPRgZ2az2WhQAVWNGpdOc0FRPg==\n"
+        "-----END PUBLIC KEY-----\n",
+        "3639383139",
+        "3044022064a1aab5000d0e804f3e2fc02bdee9be8ff312334e2ba16d11547c97711c898e02206af015971cc30be6d1a2"
+        "06d4e013e0997772a2f91d73286ffd683b9bb2cf4f1b",
+        True,
+        "wycheproof 0.9rc5 tcId 295 [EdgeCaseShamirMultiplication] Edge case for Shamir multiplication",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEtTPUaV3VuMXgd1flXm5Rb34siPoC\n"
+        "OeI/YOjsB91w8ocbE07ljMWDJ4RWhj8zw6hdiB99SjmFAUPinU6vAJr+Rw==\n"
+        "-----END PUBLIC KEY-----\n",
+        "313233343030",
+        "304402207fffffff800000007fffffffffffffffde737d56d38bcf4279dce5617e3192a8022055555555000000005555"
+        "5555555555553ef7a8e48d07df81a693439654210c70",
+        False,
+        "wycheproof 0.9rc5 tcId 392 [PointDuplication,ArithmeticError] point at infinity during verify",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEJk15ag2rmzdtNO6m/il93hx7c+U5\n"
+        "RLyWyPHopoULtsnPUwgCDu1GDGSd2uYdTvi7eZWBE/EGvvr08Yh20SpeZA==\n"
+        "-----END PUBLIC KEY-----\n",
+        "68656c6c6f2c20776f726c64",
+        "3046022100ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632556022100ffffffff00000000"
+        "ffffffffffffffffbce6faada7179e84f3b9cac2fc63254e",
+        False,
+        "wycheproof 0.9rc5 tcId 477 [ArithmeticError] r = 5 + n, x = 5 is invalid; r was not reduced mod n",
+    ),
+    (
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEziTJkDLVKsbq0jwK4+xo70HlGigf\n"
+        "1FeAjIMTbX3M6Q6PehVLVR6fOcWSeTV6pJGypivevCu3hhOIP8cpNsBX4A==\n"
+        "-----END PUBLIC KEY-----\n",
+        "68656c6c6f2c20776f726c64",
+        "3026020103022100ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc63254e",
+        True,
+        "wycheproof 0.9rc5 tcId 479 [ValidSignature] r = 3, x = n + 3 is the smallest possible x with a reduction",
+    ),
+]
+
+
+class Artifact:
+    """An OCI 1.1 artifact built in memory: an artifactType, the empty config, titled layers."""
+
+    EMPTY = b"{}"
+
+    def __init__(self, files, artifact_type="application/vnd.example.thing.v1", subject=None,
+                 layer_type="application/vnd.example.file.v1", config=None, config_type=rp.MT_OCI_EMPTY,
+                 annotations=None, with_artifact_type=True):
+        self.files = dict(files)
+        self.config = self.EMPTY if config is None else config
+        self.blobs_ = {sha256(self.config): self.config}
+        layers = []
+        for name, data in self.files.items():
+            self.blobs_[sha256(data)] = data
+            layer = {"mediaType": layer_type, "digest": sha256(data), "size": len(data)}
+            if name is not None:
+                layer["annotations"] = {"org.opencontainers.image.title": name}
+            layers.append(layer)
+        doc = {"schemaVersion": 2, "mediaType": rp.MT_OCI_MANIFEST,
+               "config": {"mediaType": config_type, "digest": sha256(self.config), "size": len(self.config)},
+               "layers": layers}
+        if with_artifact_type:
+            doc["artifactType"] = artifact_type
+        if subject is not None:
+            doc["subject"] = subject
+        if annotations:
+            doc["annotations"] = annotations
+        self.manifest = json.dumps(doc).encode()
+        self.digest = sha256(self.manifest)
+        self.artifact_type = artifact_type
+
+    def blobs(self):
+        return dict(self.blobs_)
+
+    def descriptor(self):
+        return {"mediaType": rp.MT_OCI_MANIFEST, "digest": self.digest, "size": len(self.manifest),
+                "artifactType": self.artifact_type}
+
+
+def serve_tags(reg, repo):
+    """A fault answering the tag list of ``repo`` from the registry's manifests (other paths: None)."""
+    def fault(h, method, path):
+        if path != "/v2/%s/tags/list" % repo:
+            return False
+        tags = sorted(t for (r, t) in reg.manifests if r == repo and not t.startswith("sha256:"))
+        h.send(200, json.dumps({"name": repo, "tags": tags}).encode(), {"Content-Type": "application/json"})
+        return True
+    return fault
+
+
+def push_artifact(reg, repo, tag, art):
+    reg.blobs.update(art.blobs())
+    reg.manifests[(repo, art.digest)] = (rp.MT_OCI_MANIFEST, art.manifest)
+    if tag:
+        reg.manifests[(repo, tag)] = (rp.MT_OCI_MANIFEST, art.manifest)
+    return art
+
+
+class Keys:
+    """ECDSA P-256 key pairs made with openssl, and signatures in cosign's exact layout."""
+
+    def __init__(self, case):
+        if not OPENSSL:
+            case.skipTest("openssl is not installed")
+        self.case = case
+        self.dir = tempfile.mkdtemp(prefix="rp-keys-")
+        case.addCleanup(shutil.rmtree, self.dir, True)
+        self.n = 0
+
+    def pair(self):
+        self.n += 1
+        key = os.path.join(self.dir, "k%d.pem" % self.n)
+        pub = os.path.join(self.dir, "k%d.pub" % self.n)
+        subprocess.run([OPENSSL, "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-out", key], check=True)
+        subprocess.run([OPENSSL, "ec", "-in", key, "-pubout", "-out", pub], check=True, stderr=subprocess.DEVNULL)
+        return key, pub
+
+    def sign(self, key, data):
+        path = os.path.join(self.dir, "data-%d" % time.monotonic_ns())
+        with open(path, "wb") as f:
+            f.write(data)
+        return subprocess.run([OPENSSL, "dgst", "-sha256", "-sign", key, path], check=True,
+                              stdout=subprocess.PIPE).stdout
+
+    def cosign(self, reg, repo, digest, key, identity, payload=None, signed_bytes=None, kind=None):
+        """Push a cosign simple-signing signature of ``digest`` to tag sha256-HEX.sig."""
+        if payload is None:
+            payload = json.dumps({"critical": {"identity": {"docker-reference": identity},
+                                               "image": {"docker-manifest-digest": digest},
+                                               "type": kind or "cosign container image signature"},
+                                  "optional": None}).encode()
+        sig = self.sign(key, payload if signed_bytes is None else signed_bytes)
+        config = json.dumps({"architecture": "", "os": "",
+                             "rootfs": {"type": "layers", "diff_ids": [sha256(payload)]}}).encode()
+        doc = {"schemaVersion": 2, "mediaType": rp.MT_OCI_MANIFEST,
+               "config": {"mediaType": rp.MT_OCI_CONFIG, "digest": sha256(config), "size": len(config)},
+               "layers": [{"mediaType": rp.MT_SIMPLESIGNING, "digest": sha256(payload), "size": len(payload),
+                           "annotations": {"dev.cosignproject.cosign/signature": base64.b64encode(sig).decode()}}]}
+        data = json.dumps(doc).encode()
+        reg.blobs.update({sha256(config): config, sha256(payload): payload})
+        tag = digest.replace(":", "-") + ".sig"
+        reg.manifests[(repo, tag)] = (rp.MT_OCI_MANIFEST, data)
+        reg.manifests[(repo, sha256(data))] = (rp.MT_OCI_MANIFEST, data)
+        return sha256(data), data
+
+    def bundle(self, key, digest, subject_digest=None):
+        """A sigstore bundle (v0.3) whose DSSE envelope, signed by ``key``, states ``digest``."""
+        statement = json.dumps({"_type": "https://in-toto.io/Statement/v1",
+                                "subject": [{"name": "img",
+                                             "digest": {"sha256": (subject_digest or digest).split(":")[1]}}],
+                                "predicateType": "https://sigstore.dev/cosign/sign/v1", "predicate": {}}).encode()
+        kind = "application/vnd.in-toto+json"
+        pae = b"DSSEv1 %d %s %d %s" % (len(kind), kind.encode(), len(statement), statement)
+        sig = self.sign(key, pae)
+        return json.dumps({"mediaType": rp.MT_SIGSTORE_BUNDLE, "dsseEnvelope": {
+            "payload": base64.b64encode(statement).decode(), "payloadType": kind,
+            "signatures": [{"sig": base64.b64encode(sig).decode()}]}}).encode()
+
+
+def referrers_api(reg, page_size=None, ignore_filter=False):
+    """A fault serving the OCI 1.1 referrers API from the registry's manifests (those with a subject)."""
+    served = []
+
+    def fault(h, method, path):
+        m = re.match(r"^/v2/(.+)/referrers/(sha256:[0-9a-f]{64})$", path)
+        if not m:
+            return False
+        repo, digest = m.groups()
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+        want = query.get("artifactType", [None])[0]
+        entries = []
+        for (r, ref), (mt, data) in sorted(reg.manifests.items()):
+            if r != repo or not ref.startswith("sha256:"):
+                continue
+            doc = json.loads(data)
+            if (doc.get("subject") or {}).get("digest") != digest:
+                continue
+            kind = doc.get("artifactType") or doc["config"]["mediaType"]
+            if want and not ignore_filter and kind != want:
+                continue
+            entries.append({"mediaType": mt, "digest": ref, "size": len(data), "artifactType": kind,
+                            "annotations": doc.get("annotations") or {}})
+        start = int(query.get("last", ["0"])[0])
+        headers = {"Content-Type": rp.MT_OCI_INDEX}
+        page = entries[start:start + page_size] if page_size else entries
+        if page_size and start + page_size < len(entries):
+            headers["Link"] = '</v2/%s/referrers/%s?last=%d%s>; rel="next"' % (
+                repo, digest, start + page_size, "&artifactType=" + want if want else "")
+        if want and not ignore_filter:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        served.append(path)
+        h.send(200, json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX, "manifests": page}).encode(),
+               headers)
+        return True
+    reg.fault = fault
+    return served
+
+
+def push_documents(host, repo, blobs, manifests):
+    """Push blobs, then (reference, media type, bytes) manifests, to a plain-HTTP registry as the
+    distribution spec says (POST an upload, PUT it with ?digest=; PUT each manifest)."""
+    import http.client
+    conn = http.client.HTTPConnection(host, timeout=30)
+    try:
+        for digest, data in blobs.items():
+            conn.request("POST", "/v2/%s/blobs/uploads/" % repo, body=b"", headers={"Content-Length": "0"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 202, resp.status
+            location = resp.getheader("Location")
+            parts = urllib.parse.urlsplit(location)
+            url = parts.path + "?" + (parts.query + "&" if parts.query else "") + "digest=" + digest
+            conn.request("PUT", url, body=data, headers={"Content-Type": "application/octet-stream"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 201, (resp.status, digest)
+        for ref, media_type, data in manifests:
+            conn.request("PUT", "/v2/%s/manifests/%s" % (repo, ref), body=data, headers={"Content-Type": media_type})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 201, (resp.status, ref, body[:300])
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- the module itself
+
+
+class StructureTests(unittest.TestCase):
+    SOURCE = os.path.join(HERE, "registry_pull.py")
+
+    def test_type_hints_of_every_public_name(self):
+        """typing.get_type_hints works on every function and class in __all__ (as on 3.8)."""
+        checked = 0
+        for name in rp.__all__:
+            obj = getattr(rp, name)
+            if callable(obj):
+                typing.get_type_hints(obj)
+                checked += 1
+        self.assertGreater(checked, 30)
+        self.assertEqual(typing.get_type_hints(rp.pull)["return"], rp.PullResult)
+        self.assertEqual(typing.get_type_hints(rp.PullResult)["platform"], rp.Platform)
+
+    def test_no_type_comments_and_no_private_reach(self):
+        """No '# type:' comments; no _name of another object used outside its own class."""
+        with open(self.SOURCE, encoding="utf-8") as f:
+            source = f.read()
+        self.assertNotIn("# type:", source)
+        found = []
+
+        class Visit(ast.NodeVisitor):
+            classes = []
+
+            def visit_ClassDef(self, node):
+                self.classes.append(node.name)
+                self.generic_visit(node)
+                self.classes.pop()
+
+            def visit_Attribute(self, node):
+                name, value = node.attr, node.value
+                if name.startswith("_") and not (name.startswith("__") and name.endswith("__")):
+                    own = isinstance(value, ast.Name) and (value.id in ("self", "cls") or
+                                                           (self.classes and value.id == self.classes[-1]))
+                    parent = isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super"
+                    if not (own or parent):
+                        found.append((node.lineno, name))
+                self.generic_visit(node)
+        Visit().visit(ast.parse(source))
+        self.assertEqual(found, [])
+        self.assertNotIn("TYPE_CHECKING", rp.__dict__)
+
+    def test_version_and_changelog(self):
+        self.assertRegex(rp.__version__, r"^\d+\.\d+\.\d+$")
+        path = os.path.join(HERE, "CHANGELOG.md")
+        if not os.path.exists(path):
+            self.skipTest("CHANGELOG.md is not beside the module (a vendored copy)")
+        with open(path, encoding="utf-8") as f:
+            newest = next(ln for ln in f if ln.startswith("## "))
+        self.assertIn(rp.__version__, newest)
 
 
 # --------------------------------------------------------------------------- references and platforms
@@ -3684,6 +4045,148 @@ class FuzzTests(unittest.TestCase):
         self.fuzz(st.tuples(blobs, types), check)
 
 
+class ArtifactTests(Base):
+    def test_an_artifact_is_pulled_recorded_and_written_out(self):
+        reg = self.registry()
+        art = push_artifact(reg, "art/chart", "v1", Artifact({"chart.tgz": b"tgz" * 1000, "dir/values.yaml": b"a: 1\n"}))
+        out_dir = os.path.join(self.home, "out")
+        layout = os.path.join(self.home, "layout")
+        res = self.pull(reg, "art/chart:v1", output=out_dir, oci_layout=layout)
+        self.assertEqual(res.artifact_type, "application/vnd.example.thing.v1")
+        with open(os.path.join(out_dir, "chart.tgz"), "rb") as f:
+            self.assertEqual(f.read(), b"tgz" * 1000)
+        with open(os.path.join(out_dir, "dir", "values.yaml"), "rb") as f:
+            self.assertEqual(f.read(), b"a: 1\n")
+        with open(os.path.join(layout, "blobs", "sha256", art.digest.split(":")[1]), "rb") as f:
+            self.assertEqual(f.read(), art.manifest)  # unchanged
+        with contextlib.closing(sqlite3.connect(os.path.join(self.home, "oci.db"))) as conn:
+            rows = conn.execute("SELECT artifact_type FROM manifests").fetchall()
+        self.assertEqual(rows, [("application/vnd.example.thing.v1",)])
+        # Again: every file exists now, and a pulled file never replaces one.
+        code, out, err = self.main(*self.cli_args("--output", out_dir, reg.host + "/art/chart:v1"))
+        self.assertEqual(code, 7, err)
+        self.assertIn("exists", err)
+
+    def test_titles_are_checked_as_tar_names(self):
+        reg = self.registry()
+        for title in ("../escape", "/etc/passwd", "a/../../b"):
+            with self.subTest(title=title):
+                push_artifact(reg, "art/evil", "v1", Artifact({title: b"x"}))
+                code, out, err = self.main(*self.cli_args("--output", os.path.join(self.home, "o"),
+                                                          reg.host + "/art/evil:v1"))
+                self.assertEqual(code, 5, err)
+        outside = tempfile.mkdtemp(prefix="rp-outside-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        out_dir = os.path.join(self.home, "linked")
+        os.makedirs(out_dir)
+        os.symlink(outside, os.path.join(out_dir, "sub"))
+        push_artifact(reg, "art/link", "v1", Artifact({"sub/file": b"x"}))
+        code, out, err = self.main(*self.cli_args("--output", out_dir, reg.host + "/art/link:v1"))
+        self.assertEqual(code, 5, err)
+        self.assertEqual(os.listdir(outside), [])
+
+    def test_rootfs_and_docker_archive_refuse_an_artifact(self):
+        reg = self.registry()
+        push_artifact(reg, "art/thing", "v1", Artifact({"f": b"x"}))
+        for flag in ("--rootfs", "--docker-archive"):
+            with self.subTest(flag=flag):
+                target = os.path.join(self.home, "t" + flag)
+                code, out, err = self.main(*self.cli_args(flag, target, reg.host + "/art/thing:v1"))
+                self.assertEqual(code, 1, err)
+                self.assertIn("application/vnd.example.thing.v1", err)
+                self.assertFalse(os.path.exists(target))
+
+    def test_raw_documents_byte_for_byte(self):
+        reg = self.registry()
+        images = [Image("amd64"), Image("arm64", "v8")]
+        index = reg.push_index("raw/app", "v1", images)
+        ref = reg.host + "/raw/app:v1"
+        served = reg.manifests[("raw/app", "v1")][1]
+        for argv, want in ((["--raw"], served), (["--raw", "--platform", "linux/arm64"], images[1].manifest),
+                           (["--config", "--platform", "linux/arm64"], images[1].config)):
+            with self.subTest(argv=argv):
+                proc = subprocess.run([sys.executable, os.path.join(HERE, "registry_pull.py"), "inspect", "--home",
+                                       self.home, *argv, ref], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      timeout=60)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(proc.stdout, want)  # exactly: no newline added
+        code, out, err = self.main("--home", self.home, "--inspect", "--raw", ref)  # the old spelling
+        self.assertEqual((code, out.encode()), (0, served), err)
+        self.assertFalse(os.path.exists(os.path.join(self.home, "blobs")))  # nothing stored
+        self.assertEqual(len(reg.requests("GET", "blobs")), 1)  # the config only, no layer
+        self.assertEqual(index, sha256(served))
+
+
+class ReferrersTests(Base):
+    def subject_with_referrers(self, reg, n=3):
+        img = reg.push("ref/app", "v1", Image())
+        subject = {"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest)}
+        arts = [push_artifact(reg, "ref/app", None, Artifact({"sbom-%d.json" % i: b"{}%d" % i}, subject=subject,
+                                                              artifact_type="application/spdx+json" if i % 2 else
+                                                              "application/vnd.example.note"))
+                for i in range(n)]
+        return img, arts
+
+    def test_the_api_every_page_and_the_filter(self):
+        reg = self.registry()
+        img, arts = self.subject_with_referrers(reg, 5)
+        served = referrers_api(reg, page_size=2)
+        found = rp.referrers(reg.host + "/ref/app@" + img.digest)
+        self.assertEqual(sorted(d.digest for d in found), sorted(a.digest for a in arts))
+        self.assertEqual(len(served), 3)  # 2 + 2 + 1
+        spdx = rp.referrers(reg.host + "/ref/app:v1", artifact_type="application/spdx+json")
+        self.assertEqual(sorted(d.digest for d in spdx), sorted(a.digest for a in arts[1::2]))
+        referrers_api(reg, ignore_filter=True)  # a registry that ignores the filter: filtered here
+        spdx = rp.referrers(reg.host + "/ref/app:v1", artifact_type="application/spdx+json")
+        self.assertEqual(sorted(d.digest for d in spdx), sorted(a.digest for a in arts[1::2]))
+
+    def test_without_the_api_the_tag_schema_and_cosign_tags(self):
+        reg = self.registry()
+        img, arts = self.subject_with_referrers(reg, 2)
+        tag = img.digest.replace(":", "-")
+        index = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX,
+                            "manifests": [a.descriptor() for a in arts]}).encode()
+        reg.manifests[("ref/app", tag)] = (rp.MT_OCI_INDEX, index)
+        keys = Keys(self)
+        key, _ = keys.pair()
+        sig_digest, _ = keys.cosign(reg, "ref/app", img.digest, key, reg.host + "/ref/app")
+        found = rp.referrers(reg.host + "/ref/app@" + img.digest)
+        self.assertEqual(sorted(d.digest for d in found), sorted([a.digest for a in arts] + [sig_digest]))
+        sig = next(d for d in found if d.digest == sig_digest)
+        self.assertEqual(sig.annotations[rp._REF_NAME], tag + ".sig")
+        code, out, err = self.main("inspect", "--json", "--home", self.home, reg.host + "/ref/app:v1")
+        self.assertEqual(code, 0, err)
+        listed = json.loads(out)["Referrers"]
+        self.assertEqual(sorted(r["Digest"] for r in listed), sorted(d.digest for d in found))
+        self.assertEqual([r["Tag"] for r in listed if "Tag" in r], [tag + ".sig"])
+
+    def test_pull_referrers_into_the_store_and_the_layout(self):
+        reg = self.registry()
+        img, arts = self.subject_with_referrers(reg, 2)
+        referrers_api(reg)
+        keys = Keys(self)
+        key, _ = keys.pair()
+        sig_digest, _ = keys.cosign(reg, "ref/app", img.digest, key, reg.host + "/ref/app")
+        layout = os.path.join(self.home, "layout")
+        code, out, err = self.main(*self.cli_args("--referrers", "--oci-layout", layout, reg.host + "/ref/app:v1"))
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(layout, "index.json")) as f:
+            entries = json.load(f)["manifests"]
+        by_digest = dict((e["digest"], e) for e in entries)
+        for a in arts:
+            self.assertEqual(by_digest[a.digest]["artifactType"], a.artifact_type)
+            self.assertTrue(os.path.exists(os.path.join(layout, "blobs", "sha256", a.digest.split(":")[1])))
+        tag = img.digest.replace(":", "-") + ".sig"
+        self.assertEqual(by_digest[sig_digest]["annotations"][rp._REF_NAME], tag)
+        # They belong to the image: gc keeps them; rm and gc remove them.
+        self.assertEqual(self.main("gc", "--home", self.home)[0], 0)
+        for a in arts:
+            self.assertTrue(os.path.exists(os.path.join(self.home, "blobs", "sha256", a.digest.split(":")[1])))
+        self.assertEqual(self.main("rm", "--home", self.home, reg.host + "/ref/app:v1")[0], 0)
+        self.assertEqual(self.main("gc", "--home", self.home)[0], 0)
+        self.assertEqual(os.listdir(os.path.join(self.home, "blobs", "sha256")), [])
+
+
 # --------------------------------------------------------------------------- store and schema
 
 
@@ -4414,6 +4917,173 @@ class InterruptionTests(Base):
         self.assertEqual(code, 7, err)
         self.assertIn("cannot write to the store", err)
         self.assertEqual(reg.log, [])
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+class EcdsaTests(unittest.TestCase):
+    def test_embedded_wycheproof_cases(self):
+        for pem, msg, sig, valid, note in WYCHEPROOF_CASES:
+            with self.subTest(case=note):
+                self.assertIs(rp.verify_signature(pem, bytes.fromhex(sig), bytes.fromhex(msg)), valid)
+
+    def test_every_wycheproof_vector(self):
+        """True for every valid case, False for every invalid one (acceptable: either)."""
+        if not os.path.exists(WYCHEPROOF):
+            self.skipTest("the Wycheproof vectors are not beside the clone (%s)" % WYCHEPROOF)
+        with open(WYCHEPROOF) as f:
+            suite = json.load(f)
+        counts = {"valid": 0, "invalid": 0}
+        for group in suite["testGroups"]:
+            pem = group["publicKeyPem"]
+            for case in group["tests"]:
+                got = rp.verify_signature(pem, bytes.fromhex(case["sig"]), bytes.fromhex(case["msg"]))
+                if case["result"] == "valid":
+                    self.assertTrue(got, case["tcId"])
+                elif case["result"] == "invalid":
+                    self.assertFalse(got, case["tcId"])
+                counts[case["result"]] = counts.get(case["result"], 0) + 1
+        self.assertGreater(counts["valid"], 100)
+        self.assertGreater(counts["invalid"], 200)
+
+    def test_openssl_keys_and_malformed_input(self):
+        keys = Keys(self)
+        key, pub = keys.pair()
+        other, other_pub = keys.pair()
+        with open(pub, "rb") as f:
+            pem = f.read()
+        sig = keys.sign(key, b"payload")
+        self.assertTrue(rp.verify_signature(pem, sig, b"payload"))
+        self.assertTrue(rp.verify_signature(pem.decode(), sig, b"payload"))
+        self.assertFalse(rp.verify_signature(pem, sig, b"payload!"))
+        self.assertFalse(rp.verify_signature(open(other_pub, "rb").read(), sig, b"payload"))
+        self.assertFalse(rp.verify_signature(pem, sig[:-1], b"payload"))
+        for junk in (b"", b"not a key", pem[:40], None, 42):
+            self.assertFalse(rp.verify_signature(junk, sig, b"payload"))
+        self.assertFalse(rp.verify_signature(pem, "text", b"payload"))
+
+
+class SignedPullTests(Base):
+    def signed(self, keys, key, repo="team/prod", identity=None, **kw):
+        reg = self.registry()
+        img = reg.push(repo, "v1", Image())
+        keys.cosign(reg, repo, img.digest, key, identity or "%s/%s" % (reg.host, repo), **kw)
+        return reg, img
+
+    def verify_pull(self, reg, repo, pub, *extra):
+        layout, root = os.path.join(self.home, "layout"), os.path.join(self.home, "root")
+        code, out, err = self.main(*self.cli_args("--verify-key", pub, "--oci-layout", layout, "--rootfs", root,
+                                                  *extra, "%s/%s:v1" % (reg.host, repo)))
+        return code, err, layout, root
+
+    def assertRefused(self, code, err, layout, root, why):
+        self.assertEqual(code, 8, err)
+        self.assertOneErrorLine(err)
+        self.assertIn(why, err)
+        self.assertFalse(os.path.exists(layout))
+        self.assertFalse(os.path.exists(root))
+        self.assertEqual(self.image_rows(), [])
+
+    def test_a_good_signature_passes(self):
+        keys = Keys(self)
+        key, pub = keys.pair()
+        reg, img = self.signed(keys, key)
+        code, err, layout, root = self.verify_pull(reg, "team/prod", pub)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.isdir(root))
+        self.assertEqual(len(self.image_rows()), 1)
+
+    def test_any_one_of_several_keys_is_enough(self):
+        keys = Keys(self)
+        key, pub = keys.pair()
+        _, other_pub = keys.pair()
+        reg, img = self.signed(keys, key)
+        code, err, _, _ = self.verify_pull(reg, "team/prod", other_pub, "--verify-key", pub)
+        self.assertEqual(code, 0, err)
+
+    def test_what_is_refused(self):
+        keys = Keys(self)
+        key, pub = keys.pair()
+        other, _ = keys.pair()
+        cases = [
+            ("tampered payload", dict(signed_bytes=b"something else"), "another key"),
+            ("another key", dict(key=other), "another key"),
+            ("another digest", dict(digest="sha256:" + "1" * 64), "another digest"),
+            ("another repository", dict(identity="REG/team/debug"), "another repository"),
+            ("another type", dict(kind="cosign container image attestation"), "another type"),
+        ]
+        for name, kw, why in cases:
+            with self.subTest(case=name):
+                reg = self.registry()
+                img = reg.push("team/prod", "v1", Image())
+                identity = kw.pop("identity", "REG/team/prod").replace("REG", reg.host)
+                signing_key = kw.pop("key", key)
+                digest = kw.pop("digest", img.digest)
+                if digest != img.digest:  # a real signature, for another image, under this image's tag
+                    _, data = keys.cosign(reg, "team/prod", digest, signing_key, identity)
+                    reg.manifests[("team/prod", img.digest.replace(":", "-") + ".sig")] = (rp.MT_OCI_MANIFEST, data)
+                else:
+                    keys.cosign(reg, "team/prod", img.digest, signing_key, identity, **kw)
+                code, err, layout, root = self.verify_pull(reg, "team/prod", pub)
+                self.assertRefused(code, err, layout, root, why)
+                shutil.rmtree(self.home)
+                os.makedirs(self.home)
+
+    def test_no_signature_at_all(self):
+        keys = Keys(self)
+        _, pub = keys.pair()
+        reg = self.registry()
+        reg.push("team/prod", "v1", Image())
+        code, err, layout, root = self.verify_pull(reg, "team/prod", pub)
+        self.assertRefused(code, err, layout, root, "no signature")
+
+    def test_signed_identity_accepts_the_upstream_name(self):
+        """A copy in a private registry keeps its upstream signature: --signed-identity accepts it."""
+        keys = Keys(self)
+        key, pub = keys.pair()
+        reg, img = self.signed(keys, key, identity="docker.io/library/alpine")
+        code, err, layout, root = self.verify_pull(reg, "team/prod", pub)
+        self.assertRefused(code, err, layout, root, "another repository")
+        code, err, layout, root = self.verify_pull(reg, "team/prod", pub, "--signed-identity", "alpine")
+        self.assertEqual(code, 0, err)
+
+    def test_a_signed_index_covers_the_image_it_names(self):
+        keys = Keys(self)
+        key, pub = keys.pair()
+        reg = self.registry()
+        images = [Image("amd64"), Image("arm64", "v8")]
+        index = reg.push_index("team/multi", "v1", images)
+        keys.cosign(reg, "team/multi", index, key, "%s/team/multi" % reg.host)
+        code, err, _, _ = self.verify_pull(reg, "team/multi", pub)
+        self.assertEqual(code, 0, err)
+
+    def test_a_sigstore_bundle_referrer(self):
+        keys = Keys(self)
+        key, pub = keys.pair()
+        other, _ = keys.pair()
+        for signer, code_wanted in ((other, 8), (key, 0)):
+            with self.subTest(signer="right key" if signer == key else "other key"):
+                reg = self.registry()
+                img = reg.push("team/prod", "v1", Image())
+                bundle = keys.bundle(signer, img.digest)
+                art = Artifact({None: bundle}, artifact_type=rp.MT_SIGSTORE_BUNDLE, layer_type=rp.MT_SIGSTORE_BUNDLE,
+                               subject={"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest,
+                                        "size": len(img.manifest)})
+                push_artifact(reg, "team/prod", None, art)
+                referrers_api(reg)
+                code, err, layout, root = self.verify_pull(reg, "team/prod", pub)
+                self.assertEqual(code, code_wanted, err)
+                shutil.rmtree(self.home)
+                os.makedirs(self.home)
+
+    def test_a_bad_key_file_is_a_usage_error(self):
+        path = os.path.join(self.home, "k.pub")
+        with open(path, "w") as f:
+            f.write("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+        code, out, err = self.main(*self.cli_args("--verify-key", path, "127.0.0.1:1/x:y"))
+        self.assertEqual(code, 2, err)
+        self.assertIn("P-256", err)
 
 
 # --------------------------------------------------------------------------- rootfs
@@ -5465,6 +6135,140 @@ class MessageTests(Base):
                 self.assertIn(place, summary[0])
 
 
+class VerbTests(Base):
+    def test_every_verb_works(self):
+        reg = self.registry()
+        img = reg.push("verb/app", "v1", Image())
+        reg.push("verb/app", "v2", img)
+        ref = reg.host + "/verb/app:v1"
+        reg.fault = serve_tags(reg, "verb/app")
+        code, out, err = self.main("--home", self.home, "pull", "--platform", "linux/amd64", ref)
+        self.assertEqual(code, 0, err)
+        self.assertStoreHas(img)
+        code, out, err = self.main("inspect", "--json", "--home", self.home, ref)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["Digest"], img.digest)
+        code, out, err = self.main("tags", reg.host + "/verb/app")
+        self.assertEqual((code, sorted(out.split())), (0, ["v1", "v2"]), err)
+        code, out, err = self.main("images", "--home", self.home)
+        self.assertEqual(code, 0, err)
+        self.assertIn("REFERENCE", out.splitlines()[0])  # a header line
+        self.assertIn(ref, out)
+        code, out, err = self.main("verify", "--home", self.home)
+        self.assertEqual((code, out.strip()), (0, "every blob is what its digest says"), err)
+        code, out, err = self.main("rm", "--home", self.home, ref)
+        self.assertEqual(code, 0, err)
+        self.assertIn("removed 1 image", out)
+        code, out, err = self.main("gc", "--home", self.home, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["deleted"], 1 + 1 + len(img.layers))  # manifest, config, layers
+        self.assertEqual(self.image_rows(), [])
+
+    def test_each_verb_has_its_own_help(self):
+        for verb in ("pull", "inspect", "tags", "images", "rm", "gc", "verify"):
+            with self.subTest(verb=verb):
+                code, out, err = self.main(verb, "--help")
+                self.assertEqual(code, 0, err)
+                self.assertTrue(out.startswith("usage: registry_pull %s" % verb), out[:80])
+        code, out, err = self.main("--help")
+        self.assertEqual(code, 0)
+        for verb in ("pull", "inspect", "tags", "images", "rm", "gc", "verify", "deprecated"):
+            self.assertIn(verb, out)
+        code, out, err = self.main("tags", "--help")
+        self.assertNotIn("--rootfs", out)  # only the options that mean something to the verb
+
+    def test_a_bare_reference_pulls_and_pull_names_an_image_called_like_a_verb(self):
+        reg = self.registry()
+        img = reg.push("inspect", "latest", Image())
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", reg.host + "/verb/none:v1")
+        self.assertEqual(code, 4, err)  # a pull: not found
+        code, out, err = self.main("--home", self.home, "pull", "--platform", "linux/amd64", reg.host + "/inspect")
+        self.assertEqual(code, 0, err)
+        self.assertStoreHas(img)
+        code, out, err = self.main("inspect")  # the verb, asking for its reference
+        self.assertEqual(code, 2)
+        self.assertIn("REFERENCE", err)
+
+    def test_the_old_options_still_work(self):
+        reg = self.registry()
+        img = reg.push("old/app", "v1", Image())
+        ref = reg.host + "/old/app:v1"
+        reg.fault = serve_tags(reg, "old/app")
+        self.assertEqual(self.main(*self.cli_args(ref))[0], 0)
+        for argv, want in ((["--inspect", "--json", ref], img.digest), (["--list-tags", ref], "v1"),
+                           (["--images"], ref), (["--verify"], "every blob"), (["--remove", ref], "removed 1"),
+                           (["--gc"], "deleted")):
+            with self.subTest(argv=argv[0]):
+                code, out, err = self.main("--home", self.home, *argv)
+                self.assertEqual(code, 0, err)
+                self.assertIn(want, out)
+
+    def test_global_options_before_the_verb_and_one_line_usage_errors(self):
+        reg = self.registry()
+        reg.push("glob/app", "v1", Image())
+        code, out, err = self.main("--home", self.home, "-v", "inspect", "--json", reg.host + "/glob/app:v1")
+        self.assertEqual(code, 0, err)
+        code, out, err = self.main("tags", "--rootfs", "x", reg.host + "/glob/app")
+        self.assertEqual(code, 2)
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("see registry_pull tags --help", err)
+
+    def test_a_mistyped_home_is_not_made(self):
+        missing = os.path.join(self.home, "no-such-store")
+        for verb in ("images", "gc", "verify"):
+            with self.subTest(verb=verb):
+                code, out, err = self.main(verb, "--home", missing)
+                self.assertEqual(code, 4, err)
+                self.assertIn("no store", err)
+                self.assertFalse(os.path.exists(missing))
+
+
+class ProgressTests(Base):
+    def big_image(self, reg):
+        return reg.push("prog/app", "v1", Image(layers=[make_layer({"a": os.urandom(1 << 20)}),
+                                                        make_layer({"b": os.urandom(1 << 20)})]))
+
+    def test_a_log_gets_a_line_per_blob_and_periodic_totals(self):
+        """stderr to a file: one line per finished blob and totals while bytes arrive."""
+        reg = self.registry()
+        img = self.big_image(reg)
+        reg.fault = slow_blob(reg, sha256(img.layers[0]), chunk=65536, delay=0.03)  # ~0.5 s for the MiB
+        log_path = os.path.join(self.home, "pull.log")
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.run([sys.executable, "-c", "import registry_pull as rp, sys; rp.PROGRESS_INTERVAL = 0.1; "
+                                   "sys.exit(rp.main(sys.argv[1:]))", *self.cli_args(reg.host + "/prog/app:v1")],
+                                  cwd=HERE, stdout=subprocess.PIPE, stderr=log_file, timeout=60)
+        self.assertEqual(proc.returncode, 0)
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+        done = [ln for ln in lines if " done in " in ln]
+        totals = [ln for ln in lines if re.search(r" of .* \(\d+%\), .*/s, ETA ", ln)]
+        self.assertEqual(len(done), 1 + len(img.layers), lines)  # config and each layer
+        for blob in [img.config] + img.layers:
+            self.assertTrue(any(sha256(blob)[:19] in ln for ln in done), (sha256(blob), lines))
+        self.assertGreaterEqual(len(totals), 2, lines)
+        self.assertTrue(all(PROGRESS_LINE.match(ln) for ln in done + totals), lines)
+        self.assertTrue(lines[-1].startswith("registry_pull: pulled"), lines)
+        self.assertNotIn("\x1b[", "".join(lines))
+
+    def test_progress_modes(self):
+        reg = self.registry()
+        reg.push("modes/app", "v1", Image())
+        ref = reg.host + "/modes/app:v1"
+        code, out, err = self.main(*self.cli_args("--progress", "none", ref))
+        self.assertEqual((code, err.count("\n")), (0, 1), err)  # the summary only
+        shutil.rmtree(os.path.join(self.home, "blobs"))
+        code, out, err = self.main(*self.cli_args("--progress", "bar", ref))
+        self.assertEqual(code, 0, err)
+        self.assertIn("\x1b[", err)  # bars, asked for, even without a terminal
+        code, out, err = self.main(*self.cli_args("--progress", "plain", ref))
+        self.assertIn("present", err)  # the store had every blob
+        code, out, err = self.main(*self.cli_args("--progress", "sideways", ref))
+        self.assertEqual(code, 2)
+        code, out, err = self.main(*self.cli_args("-q", ref))
+        self.assertEqual((code, out, err), (0, "", ""))
+
+
 # --------------------------------------------------------------------------- real tools
 
 
@@ -5962,3 +6766,142 @@ class SkopeoComparisonTests(Base):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def client_pair(ca_dir, name="client"):
+    """A client certificate (NAME.cert, NAME.key) signed by make_ca's CA in ``ca_dir``."""
+    def run(*args):
+        subprocess.run(["openssl"] + list(args), check=True, cwd=ca_dir, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    with open(os.path.join(ca_dir, "client.ext"), "w") as f:
+        f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
+    run("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", name + ".key", "-out", name + ".csr",
+        "-subj", "/CN=rp test client")
+    run("x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", name + ".cert", "-days", "2", "-extfile", "client.ext")
+    return os.path.join(ca_dir, name + ".cert"), os.path.join(ca_dir, name + ".key")
+
+
+class CertsDirTests(Base):
+    """TLS as registries are configured: certs.d/HOST:PORT with CAs and a client pair (mTLS)."""
+
+    def fill(self, directory, tls, cert, key):
+        os.makedirs(directory)
+        shutil.copy(tls[0], os.path.join(directory, "ca.crt"))
+        shutil.copy(cert, os.path.join(directory, "client.cert"))
+        shutil.copy(key, os.path.join(directory, "client.key"))
+        return directory
+
+    def test_client_certificate_from_certs_d_and_cert_dir(self):
+        if not REGISTRY_BIN or not OPENSSL or not SKOPEO:
+            self.skipTest("docker-registry, skopeo and openssl are needed")
+        ca_dir = tempfile.mkdtemp(prefix="rp-ca-")
+        self.addCleanup(shutil.rmtree, ca_dir, True)
+        tls = make_ca(ca_dir)
+        cert, key = client_pair(ca_dir)
+        dist = Distribution(self, tls=tls, client_ca=tls[0])
+        own = self.fill(os.path.join(self.home, "own-certs"), tls, cert, key)
+        img = Image()
+        dist.push("m/app", [img], cert_dir=own)
+        ref = dist.host + "/m/app:v1"
+        # No client pair: refused at the handshake (a CA alone is not enough).
+        code, out, err = self.main(*self.cli_args("--ca-file", tls[0], ref))
+        self.assertNotEqual(code, 0, err)
+        self.assertEqual(self.image_rows(), [])
+        # certs.d/HOST:PORT under $XDG_CONFIG_HOME/containers: its CA and pair, no --ca-file.
+        config = os.path.join(self.home, "xdg")
+        self.fill(os.path.join(config, "containers", "certs.d", dist.host), tls, cert, key)
+        old = os.environ.get("XDG_CONFIG_HOME")
+        os.environ["XDG_CONFIG_HOME"] = config
+        self.addCleanup(self._restore_env, "XDG_CONFIG_HOME", old)
+        code, out, err = self.main(*self.cli_args(ref))
+        self.assertEqual(code, 0, err)
+        self.assertStoreHas(img)
+        # --cert-dir replaces the lookup; a .cert without its .key is a usage error.
+        del os.environ["XDG_CONFIG_HOME"]
+        code, out, err = self.main("inspect", "--json", "--cert-dir", own, ref)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["Digest"], img.digest)
+        os.unlink(os.path.join(own, "client.key"))
+        code, out, err = self.main("inspect", "--cert-dir", own, ref)
+        self.assertEqual(code, 2, err)
+        self.assertIn("client.key", err)
+
+
+class ArtifactDistributionTests(Base):
+    """Artifacts, a cosign signature and a referrer on the real Distribution registry (2.8: no
+    referrers API, so the pusher writes the sha256-HEX referrers index, as such a client must)."""
+
+    def test_artifacts_signatures_and_referrers_through_distribution(self):
+        if not REGISTRY_BIN or not SKOPEO:
+            self.skipTest("docker-registry and skopeo are needed")
+        keys = Keys(self)
+        key, pub = keys.pair()
+        dist = Distribution(self)
+        img = Image()
+        dist.push("team/prod", [img])
+        subject = {"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest)}
+        chart_config = json.dumps({"name": "demo", "version": "0.1.0", "apiVersion": "v2"}).encode()
+        helm = Artifact({"demo-0.1.0.tgz": os.urandom(5000)}, config=chart_config,
+                        config_type="application/vnd.cncf.helm.config.v1+json",
+                        layer_type="application/vnd.cncf.helm.chart.content.v1.tar+gzip", with_artifact_type=False)
+        oci11 = Artifact({"notes.txt": b"hello\n"}, artifact_type="application/vnd.example.notes.v1")
+        sbom = Artifact({"sbom.spdx.json": b'{"spdxVersion": "SPDX-2.3"}'}, artifact_type="application/spdx+json",
+                        subject=subject)
+        # The cosign signature, in its own little registry first: its documents, then Distribution.
+        shadow = Registry()
+        sig_digest, sig_data = keys.cosign(shadow, "team/prod", img.digest, key, "%s/team/prod" % dist.host)
+        referrers_index = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX,
+                                      "manifests": [sbom.descriptor()]}).encode()
+        blobs = dict(helm.blobs())
+        blobs.update(oci11.blobs())
+        blobs.update(sbom.blobs())
+        blobs.update(dict((d, b) for d, b in shadow.blobs.items()))
+        sig_tag = img.digest.replace(":", "-") + ".sig"
+        push_documents(dist.host, "team/prod", blobs, [
+            ("chart", rp.MT_OCI_MANIFEST, helm.manifest), ("notes", rp.MT_OCI_MANIFEST, oci11.manifest),
+            (sbom.digest, rp.MT_OCI_MANIFEST, sbom.manifest), (sig_tag, rp.MT_OCI_MANIFEST, sig_data),
+            (img.digest.replace(":", "-"), rp.MT_OCI_INDEX, referrers_index)])
+        # Artifacts: pulled, inspected, raw-printed, written to a layout skopeo reads.
+        for tag, art, kind in (("chart", helm, "application/vnd.cncf.helm.config.v1+json"),
+                               ("notes", oci11, "application/vnd.example.notes.v1")):
+            with self.subTest(artifact=tag):
+                layout = os.path.join(self.home, "layout-" + tag)
+                out_dir = os.path.join(self.home, "out-" + tag)
+                res = rp.pull("%s/team/prod:%s" % (dist.host, tag), home=self.home, oci_layout=layout + ":" + tag,
+                              output=out_dir)
+                self.assertEqual((res.manifest_digest, res.artifact_type), (art.digest, kind))
+                self.assertEqual(sorted(os.listdir(out_dir)), sorted(art.files))
+                code, out, err = self.main("inspect", "--raw", "--home", self.home, "%s/team/prod:%s" % (dist.host, tag))
+                self.assertEqual((code, out.encode()), (0, art.manifest), err)
+                proc = subprocess.run([SKOPEO, "inspect", "--raw", "oci:%s:%s" % (layout, tag)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
+                self.assertEqual(proc.stdout, art.manifest)
+        # The image, verified by its signature, with its referrers (tag schema and cosign tag).
+        layout = os.path.join(self.home, "signed")
+        code, out, err = self.main(*self.cli_args("--verify-key", pub, "--referrers", "--oci-layout",
+                                                  layout + ":v1", dist.host + "/team/prod:v1"))
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(layout, "index.json")) as f:
+            entries = dict((e["digest"], e) for e in json.load(f)["manifests"])
+        self.assertEqual(entries[sbom.digest]["artifactType"], "application/spdx+json")
+        self.assertEqual(entries[sig_digest]["annotations"][rp._REF_NAME], sig_tag)
+        code, out, err = self.main("inspect", "--json", "--home", self.home, dist.host + "/team/prod:v1")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(r["Digest"] for r in json.loads(out)["Referrers"]), sorted([sbom.digest, sig_digest]))
+        # The layout carries the signature on: skopeo copies it to a second registry, where it verifies.
+        second = Distribution(self)
+        for name in ("v1", sig_tag):
+            proc = subprocess.run([SKOPEO, "--insecure-policy", "copy", "-q", "--dest-tls-verify=false",
+                                   "oci:%s:%s" % (layout, name), "docker://%s/team/prod:%s" % (second.host, name)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+        other_home = os.path.join(self.home, "second")
+        code, out, err = self.main("--home", other_home, "--platform", "linux/amd64", "--verify-key", pub,
+                                   "--signed-identity", dist.host + "/team/prod", second.host + "/team/prod:v1")
+        self.assertEqual(code, 0, err)
+        code, out, err = self.main("--home", other_home, "--platform", "linux/amd64", "--verify-key", pub,
+                                   second.host + "/team/prod:v1")
+        self.assertEqual(code, 8, err)  # signed for the first registry's name, not the second's
+        self.assertIn("another repository", err)
