@@ -2088,6 +2088,183 @@ class _Repository:
         return parts.path + ("?" + parts.query if parts.query else "")
 
 
+class _StoreRepository:
+    """A repository answered from the store alone (``--offline``): tags resolve to what was
+    recorded for them, digests to the blobs it holds; nothing is ever sent. What it lacks is
+    NotFound, saying so. The same face as _Repository, for the puller."""
+
+    def __init__(self, client: _Client, store: _Store, ref: Reference) -> None:
+        self.client, self.store, self.ref, self.name = client, store, ref, ref.repository
+
+    def _absent(self, what: str) -> NotFound:
+        return NotFound("%s is not in the store %s (--offline: nothing is fetched)" % (what, self.store.home))
+
+    def manifest(self, ref: str, *, accept: str = MANIFEST_ACCEPT, what: str = "",
+                 head_first: Optional[Callable[[str], Optional[bytes]]] = None) -> Tuple[str, bytes, str]:
+        what = what or "%s:%s" % (self.name, ref)
+        digest = ref if ref.startswith(tuple(a + ":" for a in _DIGEST_HEX)) else \
+            self.store.recorded("%s:%s" % (self.ref.name, ref))
+        data = self.store.read(digest) if digest else None
+        if digest is None or data is None:
+            raise self._absent(what)
+        _verify_bytes("manifest", data, digest)
+        return digest, data, ""
+
+    def blob(self, desc: Descriptor, offset: int = 0, what: str = "blob") -> Tuple[_Response, int]:
+        raise self._absent("%s %s of %s" % (what, desc.digest, self.ref))
+
+    def small_blob(self, desc: Descriptor, what: str = "blob") -> bytes:
+        data = self.store.read(desc.digest)
+        if data is None:
+            raise self._absent("%s %s of %s" % (what, desc.digest, self.ref))
+        _verify_bytes(what, data, desc.digest)
+        return data
+
+    def referrers(self, digest: str, artifact_type: Optional[str] = None) -> Optional[List[Descriptor]]:
+        return []
+
+
+class _FileAnswer:
+    """A blob file of a local source, answering as a registry's blob response does (read1,
+    close): the puller's downloads, resumes and checks are the same for every source."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self.fd, self.status, self.host = fd, 206 if offset else 200, "(a local layout)"
+        os.lseek(fd, offset, os.SEEK_SET)
+
+    def read1(self, n: int) -> bytes:
+        return os.read(self.fd, n)
+
+    def header(self, name: str, default: str = "") -> str:
+        return default
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _LayoutReference(Reference):
+    """``oci:DIR[:NAME]`` as the store records it (a Reference in every other respect)."""
+
+    def __str__(self) -> str:
+        return "oci:%s:%s" % (self.registry[4:], self.tag) if self.tag else "oci:" + self.registry[4:]
+
+
+def parse_layout_source(text: str) -> Tuple[str, Optional[str]]:
+    """``oci:DIR[:NAME]`` -> (DIR, NAME or None): split at the first colon after ``oci:``, as skopeo does."""
+    if not text.startswith("oci:") or len(text) == 4:
+        raise InvalidReference("invalid source %r: expected oci:DIR[:NAME]" % _printable(text, 200))
+    directory, _, name = text[4:].partition(":")
+    return directory, name or None
+
+
+class _LayoutRepository:
+    """An OCI image layout as a source (``oci:DIR[:NAME]``: one written by --oci-layout, skopeo
+    or buildah, or a store): untrusted input like a registry's. Blobs are opened below DIR
+    through descriptors without following links, and verified as they are imported."""
+
+    def __init__(self, client: _Client, directory: str, name: Optional[str]) -> None:
+        self.client, self.directory, self.name, self.asked = client, directory, "oci:" + directory, name
+        try:
+            self.top = _open_dir(directory)
+        except OSError as e:
+            raise NotFound("oci:%s: %s" % (directory, e.strerror or e)) from None
+        index = _loads_json(self._read("index.json", self.top, MAX_MANIFEST_BYTES * 4), "oci:%s index.json" % directory)
+        self.entries = [Descriptor.parse(e, "index.json entry") for e in _list_at(index, "manifests")]
+        named = [e for e in self.entries if (e.annotations or {}).get(_REF_NAME)]
+        if name is None:
+            if len(self.entries) != 1:
+                raise UsageError("oci:%s holds %d images: name one (oci:%s:NAME); it has %s" % (
+                    directory, len(self.entries), directory,
+                    ", ".join(sorted(str((e.annotations or {}).get(_REF_NAME)) for e in named)) or "no names"))
+            self.chosen = self.entries[0]
+        else:
+            found = [e for e in named if (e.annotations or {}).get(_REF_NAME) == name]
+            if not found:
+                raise NotFound("oci:%s has no image named %s" % (directory, _printable(name, 100)))
+            self.chosen = found[-1]
+
+    def close(self) -> None:
+        os.close(self.top)
+
+    def _read(self, name: str, dir_fd: int, limit: int) -> bytes:
+        try:
+            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise NotFound("%s: %s is missing" % (self.name, name)) from None
+        except OSError as e:
+            raise IntegrityError("%s: %s cannot be opened (%s): refused" % (self.name, name, e.strerror or e)) from None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise IntegrityError("%s: %s is larger than %d bytes: refused" % (self.name, name, limit))
+        return data
+
+    def _open_blob(self, digest: str) -> int:
+        algo, hexpart = check_digest(digest)
+        try:
+            blobs = os.open("blobs", _O_DIR, dir_fd=self.top)
+            try:
+                sub = os.open(algo, _O_DIR, dir_fd=blobs)
+            finally:
+                os.close(blobs)
+            try:
+                fd = os.open(hexpart, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=sub)
+            finally:
+                os.close(sub)
+        except FileNotFoundError:
+            raise NotFound("%s: blob %s is missing" % (self.name, digest)) from None
+        except OSError as e:  # a link (ELOOP), a directory...: not a blob
+            raise IntegrityError("%s: blob %s cannot be opened (%s): refused"
+                                 % (self.name, digest, e.strerror or e)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IntegrityError("%s: blob %s is not a regular file: refused" % (self.name, digest))
+        return fd
+
+    def manifest(self, ref: str, *, accept: str = MANIFEST_ACCEPT, what: str = "",
+                 head_first: Optional[Callable[[str], Optional[bytes]]] = None) -> Tuple[str, bytes, str]:
+        if ref.startswith(tuple(a + ":" for a in _DIGEST_HEX)):
+            desc = next((e for e in self.entries if e.digest == ref), None)
+            digest, media_type = ref, desc.media_type if desc else ""
+        elif ref == (self.asked or "latest"):  # what the source names
+            digest, media_type = self.chosen.digest, self.chosen.media_type
+        else:  # another name in index.json (a signature's sha256-HEX.sig)
+            desc = next((e for e in reversed(self.entries) if (e.annotations or {}).get(_REF_NAME) == ref), None)
+            if desc is None:
+                raise NotFound("%s has no %s" % (self.name, _printable(ref, 100)))
+            digest, media_type = desc.digest, desc.media_type
+        fd = self._open_blob(digest)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise IntegrityError("%s: manifest %s is larger than %d bytes: refused"
+                                 % (self.name, digest, MAX_MANIFEST_BYTES))
+        _verify_bytes("manifest", data, digest)
+        return digest, data, media_type
+
+    def blob(self, desc: Descriptor, offset: int = 0, what: str = "blob") -> Tuple[Any, int]:
+        fd = self._open_blob(desc.digest)
+        size = os.fstat(fd).st_size
+        if size != desc.size:
+            os.close(fd)
+            raise SizeMismatch(what, desc.digest, desc.size, size)
+        return _FileAnswer(fd, offset), offset
+
+    def small_blob(self, desc: Descriptor, what: str = "blob") -> bytes:
+        answer, _ = self.blob(desc, 0, what)
+        try:
+            data = answer.read1(MAX_MANIFEST_BYTES + 1)
+        finally:
+            answer.close()
+        _verify_bytes(what, data, desc.digest)
+        return data
+
+    def referrers(self, digest: str, artifact_type: Optional[str] = None) -> Optional[List[Descriptor]]:
+        return None  # a layout has no referrers API: its names (sha256-HEX, .sig) answer instead
+
+
 # --------------------------------------------------------------------------- Manifests
 
 
@@ -2695,6 +2872,19 @@ class _Store:
 
     def exclusive(self):
         return self._locked(False)
+
+    def recorded(self, reference: str) -> Optional[str]:
+        """The document a tag (REGISTRY/PATH:TAG) was last recorded as: its index, if it named one,
+        else its manifest (the most recently used of the platforms pulled); or a referrer pulled
+        under that tag with an image of the same repository (a cosign signature)."""
+        rows = self._query("SELECT COALESCE(index_digest, manifest_digest) FROM images WHERE reference = ?"
+                           " ORDER BY last_used_at DESC, id DESC LIMIT 1", (reference,))
+        if rows:
+            return rows[0][0]
+        name, _, tag = reference.rpartition(":")
+        rows = self._query("SELECT r.digest, i.reference FROM referrers r JOIN images i ON i.id = r.image_id"
+                           " WHERE r.tag = ?", (tag,)) or []
+        return next((d for d, owner in rows if owner.startswith((name + ":", name + "@"))), None)
 
     def knows(self, reference: str) -> bool:
         """Has an image of this reference been pulled (so a HEAD could confirm it is current)?"""
@@ -5093,7 +5283,13 @@ def _mirrors_for(ref: Reference, mirrors: Optional[List[str]], insecure: bool) -
 
 
 def _reference(reference: Any) -> Reference:
-    return reference if isinstance(reference, Reference) else parse_reference(reference)
+    """A Reference, from one or from text: a registry reference, or a local source ``oci:DIR[:NAME]``."""
+    if isinstance(reference, Reference):
+        return reference
+    if isinstance(reference, str) and reference.startswith("oci:"):
+        directory, name = parse_layout_source(reference)
+        return _LayoutReference(registry="oci:" + os.path.abspath(directory), repository="image", tag=name)
+    return parse_reference(reference)
 
 
 def _platform(platform: Any) -> Platform:
@@ -5138,6 +5334,7 @@ class _Session:
         elif store == "named" and home and os.path.isdir(os.path.join(path, "blobs")):
             self.store = _Store(path, writable=False)
         self.pool = _Pool()
+        self.layouts: List[_LayoutRepository] = []  # local sources opened, closed with the session
 
     def __enter__(self) -> "_Session":
         return self
@@ -5145,6 +5342,9 @@ class _Session:
     def __exit__(self, *exc: Any) -> None:
         log.debug("%d connections opened", self.pool.opened)
         self.pool.close()
+        for layout in self.layouts:
+            layout.close()
+        self.layouts = []
 
     def attempt(self) -> _Cancel:
         """A new attempt's cancellation (a failed one stops only its own downloads)."""
@@ -5157,6 +5357,8 @@ class _Session:
 
     def credentials(self, ref: Reference) -> Optional[Credentials]:
         """The caller's credentials if given, else those of the Podman/Docker files."""
+        if isinstance(ref, _LayoutReference):
+            return None
         if self.username is not None or self.password is not None:
             return Credentials(self.username or "", self.password or "", source="arguments")
         return find_credentials(ref.registry, repository=ref.repository)
@@ -5176,7 +5378,12 @@ class _Session:
                        cancel=self.attempt(), mirror=True, pool=self.pool,
                        credentials=find_credentials(host, repository=ref.repository))
 
-    def repository(self, ref: Reference) -> _Repository:
+    def repository(self, ref: Reference) -> Any:
+        """Where ``ref``'s documents come from: its registry, or a local layout (``oci:``)."""
+        if isinstance(ref, _LayoutReference):
+            client = _Client("localhost", cancel=self.attempt(), pool=self.pool)
+            self.layouts.append(_LayoutRepository(client, ref.registry[4:], ref.tag))
+            return self.layouts[-1]
         return _Repository(self.client(ref), ref.repository)
 
     def stored(self) -> _Store:
@@ -5209,6 +5416,7 @@ def pull(
     verify_keys: Optional[List[Union[str, bytes]]] = None,
     signed_identity: Optional[str] = None,
     referrers: bool = False,
+    offline: bool = False,
 ) -> PullResult:
     """Pull ``reference`` into the store at ``home`` and return a :class:`PullResult`.
 
@@ -5243,6 +5451,9 @@ def pull(
       signed by one of them (cosign simple signing or a sigstore bundle) for the repository
       named (``signed_identity``: another repository name to accept), else SignatureError
       before any blob is fetched.
+    - ``offline``: answer from the store alone, sending nothing: a tag resolves to the document
+      recorded for it and the platform is chosen from there; every output works; what the
+      store lacks is NotFound.
     - ``referrers``: also fetch what refers to the image and its index (signatures, SBOMs,
       attestations; and what refers to those, 3 levels deep) into the store, kept with the
       image, and into ``oci_layout`` (each a descriptor with its ``artifactType``; a cosign tag's
@@ -5270,14 +5481,32 @@ def pull(
         stack.enter_context(store.shared(session.attempt()))
         with session:  # one pool for the whole pull: registry, token service, blob CDN, mirrors
             def attempt(client: _Client) -> PullResult:
-                check = _SignatureCheck(_Repository(client, ref.repository), keys, signed_identity or ref.name) \
-                    if keys else None
-                return _Puller(client, store, ref, want, jobs, progress, job, signatures=check).run()
-            result = _from_mirrors(session, ref, mirror_list, attempt) or attempt(session.client(ref, creds))
+                puller = _Puller(client, store, ref, want, jobs, progress, job)
+                if offline:
+                    puller.repo = _StoreRepository(client, store, ref)
+                elif isinstance(ref, _LayoutReference):
+                    puller.repo = session.repository(ref)
+                if keys:
+                    puller.signatures = _SignatureCheck(puller.repo, keys, signed_identity or ref.name)
+                return puller.run()
+            if isinstance(ref, _LayoutReference) and not offline:
+                result = attempt(_Client("localhost", cancel=session.attempt(), pool=session.pool))
+            elif offline:
+                if referrers or mirror_list and mirrors:
+                    raise UsageError("--offline sends nothing: --referrers and --mirror need a registry")
+                result = attempt(_Client(ref.registry, cancel=session.attempt(), pool=session.pool))
+            else:
+                try:
+                    result = _from_mirrors(session, ref, mirror_list, attempt) or attempt(session.client(ref, creds))
+                except RegistryError as e:
+                    if store.knows(str(ref)) and not session.must_stop():
+                        raise RegistryError("%s; the store holds %s: --offline serves it from there" % (e, ref)) \
+                            from None
+                    raise
             found: List[Tuple[str, Descriptor]] = []
             paths: List[str] = []
             if referrers:
-                repo = _Repository(session.client(ref, creds), ref.repository)
+                repo = session.repository(ref)
                 found, paths = _pull_referrers(repo, store, ref, [result.index_digest, result.manifest_digest],
                                                progress)
                 store.record_referrers(result.reference, str(result.platform), found)
@@ -5503,7 +5732,7 @@ class _Puller:
         the image (or its index) must be signed, checked before any blob is fetched."""
         self.client, self.store, self.ref, self.want = client, store, ref, want
         self.start, self.signatures = start, signatures
-        self.repo = _Repository(client, ref.repository)
+        self.repo: Any = _Repository(client, ref.repository)
         self.jobs, self.progress, self.rootfs = jobs, progress, rootfs
         self._fetched = threading.Condition()  # notified as each blob lands in the store
         self._failed = self._fetched_all = False
@@ -6078,6 +6307,8 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    "an existing FILE is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="let --docker-archive replace an existing FILE")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
+    p.add_argument("--offline", action="store_true", help="answer from the store alone, sending nothing (a tag "
+                   "resolves to what was recorded for it; every output works from there)")
     p.add_argument("--referrers", action="store_true", help="also fetch what refers to the image (signatures, "
                    "SBOMs, attestations: OCI referrers, the referrers tag, cosign's tags) into the store and "
                    "--oci-layout")
@@ -6198,21 +6429,21 @@ def _cmd_verify(args: Any) -> int:
 
 
 def _cmd_rm(args: Any) -> int:
-    ref = parse_reference(args.reference)
+    ref = _reference(args.reference)
     n = remove(ref, home=args.home, platform=_one_platform(args))
     _out(args, {"removed": n}, ["removed %d image%s of %s" % (n, "" if n == 1 else "s", ref)])
     return 0
 
 
 def _cmd_tags(args: Any) -> int:
-    ref = parse_reference(args.reference)
+    ref = _reference(args.reference)
     tags = list_tags(ref, home=args.home, **_registry_kw(args))
     _out(args, {"Repository": ref.name, "Tags": tags}, tags)
     return 0
 
 
 def _cmd_inspect(args: Any) -> int:
-    ref = parse_reference(args.reference)
+    ref = _reference(args.reference)
     if getattr(args, "raw", False) or getattr(args, "config", False):
         data = inspect_raw(ref, config=args.config, platform=_one_platform(args), home=args.home,
                            **_registry_kw(args))
@@ -6259,7 +6490,7 @@ def _progress(args: Any) -> Optional[Callable[[str, int, int], None]]:
 
 
 def _cmd_pull(args: Any) -> int:
-    ref = parse_reference(args.reference)
+    ref = _reference(args.reference)
     platforms = args.platform or []
     progress = _progress(args)
     started = time.monotonic()
@@ -6287,7 +6518,8 @@ def _cmd_pull(args: Any) -> int:
             raise UsageError("cannot read --verify-key %s: %s" % (path, e.strerror or e)) from None
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
                   rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, output=args.output,
-                  verify_keys=keys or None, signed_identity=args.signed_identity, referrers=args.referrers, **kw)
+                  verify_keys=keys or None, signed_identity=args.signed_identity, referrers=args.referrers,
+                  offline=args.offline, **kw)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
     elif not args.quiet:

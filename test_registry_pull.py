@@ -4607,6 +4607,114 @@ class StoreLinkTests(Base):
         self.assertNotIn("internal error", err)
 
 
+class OfflineTests(Base):
+    """--offline: the store alone answers, and nothing is sent."""
+
+    def test_offline_outputs_from_the_store_when_the_registry_is_gone(self):
+        reg = self.registry()
+        images = [Image("amd64"), Image("arm64", "v8")]
+        reg.push_index("off/app", "v1", images)
+        ref = reg.host + "/off/app:v1"
+        online = os.path.join(self.home, "online")
+        self.assertEqual(self.main(*self.cli_args("--rootfs", online, ref))[0], 0)
+        reg.server.shutdown()
+        reg.server.server_close()
+        # Gone: the error says the store could serve it.
+        code, out, err = self.main(*self.cli_args("--timeout", "5", ref))
+        self.assertEqual(code, 6, err)
+        self.assertIn("--offline", err)
+        before = len(reg.log)
+        offline, layout = os.path.join(self.home, "offline"), os.path.join(self.home, "layout")
+        archive = os.path.join(self.home, "img.tar")
+        code, out, err = self.main(*self.cli_args("--offline", "--rootfs", offline, "--oci-layout", layout,
+                                                  "--docker-archive", archive, ref))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(tree(offline), tree(online))
+        self.assertTrue(os.path.getsize(archive) > 0)
+        with open(os.path.join(layout, "index.json")) as f:
+            self.assertEqual(json.load(f)["manifests"][0]["digest"], images[0].digest)
+        self.assertEqual(len(reg.log), before)  # nothing sent
+        # What the store lacks is not found, and says so.
+        code, out, err = self.main("--home", self.home, "--platform", "linux/arm64", "--offline", ref)
+        self.assertEqual(code, 4, err)
+        self.assertIn("not in the store", err)
+        code, out, err = self.main(*self.cli_args("--offline", reg.host + "/off/other:v1"))
+        self.assertEqual(code, 4, err)
+        self.assertIn("not in the store", err)
+
+
+class LocalSourceTests(Base):
+    """oci:DIR[:NAME] as a source: a layout carried across an air gap, read back and verified."""
+
+    def test_a_layout_written_here_is_a_source(self):
+        reg = self.registry()
+        img = reg.push("src/app", "v1", Image())
+        layout = os.path.join(self.home, "carried")
+        online = os.path.join(self.home, "online")
+        self.assertEqual(self.main(*self.cli_args("--oci-layout", layout + ":app", "--rootfs", online,
+                                                  reg.host + "/src/app:v1"))[0], 0)
+        other = os.path.join(self.home, "other-store")
+        root = os.path.join(self.home, "from-layout")
+        code, out, err = self.main("--home", other, "--json", "--rootfs", root, "oci:%s:app" % layout)
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(doc["manifest_digest"], img.digest)
+        self.assertEqual(doc["reference"], "oci:%s:app" % layout)
+        self.assertEqual(tree(root), tree(online))
+        code, out, err = self.main("inspect", "--json", "oci:%s:app" % layout)
+        self.assertEqual((code, json.loads(out)["Digest"]), (0, img.digest), err)
+        code, out, err = self.main("--home", other, "oci:%s:nope" % layout)
+        self.assertEqual(code, 4, err)
+
+    def test_a_layout_is_untrusted_input(self):
+        reg = self.registry()
+        img = reg.push("src/app", "v1", Image())
+        layout = os.path.join(self.home, "carried")
+        self.assertEqual(self.main(*self.cli_args("--oci-layout", layout + ":app", reg.host + "/src/app:v1"))[0], 0)
+        blob = os.path.join(layout, "blobs", "sha256", sha256(img.layers[1]).split(":")[1])
+        os.unlink(blob)
+        with open(blob, "wb") as f:
+            f.write(b"x" * len(img.layers[1]))  # the right size, the wrong bytes
+        code, out, err = self.main("--home", os.path.join(self.home, "s1"), "oci:%s:app" % layout)
+        self.assertEqual(code, 5, err)
+        os.unlink(blob)
+        os.symlink("/etc/passwd", blob)  # a link in blobs/: refused, never followed
+        code, out, err = self.main("--home", os.path.join(self.home, "s2"), "oci:%s:app" % layout)
+        self.assertEqual(code, 5, err)
+        self.assertIn("refused", err)
+
+    def test_several_images_need_a_name(self):
+        reg = self.registry()
+        reg.push("src/a", "v1", Image())
+        reg.push("src/b", "v1", Image())
+        layout = os.path.join(self.home, "two")
+        for name in ("a", "b"):
+            self.assertEqual(self.main(*self.cli_args("--oci-layout", "%s:%s" % (layout, name),
+                                                      "%s/src/%s:v1" % (reg.host, name)))[0], 0)
+        code, out, err = self.main("--home", os.path.join(self.home, "s"), "oci:" + layout)
+        self.assertEqual(code, 2, err)
+        self.assertIn("a, b", err)
+
+    def test_a_skopeo_layout_gives_the_registry_pull_digests(self):
+        if not REGISTRY_BIN or not SKOPEO:
+            self.skipTest("docker-registry and skopeo are needed")
+        dist = Distribution(self)
+        img = Image()
+        dist.push("sk/app", [img])
+        layout = os.path.join(self.home, "skopeo-layout")
+        proc = subprocess.run([SKOPEO, "--insecure-policy", "copy", "-q", "--src-tls-verify=false",
+                               "docker://%s/sk/app:v1" % dist.host, "oci:%s:v1" % layout],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        from_registry = rp.pull(dist.host + "/sk/app:v1", home=os.path.join(self.home, "a"), platform="linux/amd64",
+                                rootfs=os.path.join(self.home, "ra"))
+        from_layout = rp.pull("oci:%s:v1" % layout, home=os.path.join(self.home, "b"), platform="linux/amd64",
+                              rootfs=os.path.join(self.home, "rb"))
+        self.assertEqual(from_layout.manifest_digest, from_registry.manifest_digest)
+        self.assertEqual([x.digest for x in from_layout.layers], [x.digest for x in from_registry.layers])
+        self.assertEqual(tree(os.path.join(self.home, "rb")), tree(os.path.join(self.home, "ra")))
+
+
 # --------------------------------------------------------------------------- downloads and resume
 
 
