@@ -1965,6 +1965,16 @@ class _Repository:
         data = stored(digest)
         return (digest, data, resp.header("Content-Type")) if data is not None else None
 
+    def has_manifest(self, ref: str) -> bool:
+        """Does a HEAD find ``ref``? Only a 404 says no (a registry whose HEAD misbehaves is asked
+        with GET after all)."""
+        try:
+            resp = self._request("HEAD", "manifests/" + ref, {"Accept": MANIFEST_ACCEPT})
+        except AuthError:
+            return True
+        resp.close()
+        return resp.status != 404
+
     def blob(self, desc: Descriptor, offset: int = 0, what: str = "blob") -> Tuple[_Response, int]:
         """An open answer carrying ``desc``'s bytes, and the offset they start at: ``offset`` when
         the registry honoured the Range, 0 when it sends the whole blob instead (it ignored the
@@ -5179,6 +5189,8 @@ def _all_referrers(repo: _Repository, digest: str) -> List[Descriptor]:
             pass
     for suffix in _COSIGN_SUFFIXES:
         tag = base + suffix
+        if isinstance(repo, _Repository) and not repo.has_manifest(tag):
+            continue  # a HEAD each: most images have no attestation or SBOM tag
         try:
             d, data, content_type = repo.manifest(tag, what="%s:%s" % (repo.name, tag))
         except NotFound:
