@@ -65,6 +65,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Uni
 __all__ = [
     "pull",
     "pull_platforms",
+    "copy",
     "main",
     "PullResult",
     "LayerResult",
@@ -1805,9 +1806,13 @@ class _Client:
     # -- requests with retries, redirects and auth ------------------------------------
 
     def request(self, method: str, path: str, *, headers: Optional[Dict[str, str]] = None,
-                scope: Optional[str] = None, redirect_ok: bool = True) -> _Response:
+                scope: Optional[str] = None, redirect_ok: bool = True, data: Any = None,
+                retries: bool = True) -> _Response:
         """Send a request to the registry, following its redirects and challenges.
 
+        ``data``: the body, bytes or a function that makes it anew for each try (a file opened
+        at the right place); ``retries`` False: a transient failure is RegistryError at once (an
+        upload that must find out what the registry kept before it goes on).
         Returns any final response with status < 400 (and 404/416 for callers to interpret);
         raises AuthError, NotFound, RegistryError otherwise.
         """
@@ -1816,8 +1821,10 @@ class _Client:
         while True:
             self.cancel.check()
             try:
-                resp = self._request_once(method, path, dict(headers or {}), scope, redirect_ok)
+                resp = self._request_once(method, path, dict(headers or {}), scope, redirect_ok, data)
             except _Retryable as e:
+                if not retries:
+                    raise RegistryError(e.args[0]) from None
                 retry.again(e.args[0], e.retry_after, e.timed_out)
                 continue
             if resp.status in (401, 403) and not resp.own:
@@ -1840,7 +1847,7 @@ class _Client:
             return resp
 
     def _request_once(self, method: str, path: str, headers: Dict[str, str], scope: Optional[str],
-                      redirect_ok: bool) -> _Response:
+                      redirect_ok: bool, data: Any = None) -> _Response:
         url = self.base() + path
         own_host = True
         for _ in range(MAX_REDIRECTS + 1):
@@ -1849,8 +1856,9 @@ class _Client:
                 auth = self.auth.header(scope)
                 if auth:
                     h["Authorization"] = auth
+            body = data() if callable(data) else data
             try:
-                resp = self.open_once(method, url, h)
+                resp = self.open_once(method, url, h, data=body)
             except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
                 why, timed_out = _network_failure(e, urllib.parse.urlsplit(url).netloc, self.ca_file, self.mirror)
                 raise _Retryable("cannot reach %s: %s" % (_redact(url), why), timed_out=timed_out) from None
@@ -1863,7 +1871,7 @@ class _Client:
                 resp.close()
                 url, own_host = self.targets.follow(url, location)
                 if resp.status == 303 and method != "HEAD":
-                    method = "GET"  # See Other: fetch the named resource
+                    method, data = "GET", None  # See Other: fetch the named resource
                 continue
             if resp.status == 429 and self.registry == _DOCKER_HUB and own_host:
                 code, msg = _registry_error(resp.excerpt())
@@ -1905,6 +1913,23 @@ def _answer(resp: _Response, limit: int, what: str, missing: str = "not found", 
                                 % (kind, what, _printable(resp.host, 100), _reason_text(e))) from None
     finally:
         resp.close()
+
+
+def _read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of the store's file ``path`` from ``offset`` (a chunk to send)."""
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        os.lseek(fd, offset, os.SEEK_SET)
+        parts, left = [], length
+        while left:
+            data = os.read(fd, min(left, CHUNK * 8))
+            if not data:
+                raise StorageError("%s is shorter than the store says" % path)
+            parts.append(data)
+            left -= len(data)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class _Repository:
@@ -2079,6 +2104,115 @@ class _Repository:
                     found.append(d)
             path = self._next(resp.header("Link"), path)
         return found
+
+    # -- pushing (distribution spec, "push") ---------------------------------------------------
+
+    def _push_scope(self, mount_from: Optional[str] = None) -> str:
+        scope = "repository:%s:pull,push" % self.name
+        return scope + (" repository:%s:pull" % mount_from if mount_from else "")
+
+    def _push(self, method: str, path: str, headers: Optional[Dict[str, str]] = None, data: Any = None,
+              mount_from: Optional[str] = None, retries: bool = True) -> _Response:
+        return self.client.request(method, path, headers=headers, scope=self._push_scope(mount_from), data=data,
+                                   retries=retries)
+
+    def _session_path(self, location: str, current: str) -> str:
+        """An upload Location as a path on the registry's own host (it may be relative)."""
+        if not location:
+            raise RegistryError("%s opened an upload without a Location" % self.client.endpoint)
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(self.client.base() + current, location))
+        if parts.netloc.lower() != self.client.endpoint.lower() or not parts.path.startswith("/v2/"):
+            raise UnsupportedError("%s sends uploads to another place (%s): not supported"
+                                   % (self.client.endpoint, _redact(location)))
+        return parts.path + ("?" + parts.query if parts.query else "")
+
+    def has_blob(self, digest: str) -> bool:
+        resp = self._push("HEAD", "/v2/%s/blobs/%s" % (self.name, digest))
+        resp.close()
+        return resp.status == 200
+
+    def start_upload(self, digest: Optional[str] = None, mount_from: Optional[str] = None) -> Optional[str]:
+        """A new upload session's path; None when ``mount_from`` mounted the blob (201)."""
+        path = "/v2/%s/blobs/uploads/" % self.name
+        if mount_from and digest:
+            path += "?" + urllib.parse.urlencode([("mount", digest), ("from", mount_from)])
+        resp = self._push("POST", path, {"Content-Type": "application/octet-stream"}, b"", mount_from)
+        resp.excerpt()
+        if resp.status == 201 and mount_from:
+            return None
+        if resp.status != 202:
+            raise RegistryError("%s answered %d to a new upload in %s"
+                                % (self.client.endpoint, resp.status, self.name))
+        return self._session_path(resp.header("Location"), path)
+
+    def upload(self, path: str, digest: str, size: int, chunk_size: int, session: Optional[str] = None) -> str:
+        """Send the blob file ``path`` (the store's, verified) to ``digest`` in ``self.name``: one
+        PUT up to ``chunk_size``, else PATCH chunks (a registry that refuses the first gets one
+        PUT); a cut resumes from what the registry says it kept (GET on the session), or starts
+        again in a new session where it kept nothing (once per cut). ``session``: one already
+        open (a mount the registry answered with an upload). Returns how: "uploaded"."""
+        session = session or self.start_upload()
+        assert session is not None
+        if size <= chunk_size:
+            self._finish(session, digest, _read_range(path, 0, size))
+            return "uploaded"
+        offset, cuts = 0, 0
+        while offset < size:
+            chunk = _read_range(path, offset, min(chunk_size, size - offset))
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
+                       "Content-Range": "%d-%d" % (offset, offset + len(chunk) - 1)}
+            try:
+                resp = self._push("PATCH", session, headers, chunk, retries=False)
+            except RegistryError as e:
+                cuts += 1
+                if cuts > RETRIES:
+                    raise
+                session, offset = self._resume(session, e)
+                continue
+            resp.excerpt()
+            if resp.status in (400, 404, 405, 415, 416) and offset == 0:
+                log.info("%s refuses chunked uploads (%d): one PUT of %s", self.client.endpoint, resp.status, digest)
+                self._finish(self.start_upload() or session, digest, _read_range(path, 0, size))
+                return "uploaded"
+            if resp.status != 202:
+                raise RegistryError("%s answered %d to a chunk of %s" % (self.client.endpoint, resp.status, digest))
+            session = self._session_path(resp.header("Location"), session) if resp.header("Location") else session
+            offset += len(chunk)
+        self._finish(session, digest, b"")
+        return "uploaded"
+
+    def _resume(self, session: str, why: Exception) -> Tuple[str, int]:
+        """Where a cut upload goes on: the registry's ``Range`` for the session, or a new session from 0."""
+        resp = self._push("GET", session)
+        resp.excerpt()
+        kept = re.fullmatch(r"(?:bytes=)?0-(\d+)", resp.header("Range").strip())
+        if resp.status == 204 and kept:
+            log.warning("upload cut (%s); resuming at %d", why, int(kept.group(1)) + 1)
+            return session, int(kept.group(1)) + 1
+        log.warning("upload cut (%s) and the registry kept nothing (%d); starting again", why, resp.status)
+        fresh = self.start_upload()
+        assert fresh is not None
+        return fresh, 0
+
+    def _finish(self, session: str, digest: str, body: bytes) -> None:
+        path = session + ("&" if "?" in session else "?") + urllib.parse.urlencode([("digest", digest)])
+        resp = self._push("PUT", path, {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))},
+                          body)
+        code, msg = _registry_error(resp.excerpt())
+        if resp.status not in (201, 204):
+            raise RegistryError("%s refused blob %s (%d %s)" % (self.client.endpoint, digest, resp.status, msg or code))
+        served = resp.header("Docker-Content-Digest").strip()
+        if served and served != digest:
+            raise IntegrityError("%s stored %s as %s" % (self.client.endpoint, digest, _printable(served, 80)))
+
+    def put_manifest(self, ref: str, media_type: str, data: bytes) -> str:
+        """PUT a manifest or index byte for byte under ``ref`` (a tag or its digest)."""
+        resp = self._push("PUT", "/v2/%s/manifests/%s" % (self.name, ref), {"Content-Type": media_type}, data)
+        code, msg = _registry_error(resp.excerpt())
+        if resp.status not in (200, 201, 202):
+            raise RegistryError("%s refused the manifest %s:%s (%d %s)" % (self.client.endpoint, self.name, ref,
+                                                                           resp.status, msg or code))
+        return _hash("sha256", data)
 
     def _next(self, header: str, current: str) -> Optional[str]:
         """The path of a ``Link: <...>; rel="next"`` on the registry's own host, or None (older
@@ -5924,6 +6058,89 @@ def _have_sqlite() -> bool:
     return True
 
 
+# -- copy into a registry --------------------------------------------------------------------
+
+CHUNK_SIZE = 32 * 1024 * 1024  # blobs up to this go in one PUT; larger ones in PATCH chunks of it
+
+
+def _strip_transport(text: Any) -> Any:
+    return text[len("docker://"):] if isinstance(text, str) and text.startswith("docker://") else text
+
+
+def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None, all_platforms: bool = False,
+         chunk_size: int = CHUNK_SIZE, jobs: int = 4, progress: Any = None, insecure: bool = False,
+         ca_file: Optional[str] = None, cert_dir: Optional[str] = None, username: Optional[str] = None,
+         password: Optional[str] = None, cancel: Optional[threading.Event] = None,
+         timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Copy ``src`` (a registry reference, ``docker://`` allowed, or ``oci:DIR[:NAME]``) into the
+    registry reference ``dst``, as the distribution spec says: the source is pulled into the store
+    (every blob verified; ``all_platforms``: the whole index, attestations included, else one
+    platform's image), then each blob the destination lacks (HEAD) is mounted from the source
+    repository when both are on one registry, else uploaded (one PUT up to ``chunk_size``, else
+    PATCH chunks; cuts resumed), then the manifests byte for byte, children first, the top one
+    under DST's tag (else the source's). Never re-compressed: every digest is the source's.
+    ``username``/``password`` are the destination's; the source's come from the auth files.
+    Returns {"source", "destination", "digest", "uploaded", "mounted", "skipped"}."""
+    src_ref, dst_ref = _reference(_strip_transport(src)), _reference(_strip_transport(dst))
+    if isinstance(dst_ref, _LayoutReference):
+        raise UsageError("copy writes into a registry; for a layout use: registry_pull pull --oci-layout DIR SRC")
+    if not isinstance(chunk_size, int) or chunk_size < 1024:
+        raise UsageError("chunk size must be at least 1024 bytes, not %r" % (chunk_size,))
+    kw = dict(home=home, jobs=jobs, progress=progress, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir,
+              cancel=cancel, timeout=timeout)
+    if all_platforms or platform == "all":
+        top, _ = pull_platforms(src_ref, "all", **kw)
+    else:
+        top = pull(src_ref, platform=platform, **kw).manifest_digest
+    tag = dst_ref.tag or (src_ref.tag if not isinstance(src_ref, _LayoutReference) else None) or "latest"
+    done: Dict[str, List[str]] = {"uploaded": [], "mounted": [], "skipped": []}
+    same = not isinstance(src_ref, _LayoutReference) and src_ref.registry == dst_ref.registry \
+        and src_ref.repository != dst_ref.repository
+    with _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                  password=password, cancel=cancel, timeout=timeout) as session:
+        repo = session.repository(dst_ref)
+        _push_tree(session.stored(), repo, top, dst_ref.digest or tag, src_ref.repository if same else None,
+                   chunk_size, done, set(), 0)
+    log.info("copied %s to %s (%s): %d blobs uploaded, %d mounted, %d there already", src_ref, dst_ref, top,
+             len(done["uploaded"]), len(done["mounted"]), len(done["skipped"]))
+    return dict(source=str(src_ref), destination=str(dst_ref), digest=top, **done)
+
+
+def _push_tree(store: _Store, repo: _Repository, digest: str, ref: Optional[str], mount_from: Optional[str],
+               chunk_size: int, done: Dict[str, List[str]], seen: Set[str], depth: int) -> None:
+    """Push the document ``digest`` from the store with everything below it, children first."""
+    if depth > 4:
+        raise IntegrityError("indexes nested more than 4 deep")
+    data = store.read(digest)
+    if data is None:
+        raise NotFound("%s is not in the store %s" % (digest, store.home))
+    manifest = parse_manifest(data, "", digest)
+    if manifest.is_index:
+        for d in manifest.manifests:
+            if d.digest not in seen:
+                seen.add(d.digest)
+                _push_tree(store, repo, d.digest, None, mount_from, chunk_size, done, seen, depth + 1)
+    else:
+        assert manifest.config is not None
+        for d in [manifest.config] + list(manifest.layers):
+            if d.digest in seen:
+                continue
+            seen.add(d.digest)
+            if not store.has(d.digest, d.size):
+                raise NotFound("%s %s is not in the store %s" % (repo.name, d.digest, store.home))
+            session = None
+            if repo.has_blob(d.digest):
+                how = "skipped"
+            elif mount_from and (session := repo.start_upload(d.digest, mount_from)) is None:
+                how = "mounted"
+            else:
+                repo.upload(store.path(d.digest), d.digest, d.size, chunk_size, session)
+                how = "uploaded"
+            done[how].append(d.digest)
+            log.info("%s %s", how, d.digest)
+    repo.put_manifest(ref or digest, manifest.media_type, data)
+
+
 # --------------------------------------------------------------------------- Inspect, tags and the store
 
 
@@ -6244,11 +6461,12 @@ _VERBS = {
     "rm": "forget an image (every platform, or --platform's); its blobs stay until gc",
     "gc": "delete blobs no image needs, and .partial files older than a day that no pull holds",
     "verify": "hash every blob again; remove the corrupt ones and name the images they break (exit 5 if any)",
+    "copy": "copy an image (or a whole index: --all) from a registry or oci:DIR[:NAME] into a registry",
 }
 # The options that take a value (to find the verb among the arguments, options may come first).
 _VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--cert-dir", "--username", "--oci-layout",
            "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p", "--output",
-           "--verify-key", "--signed-identity"}
+           "--verify-key", "--signed-identity", "--chunk-size"}
 
 
 class _Formatter(logging.Formatter):
@@ -6339,14 +6557,26 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
 def _verb_parser(verb: str) -> argparse.ArgumentParser:
     """The parser of one verb (``registry_pull VERB --help``)."""
     p = _ArgumentParser(prog="registry_pull " + verb, description=_VERBS[verb] + ".", epilog=_EXIT_CODES)
+    if verb == "copy":
+        p.add_argument("reference", metavar="SRC", help="[docker://]REFERENCE, or oci:DIR[:NAME]")
+        p.add_argument("destination", metavar="DST", help="[docker://]REFERENCE in the registry to write to")
     if verb in ("pull", "inspect", "rm"):
         p.add_argument("reference", metavar="REFERENCE",
                        help="[REGISTRY/]PATH[:TAG][@DIGEST], e.g. alpine, library/alpine:3.20, ghcr.io/o/i@sha256:...")
     elif verb == "tags":
         p.add_argument("reference", metavar="REPOSITORY", help="[REGISTRY/]PATH, e.g. library/alpine, ghcr.io/o/i")
     _common_options(p)
-    if verb in ("pull", "inspect", "tags"):
+    if verb in ("pull", "inspect", "tags", "copy"):
         _registry_options(p)
+    if verb == "copy":
+        _platform_option(p, several=False)
+        p.add_argument("--all", action="store_true", help="the whole index, every platform and attestation, "
+                       "byte for byte (= --platform all)")
+        p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, metavar="BYTES", help="blobs up to this go in "
+                       "one PUT, larger ones in chunks of it (default %d MiB)" % (CHUNK_SIZE >> 20))
+        p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel downloads from the source")
+        p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
+                       help="of the downloads from the source, as for pull")
     if verb in ("pull", "inspect", "rm"):
         _platform_option(p, several=verb == "pull")
     if verb == "inspect":
@@ -6544,9 +6774,24 @@ def _cmd_pull(args: Any) -> int:
     return 0
 
 
+def _cmd_copy(args: Any) -> int:
+    platforms = args.platform or []
+    every = args.all or platforms == ["all"]
+    doc = copy(args.reference, args.destination, home=args.home, platform=None if every else _one_platform(args),
+               all_platforms=every, chunk_size=args.chunk_size, jobs=args.jobs, cancel=args.cancel,
+               progress=None if args.quiet else _progress(args), **_registry_kw(args))
+    if args.json:
+        _out(args, doc, [])
+    elif not args.quiet:
+        sys.stderr.write(_printable("registry_pull: copied %s to %s %s: %d blobs uploaded, %d mounted, %d there "
+                                    "already" % (doc["source"], doc["destination"], doc["digest"], len(doc["uploaded"]),
+                                                 len(doc["mounted"]), len(doc["skipped"])), 2000) + "\n")
+    return 0
+
+
 _COMMANDS: Dict[str, Callable[[Any], int]] = {
     "pull": _cmd_pull, "inspect": _cmd_inspect, "tags": _cmd_tags, "images": _cmd_images, "rm": _cmd_rm,
-    "gc": _cmd_gc, "verify": _cmd_verify,
+    "gc": _cmd_gc, "verify": _cmd_verify, "copy": _cmd_copy,
 }
 
 
@@ -6594,7 +6839,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.setLevel(logging.ERROR if args.quiet else logging.DEBUG if verbose > 1 else
                      logging.INFO if verbose else logging.WARNING)
         args.password, args.cancel = _read_password(args), cancel
-        if args.verb in ("pull", "inspect", "tags", "rm") and not args.reference:
+        if args.verb in ("pull", "inspect", "tags", "rm", "copy") and not args.reference:
             raise UsageError("a REFERENCE is needed (e.g. alpine:3.20); see --help")
         return _COMMANDS[args.verb](args)
     except KeyboardInterrupt:
