@@ -2804,14 +2804,23 @@ class _Store:
         return size is None or st.st_size == size
 
     def read(self, digest: str, limit: int = MAX_MANIFEST_BYTES) -> Optional[bytes]:
+        """The bytes of a small blob (a manifest, an index, a config), or None when absent or too
+        large. Opened without following a link and without waiting (a FIFO planted under a
+        digest's name must not hang a pull); anything but a regular file is StorageError."""
         try:
-            fd = os.open(self.path(digest), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.path(digest), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             return None
         except OSError as e:
             raise StorageError("cannot read %s: %s" % (self.path(digest), e.strerror or e)) from None
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(limit + 1)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise StorageError("%s is not a regular file: refused (only its owner may write a store, "
+                                       "see README)" % self.path(digest))
+                data = f.read(limit + 1)
+        except OSError as e:
+            raise StorageError("cannot read %s: %s" % (self.path(digest), e.strerror or e)) from None
         return data if len(data) <= limit else None
 
     def put(self, digest: str, data: bytes) -> None:
@@ -3302,7 +3311,7 @@ def _unlocked(dir_fd: int, name: str) -> bool:
     if _fcntl is None:
         return True
     try:
-        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
     except OSError:
         return False
     try:
@@ -3663,12 +3672,14 @@ def _is_regular_at(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _copy_into(src_path: str, dir_fd: int, name: str) -> None:
+def _copy_into(src_path: str, dir_fd: int, name: str, link: bool = True) -> None:
     """The file ``src_path`` (the store's) as ``name`` in ``dir_fd``: a hard link where the file
-    system allows, else a copy into a new O_EXCL file; renamed into place (a planted name is
-    replaced, never written through)."""
+    system allows (and ``link``), else a copy into a new O_EXCL file; renamed into place (a
+    planted name is replaced, never written through)."""
     tmp = _tmp_name()
     try:
+        if not link:
+            raise OSError(errno.EXDEV, "a copy is asked for")
         os.link(src_path, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         src = os.open(src_path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
@@ -3887,7 +3898,7 @@ def _copy_new(src_path: str, dir_fd: int, name: str) -> None:
     """Copy the store's file to a new ``name`` in ``dir_fd``: written under a temporary name,
     then linked into place, which fails (FileExistsError) rather than replace anything."""
     tmp = _tmp_name()
-    _copy_into(src_path, dir_fd, tmp)
+    _copy_into(src_path, dir_fd, tmp, link=False)  # a file of the user's: editing it must not edit the store
     try:
         os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     finally:
@@ -5173,6 +5184,8 @@ MT_SIGSTORE_BUNDLE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 _COSIGN_SIGNATURE = "dev.cosignproject.cosign/signature"
 _COSIGN_TYPE = "cosign container image signature"
 _COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+_IN_TOTO = "application/vnd.in-toto+json"
+_COSIGN_SIGN_PREDICATE = "https://sigstore.dev/cosign/sign/v1"  # a signature, not an attestation
 
 
 def _load_keys(keys: Any) -> List[Union[str, bytes]]:
@@ -5298,12 +5311,24 @@ class _SignatureCheck:
             except IntegrityError:
                 self.found.append("a sigstore bundle whose statement is not JSON")
                 continue
-            subjects = [_dict_at(_as_dict(s), "digest") for s in _list_at(statement, "subject")]
+            if kind != _IN_TOTO or statement.get("predicateType") != _COSIGN_SIGN_PREDICATE:
+                # An SBOM or provenance attestation signed by the key is not a signature of the image.
+                self.found.append("a sigstore bundle that is no image signature (%s, %s)"
+                                  % (_printable(kind, 60), _printable(statement.get("predicateType"), 80)))
+                continue
             algo, hexpart = digest.split(":", 1)
-            if any(d.get(algo) == hexpart for d in subjects):
-                log.info("%s is signed (sigstore bundle %s)", digest, desc.digest)
-                return True
-            self.found.append("a sigstore bundle for another digest")
+            subjects = [_as_dict(s) for s in _list_at(statement, "subject")]
+            ours = [s for s in subjects if _dict_at(s, "digest").get(algo) == hexpart]
+            if not ours:
+                self.found.append("a sigstore bundle for another digest")
+                continue
+            names = [str(s["name"]) for s in ours if isinstance(s.get("name"), str)]
+            if not any(_same_repository(n, self.identity) for n in names):
+                self.found.append("a sigstore bundle for another repository (%s, not %s)"
+                                  % (_printable(", ".join(map(str, names)) or "no name", 100), self.identity))
+                continue
+            log.info("%s is signed (sigstore bundle %s)", digest, desc.digest)
+            return True
         return False
 
 
@@ -5608,62 +5633,79 @@ def pull(
     Raises a :class:`PullError` subclass on failure (its ``exit_code`` is the CLI's); nothing is
     recorded for a failed pull.
     """
-    ref, want, jobs = _reference(reference), _platform(platform), _check_jobs(jobs)
-    keys = _load_keys(verify_keys)
+    ref = _reference(reference)
+    opts = _PullOptions(_platform(platform), _check_jobs(jobs), progress, mirrors, insecure, verify_keys,
+                        signed_identity, referrers, offline)
     session = _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
-                       password=password,
-                       cancel=cancel, timeout=timeout)
-    creds = session.credentials(ref)
-    if oci_layout is not None:
-        _split_layout_arg(oci_layout, "latest")  # refuse a bad NAME before downloading anything
-    if docker_archive is not None:
-        _check_archive_target(docker_archive, overwrite)
-    job = _RootfsJob(rootfs) if rootfs is not None else None  # a bad DIR is refused before any download
-    mirror_list = _mirrors_for(ref, mirrors, insecure)
+                       password=password, cancel=cancel, timeout=timeout)
+    _check_outputs(oci_layout, docker_archive, overwrite)  # refused before anything is downloaded
+    job = _RootfsJob(rootfs) if rootfs is not None else None
     store = session.stored()
-    with contextlib.ExitStack() as stack:
-        # The store's shared lock, from the first request until the outputs are written: a
-        # concurrent collect_garbage() never deletes a blob this pull is about to use.
-        stack.enter_context(store.shared(session.attempt()))
+    # The store's shared lock, from the first request until the outputs are written: a
+    # concurrent collect_garbage() never deletes a blob this pull is about to use.
+    with store.shared(session.attempt()):
         with session:  # one pool for the whole pull: registry, token service, blob CDN, mirrors
-            def attempt(client: _Client) -> PullResult:
-                puller = _Puller(client, store, ref, want, jobs, progress, job)
-                if offline:
-                    puller.repo = _StoreRepository(client, store, ref)
-                elif isinstance(ref, _LayoutReference):
-                    puller.repo = session.repository(ref)
-                if keys:
-                    puller.signatures = _SignatureCheck(puller.repo, keys, signed_identity or ref.name)
-                return puller.run()
-            if isinstance(ref, _LayoutReference) and not offline:
-                result = attempt(_Client("localhost", cancel=session.attempt(), pool=session.pool))
-            elif offline:
-                if referrers or mirror_list and mirrors:
-                    raise UsageError("--offline sends nothing: --referrers and --mirror need a registry")
-                result = attempt(_Client(ref.registry, cancel=session.attempt(), pool=session.pool))
-            else:
-                try:
-                    result = _from_mirrors(session, ref, mirror_list, attempt) or attempt(session.client(ref, creds))
-                except RegistryError as e:
-                    if store.knows(str(ref)) and not session.must_stop():
-                        raise RegistryError("%s; the store holds %s: --offline serves it from there" % (e, ref)) \
-                            from None
-                    raise
-            found: List[Tuple[str, Descriptor]] = []
-            paths: List[str] = []
-            if referrers:
-                repo = session.repository(ref)
-                found, paths = _pull_referrers(repo, store, ref, [result.index_digest, result.manifest_digest],
-                                               progress)
-                store.record_referrers(result.reference, str(result.platform), found)
+            result, found, paths = _pull_one(session, ref, opts, job)
         outputs = _write_outputs(result, oci_layout, docker_archive, job, overwrite)
         if found and oci_layout is not None:
-            _export_blobs(paths, _split_layout_arg(oci_layout, "latest")[0],
-                          [_descriptor_entry(d) for _, d in found])
+            _export_blobs(paths, _split_layout_arg(oci_layout, "latest")[0], [_descriptor_entry(d) for _, d in found])
         if output is not None:
             export_files(result, output)
             outputs.append(("output", os.path.abspath(output)))
     return dataclasses.replace(result, outputs=tuple(outputs))
+
+
+class _PullOptions:
+    """What a pull of each reference is asked for (pull() and pull_many() share it)."""
+
+    def __init__(self, want: Platform, jobs: int, progress: Any, mirrors: Optional[List[str]], insecure: bool,
+                 verify_keys: Any, signed_identity: Optional[str], referrers: bool, offline: bool) -> None:
+        self.want, self.jobs, self.progress, self.mirrors, self.insecure = want, jobs, progress, mirrors, insecure
+        self.keys, self.signed_identity = _load_keys(verify_keys), signed_identity
+        self.referrers, self.offline = referrers, offline
+        if offline and (referrers or mirrors):
+            raise UsageError("--offline sends nothing: --referrers and --mirror need a registry")
+
+
+def _check_outputs(oci_layout: Optional[str], docker_archive: Optional[str], overwrite: bool) -> None:
+    if oci_layout is not None:
+        _split_layout_arg(oci_layout, "latest")
+    if docker_archive is not None:
+        _check_archive_target(docker_archive, overwrite)
+
+
+def _pull_one(session: _Session, ref: Reference, opts: _PullOptions, job: Optional[_RootfsJob] = None
+              ) -> Tuple[PullResult, List[Tuple[str, Descriptor]], List[str]]:
+    """One reference into the store: from the store alone (offline), a local layout, or its
+    mirrors and registry; then its referrers if asked. (result, referrers, their blob paths)."""
+    store = session.stored()
+
+    def attempt(client: _Client) -> PullResult:
+        puller = _Puller(client, store, ref, opts.want, opts.jobs, opts.progress, job)
+        if opts.offline:
+            puller.repo = _StoreRepository(client, store, ref)
+        elif isinstance(ref, _LayoutReference):
+            puller.repo = session.repository(ref)
+        if opts.keys:
+            puller.signatures = _SignatureCheck(puller.repo, opts.keys, opts.signed_identity or ref.name)
+        return puller.run()
+    if opts.offline or isinstance(ref, _LayoutReference):
+        result = attempt(_Client("localhost", cancel=session.attempt(), pool=session.pool))
+    else:
+        try:
+            result = _from_mirrors(session, ref, _mirrors_for(ref, opts.mirrors, opts.insecure), attempt) or \
+                attempt(session.client(ref))
+        except RegistryError as e:
+            if store.knows(str(ref)) and not session.must_stop():
+                raise RegistryError("%s; the store holds %s: --offline serves it from there" % (e, ref)) from None
+            raise
+    found: List[Tuple[str, Descriptor]] = []
+    paths: List[str] = []
+    if opts.referrers:
+        found, paths = _pull_referrers(session.repository(ref), store, ref,
+                                       [result.index_digest, result.manifest_digest], opts.progress)
+        store.record_referrers(result.reference, str(result.platform), found)
+    return result, found, paths
 
 
 def _from_mirrors(session: _Session, ref: Reference, mirrors: List[Tuple[str, Optional[str]]],
@@ -5745,7 +5787,8 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
                    cert_dir: Optional[str] = None,
                    username: Optional[str] = None, password: Optional[str] = None,
                    cancel: Optional[threading.Event] = None, oci_layout: Optional[str] = None,
-                   timeout: Optional[float] = None) -> Tuple[str, List[PullResult]]:
+                   timeout: Optional[float] = None, verify_keys: Optional[List[Union[str, bytes]]] = None,
+                   signed_identity: Optional[str] = None) -> Tuple[str, List[PullResult]]:
     """Pull several platforms of an index (repeated ``--platform``, or ``--platform all``).
 
     ``platforms`` is ``"all"`` (every manifest the index lists, attestation manifests included:
@@ -5754,8 +5797,10 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
     layout gets a new index listing what was pulled). Other parameters as :func:`pull`.
     Returns (the digest of the index written to the layout or, without one, the registry's;
     a PullResult per image pulled). Each image is recorded as (reference, platform).
+    ``verify_keys``/``signed_identity`` as for pull(): the index must be signed, or else every
+    image taken from it, before any blob is fetched.
     """
-    ref, jobs = _reference(reference), _check_jobs(jobs)
+    ref, jobs, keys = _reference(reference), _check_jobs(jobs), _load_keys(verify_keys)
     wants = None if platforms == "all" else [_platform(p) for p in platforms]
     if oci_layout is not None:
         _split_layout_arg(oci_layout, "latest")
@@ -5780,6 +5825,12 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
                         chosen.append(i)
             blobs = [store.path(top_digest)]
             entries = [top.manifests[i] for i in chosen]
+            if keys:
+                check = _SignatureCheck(repo, keys, signed_identity or ref.name)
+                if not check.signed(top_digest):
+                    for d in entries:
+                        if not (_is_attestation(d) or d.media_type in INDEX_TYPES):
+                            check.require("%s (%s)" % (ref, d.platform or d.digest), [top_digest, d.digest])
             _pull_entries(client, store, ref, (top_digest, top), entries, jobs, progress, results, blobs, 1)
         index_digest, index_data = top_digest, top_data
         if wants is not None:
@@ -6731,6 +6782,17 @@ def _progress(args: Any) -> Optional[Callable[[str, int, int], None]]:
     return _Lines(sys.stderr)
 
 
+def _read_keys(args: Any) -> List[Union[str, bytes]]:
+    keys: List[Union[str, bytes]] = []
+    for path in args.verify_key or []:
+        try:
+            with open(path, "rb") as f:
+                keys.append(f.read(65536))
+        except OSError as e:
+            raise UsageError("cannot read --verify-key %s: %s" % (path, e.strerror or e)) from None
+    return keys
+
+
 def _cmd_pull(args: Any) -> int:
     ref = _reference(args.reference)
     platforms = args.platform or []
@@ -6739,9 +6801,15 @@ def _cmd_pull(args: Any) -> int:
     kw = dict(home=args.home, jobs=args.jobs, progress=progress, cancel=args.cancel, oci_layout=args.oci_layout,
               **_registry_kw(args))
     if len(platforms) > 1 or "all" in platforms:
-        if args.rootfs or args.docker_archive:
-            raise UsageError("--rootfs and --docker-archive take exactly one platform")
-        index_digest, results = pull_platforms(ref, "all" if platforms == ["all"] else platforms, **kw)
+        ignored = [flag for flag, given in (("--rootfs", args.rootfs), ("--docker-archive", args.docker_archive),
+                                            ("--mirror", args.mirror), ("--output", args.output),
+                                            ("--referrers", args.referrers), ("--offline", args.offline)) if given]
+        if ignored:
+            raise UsageError("%s take%s exactly one platform"
+                             % (" and ".join(ignored), "" if len(ignored) > 1 else "s"))
+        index_digest, results = pull_platforms(ref, "all" if platforms == ["all"] else platforms,
+                                               verify_keys=_read_keys(args) or None,
+                                               signed_identity=args.signed_identity, **kw)
         if args.json:
             _out(args, {"index_digest": index_digest, "images": [r.to_json() for r in results]}, [])
         elif not args.quiet:  # a summary, as for one platform: on stderr
@@ -6751,13 +6819,7 @@ def _cmd_pull(args: Any) -> int:
                                                        ", layout %s" % args.oci_layout if args.oci_layout else ""))
             sys.stderr.write("".join(_printable("registry_pull: " + ln, 2000) + "\n" for ln in lines))
         return 0
-    keys: List[Union[str, bytes]] = []
-    for path in args.verify_key or []:
-        try:
-            with open(path, "rb") as f:
-                keys.append(f.read(65536))
-        except OSError as e:
-            raise UsageError("cannot read --verify-key %s: %s" % (path, e.strerror or e)) from None
+    keys = _read_keys(args)
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
                   rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, output=args.output,
                   verify_keys=keys or None, signed_identity=args.signed_identity, referrers=args.referrers,
