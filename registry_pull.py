@@ -65,6 +65,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Uni
 __all__ = [
     "pull",
     "pull_platforms",
+    "pull_many",
     "copy",
     "main",
     "PullResult",
@@ -3918,16 +3919,24 @@ def _check_archive_target(path: str, overwrite: bool = False) -> None:
 def export_docker_archive(result: PullResult, path: str, overwrite: bool = False) -> str:
     """Write a `docker save`-format tar (also an OCI layout inside), atomically; an existing
     ``path`` is refused unless ``overwrite``."""
+    return _docker_archive([result], path, overwrite)
+
+
+def _docker_archive(results: List[PullResult], path: str, overwrite: bool = False) -> str:
+    """One `docker save` tar holding ``results`` (as ``docker save a b`` writes it)."""
     _check_archive_target(path, overwrite)
-    ref = parse_reference(result.reference)
-    tags = ["%s:%s" % (_familiar(ref), ref.tag)] if ref.tag else []
     blob_name = lambda d: "blobs/%s/%s" % tuple(d.split(":"))  # noqa: E731
-    manifest = [{"Config": blob_name(result.config.digest), "RepoTags": tags,
-                 "Layers": [blob_name(layer.digest) for layer in result.layers]}]
-    entry = _result_entry(result, ref.tag or "latest")
-    if tags:
-        entry["annotations"]["io.containerd.image.name"] = str(ref)
-    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [entry]}
+    manifest, entries = [], []
+    for result in results:
+        ref = parse_reference(result.reference)
+        tags = ["%s:%s" % (_familiar(ref), ref.tag)] if ref.tag else []
+        manifest.append({"Config": blob_name(result.config.digest), "RepoTags": tags,
+                         "Layers": [blob_name(layer.digest) for layer in result.layers]})
+        entry = _result_entry(result, ref.tag or "latest")
+        if tags:
+            entry["annotations"]["io.containerd.image.name"] = str(ref)
+        entries.append(entry)
+    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": entries}
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = _mkstemp(directory, prefix=".tmp-", suffix=".tar")
@@ -3944,7 +3953,7 @@ def export_docker_archive(result: PullResult, path: str, overwrite: bool = False
             add_bytes("index.json", json.dumps(index).encode())
             add_bytes("manifest.json", json.dumps(manifest).encode())
             seen = set()
-            for blob in result.blob_paths():
+            for blob in (b for result in results for b in result.blob_paths()):
                 arc = "blobs/%s/%s" % (os.path.basename(os.path.dirname(blob)), os.path.basename(blob))
                 if arc in seen:
                     continue
@@ -5506,6 +5515,7 @@ class _Session:
             self.store = _Store(path, writable=False)
         self.pool = _Pool()
         self.layouts: List[_LayoutRepository] = []  # local sources opened, closed with the session
+        self.clients: Dict[Tuple[str, str, str], _Client] = {}
 
     def __enter__(self) -> "_Session":
         return self
@@ -5535,12 +5545,20 @@ class _Session:
         return find_credentials(ref.registry, repository=ref.repository)
 
     def client(self, ref: Reference, credentials: Optional[Credentials] = None) -> _Client:
-        """A client for ``ref``'s registry, starting from what the store remembers of the host."""
+        """A client for ``ref``'s registry, starting from what the store remembers of the host;
+        one per registry and credentials for the session (several references share its tokens),
+        each use with a cancellation of its own."""
+        creds = credentials if credentials is not None else self.credentials(ref)
+        key = (ref.registry, creds.source if creds else "", creds.username if creds else "")
+        client = self.clients.get(key)
+        if client is not None:
+            client.cancel = self.attempt()
+            return client
         client = _Client(ref.registry, insecure=self.insecure, ca_file=self.ca_file, cancel=self.attempt(),
-                         credentials=credentials if credentials is not None else self.credentials(ref),
-                         pool=self.pool, cert_dir=self.cert_dir)
+                         credentials=creds, pool=self.pool, cert_dir=self.cert_dir)
         if self.store is not None:
             client.remembered(self.store.host(client.endpoint))
+        self.clients[key] = client
         return client
 
     def mirror(self, ref: Reference, host: str, scheme: Optional[str]) -> _Client:
@@ -5653,6 +5671,64 @@ def pull(
             export_files(result, output)
             outputs.append(("output", os.path.abspath(output)))
     return dataclasses.replace(result, outputs=tuple(outputs))
+
+
+def pull_many(references: List[Any], *, home: Optional[str] = None, platform: Any = None, jobs: int = 4,
+              progress: Optional[Callable[[str, int, int], None]] = None, insecure: bool = False,
+              ca_file: Optional[str] = None, cert_dir: Optional[str] = None, username: Optional[str] = None,
+              password: Optional[str] = None, cancel: Optional[threading.Event] = None,
+              oci_layout: Optional[str] = None, docker_archive: Optional[str] = None,
+              mirrors: Optional[List[str]] = None, timeout: Optional[float] = None, overwrite: bool = False,
+              verify_keys: Optional[List[Union[str, bytes]]] = None, signed_identity: Optional[str] = None,
+              referrers: bool = False, offline: bool = False) -> List[Union[PullResult, PullError]]:
+    """Pull several references in one run, sharing connections, tokens and blobs (each blob is
+    fetched once): every one is tried, in order, and its PullResult or its PullError returned in
+    that order. ``oci_layout`` (a DIR: each image is named by its normalised reference) and
+    ``docker_archive`` (as ``docker save a b``) hold every image pulled; other parameters as
+    pull() (``--rootfs`` takes one reference: use pull())."""
+    refs = [_reference(r) for r in references]
+    if not refs:
+        raise UsageError("no reference to pull")
+    if oci_layout is not None and _split_layout_arg(oci_layout, "-")[1] != "-":
+        raise UsageError("with several references the layout is a DIR (each image is named by its reference), "
+                         "not DIR:NAME")
+    opts = _PullOptions(_platform(platform), _check_jobs(jobs), progress, mirrors, insecure, verify_keys,
+                        signed_identity, referrers, offline)
+    session = _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
+                       password=password, cancel=cancel, timeout=timeout)
+    _check_outputs(oci_layout, docker_archive, overwrite)
+    store = session.stored()
+    results: List[Union[PullResult, PullError]] = []
+    with store.shared(session.attempt()):
+        with session:
+            for ref in refs:
+                try:
+                    results.append(_pull_one(session, ref, opts)[0])
+                except PullError as e:
+                    if isinstance(e, Interrupted) or session.must_stop():
+                        raise
+                    log.warning("%s: %s", ref, e)
+                    results.append(e)
+        pulled = [r for r in results if isinstance(r, PullResult)]
+        if oci_layout is not None and pulled:
+            _export_blobs([p for r in pulled for p in r.blob_paths()], oci_layout,
+                          [_result_entry(r, r.reference) for r in pulled])
+        if docker_archive is not None and pulled:
+            _docker_archive(pulled, docker_archive, overwrite)
+    return results
+
+
+def _references_from(path: str) -> List[str]:
+    """One reference per line of ``path`` ("-": standard input); blank lines and # comments ignored."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(16 * 1024 * 1024)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError("cannot read --from-file %s: %s" % (path, getattr(e, "strerror", None) or e)) from None
+    return [ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()]
 
 
 class _PullOptions:
@@ -6517,7 +6593,7 @@ _VERBS = {
 # The options that take a value (to find the verb among the arguments, options may come first).
 _VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--cert-dir", "--username", "--oci-layout",
            "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p", "--output",
-           "--verify-key", "--signed-identity", "--chunk-size"}
+           "--verify-key", "--signed-identity", "--chunk-size", "--from-file"}
 
 
 class _Formatter(logging.Formatter):
@@ -6611,7 +6687,12 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
     if verb == "copy":
         p.add_argument("reference", metavar="SRC", help="[docker://]REFERENCE, or oci:DIR[:NAME]")
         p.add_argument("destination", metavar="DST", help="[docker://]REFERENCE in the registry to write to")
-    if verb in ("pull", "inspect", "rm"):
+    if verb == "pull":
+        p.add_argument("references", metavar="REFERENCE", nargs="*",
+                       help="[REGISTRY/]PATH[:TAG][@DIGEST] (e.g. alpine, ghcr.io/o/i@sha256:...) or oci:DIR[:NAME]; "
+                       "several share connections, tokens and blobs")
+        p.add_argument("--from-file", metavar="FILE", help="more references, one a line (# comments; - for stdin)")
+    elif verb in ("inspect", "rm"):
         p.add_argument("reference", metavar="REFERENCE",
                        help="[REGISTRY/]PATH[:TAG][@DIGEST], e.g. alpine, library/alpine:3.20, ghcr.io/o/i@sha256:...")
     elif verb == "tags":
@@ -6794,6 +6875,8 @@ def _read_keys(args: Any) -> List[Union[str, bytes]]:
 
 
 def _cmd_pull(args: Any) -> int:
+    if len(getattr(args, "references", None) or []) > 1:
+        return _cmd_pull_many(args)
     ref = _reference(args.reference)
     platforms = args.platform or []
     progress = _progress(args)
@@ -6836,6 +6919,30 @@ def _cmd_pull(args: Any) -> int:
     return 0
 
 
+def _cmd_pull_many(args: Any) -> int:
+    """Several references: each tried in order; one line each; the exit code of the first failure."""
+    if args.rootfs or args.output or (args.platform and (len(args.platform) > 1 or "all" in args.platform)):
+        raise UsageError("--rootfs, --output and several platforms take one reference")
+    refs = [_reference(r) for r in args.references]  # a bad one is a usage error before anything is fetched
+    started = time.monotonic()
+    results = pull_many(refs, home=args.home, platform=_one_platform(args), jobs=args.jobs, progress=_progress(args),
+                        cancel=args.cancel, oci_layout=args.oci_layout, docker_archive=args.docker_archive,
+                        mirrors=args.mirror, overwrite=args.overwrite, verify_keys=_read_keys(args) or None,
+                        signed_identity=args.signed_identity, referrers=args.referrers, offline=args.offline,
+                        **_registry_kw(args))
+    if args.json:
+        _out(args, [r.to_json() if isinstance(r, PullResult) else
+                    {"reference": str(ref), "error": _printable(r, 2000), "exit_code": r.exit_code}
+                    for ref, r in zip(refs, results)], [])
+    elif not args.quiet:
+        lines = [("pulled %s (%s) %s" % (r.reference, r.platform, r.manifest_digest)) if isinstance(r, PullResult)
+                 else "failed %s: %s" % (ref, r) for ref, r in zip(refs, results)]
+        ok = sum(isinstance(r, PullResult) for r in results)
+        lines.append("%d of %d pulled in %.1fs" % (ok, len(results), time.monotonic() - started))
+        sys.stderr.write("".join(_printable("registry_pull: " + ln, 2000) + "\n" for ln in lines))
+    return next((r.exit_code for r in results if isinstance(r, PullError)), 0)
+
+
 def _cmd_copy(args: Any) -> int:
     platforms = args.platform or []
     every = args.all or platforms == ["all"]
@@ -6865,6 +6972,10 @@ def _parse_args(argv: List[str]) -> Any:
         verb = next((v for flag, v in _LEGACY_ACTIONS if getattr(args, flag[2:].replace("-", "_"))), "pull")
         if verb in ("images", "gc", "verify") and args.reference:
             raise UsageError("--images, --gc and --verify take no REFERENCE")
+    if verb == "pull":
+        refs = list(args.references) + (_references_from(args.from_file) if args.from_file else [])
+        args.references = refs
+        args.reference = refs[0] if refs else None
     args.verb = verb
     return args
 
