@@ -174,7 +174,7 @@ def serve(case, handler):
 class Registry:
     """An in-process OCI registry on 127.0.0.1 with auth and fault injection."""
 
-    def __init__(self, auth=None, token_lifetime=300, users=None):
+    def __init__(self, auth=None, token_lifetime=300, users=None, per_repo=False):
         self.auth = auth  # None, "basic" or "bearer"
         self.users = users if users is not None else {"alice": "s3cret"}
         self.anonymous_tokens = True
@@ -194,6 +194,20 @@ class Registry:
         self.challenge_prefix = ""  # e.g. 'Basic realm="x", ' before the Bearer challenge
         self.send_expires_in = True
         self.fault = None  # callable(handler, method, path) -> True when it answered
+        # Pushes (distribution spec): POST an upload, PATCH chunks, PUT ?digest=, PUT manifests.
+        self.per_repo = per_repo  # True: a blob is in a repository only once pushed, mounted or uploaded there
+        self.links = {}  # repo -> set of blob digests pushed, mounted or uploaded there
+        self.uploads = {}  # upload id -> {"repo": repo, "data": bytearray}: the sessions open now
+        self.uploaded = []  # (repo, digest) of every upload completed by a PUT ?digest=
+        self.mounted = []  # (repo, digest, from) of every cross-repository mount granted
+        self.received = 0  # upload body bytes read (POST, PATCH and PUT bodies; a cut PATCH's part too)
+        self.refuse_mount = False  # True: POST ?mount= answers 202 and an upload session, as if not mountable
+        self.refuse_chunked = False  # True (405) or 400: every PATCH answered so, UNSUPPORTED; the session stays
+        self.cut_patch = None  # N: the Nth PATCH (counted from 1, over the registry) is cut halfway through its body
+        self.keep_cut_uploads = True  # the cut PATCH's bytes read are kept (GET answers 204 + Range); False: the
+        #                               session is dropped (GET, PATCH and PUT on it answer 404 BLOB_UPLOAD_INVALID)
+        self.patches = 0  # PATCH requests seen
+        self.check_references = True  # a manifest PUT whose blobs or child manifests are absent: 400
         self.lock = threading.Lock()
         self.server = None
 
@@ -201,6 +215,7 @@ class Registry:
 
     def push(self, repo, tag, image):
         self.blobs.update(image.blobs())
+        self.links.setdefault(repo, set()).update(image.blobs())
         self.manifests[(repo, image.digest)] = (image.types["manifest"], image.manifest)
         if tag:
             self.manifests[(repo, tag)] = (image.types["manifest"], image.manifest)
@@ -219,6 +234,20 @@ class Registry:
             return [(m, p) for m, p, _ in self.log
                     if (method is None or m == method) and (kind is None or "/%s/" % kind in p)]
 
+    def blob(self, repo, digest):
+        """The blob as repository ``repo`` has it (every repository has every blob unless per_repo)."""
+        data = self.blobs.get(digest)
+        if data is not None and self.per_repo and digest not in self.links.get(repo, ()):
+            return None
+        return data
+
+    def uploads_of(self, digest=None):
+        """(method, path, headers) of the upload requests (POST, PATCH, PUT, GET, DELETE on .../blobs/uploads/),
+        only those that end with ``digest`` when given (the PUT ?digest=, a POST ?mount=)."""
+        with self.lock:
+            return [(m, p, h) for m, p, h in self.log if "/blobs/uploads/" in p and
+                    (digest is None or "digest=" + digest in p or "mount=" + digest in p)]
+
     # -- server ----------------------------------------------------------------------
 
     def start(self, case):
@@ -233,6 +262,15 @@ class Registry:
 
             def do_POST(self):
                 self.handle_any("POST")
+
+            def do_PUT(self):
+                self.handle_any("PUT")
+
+            def do_PATCH(self):
+                self.handle_any("PATCH")
+
+            def do_DELETE(self):
+                self.handle_any("DELETE")
 
             def send(self, status, body=b"", headers=None, head=False):
                 self.send_response(status)
@@ -257,14 +295,32 @@ class Registry:
                 path = urllib.parse.urlsplit(self.path).path
                 with reg.lock:
                     reg.log.append((method, self.path, dict(self.headers)))
-                if method == "POST" and path != "/token":
-                    return self.error(405, "UNSUPPORTED")
+                self.body, cut = b"", False
+                if method in ("PUT", "PATCH", "DELETE") or (method == "POST" and path != "/token"):
+                    if method == "PATCH":
+                        with reg.lock:
+                            reg.patches += 1
+                            cut = reg.cut_patch == reg.patches
+                    self.body = self.read_body(cut)
+                    if "/blobs/uploads/" in path:
+                        with reg.lock:
+                            reg.received += len(self.body)
                 if reg.fault and reg.fault(self, method, path):
                     return
+                if cut:
+                    return self.cut(path)
                 if path == "/token":
                     return self.token()
                 if not self.authorized(path):
                     return
+                up = re.match(r"^/v2/(.+)/blobs/uploads/([^/]*)$", path)
+                if up:
+                    return self.upload(method, up.group(1), up.group(2))
+                if method not in ("GET", "HEAD"):
+                    m = re.match(r"^/v2/(.+)/manifests/([^/]+)$", path)
+                    if method == "PUT" and m:
+                        return self.put_manifest(*m.groups())
+                    return self.error(405, "UNSUPPORTED")
                 if path == "/v2/":
                     if reg.v2_wants_auth and "Authorization" not in self.headers:
                         return self.error(401, "UNAUTHORIZED", method == "HEAD", {"WWW-Authenticate":
@@ -283,13 +339,131 @@ class Registry:
                     mt, data = found
                     return self.send(200, data, {"Content-Type": mt, "Docker-Content-Digest": sha256(data)},
                                      method == "HEAD")
-                data = reg.blobs.get(ref)
+                data = reg.blob(repo, ref)
                 if data is None:
                     return self.error(404, "BLOB_UNKNOWN", method == "HEAD")
                 if reg.redirect_to and method == "GET":
                     hop = "hop" if reg.redirect_hops == 2 else "obj"
                     return self.send(307, headers={"Location": "%s/%s/%s?sig=secret" % (reg.redirect_to, hop, ref)})
                 self.serve_blob(data, method)
+
+            def read_body(self, cut=False):
+                """The request body (Content-Length or chunked); half of it, then nothing more, if ``cut``."""
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    body = bytearray()
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if not size:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return bytes(body)
+                        if cut:
+                            return bytes(body) + self.rfile.read(max(1, size // 2))
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(max(1, n // 2) if cut and n else n)
+
+            def location(self, repo, uid):
+                data = reg.uploads[uid]["data"]
+                return {"Location": "/v2/%s/blobs/uploads/%s?_state=%s-%d" % (repo, uid, uid[:8], len(data)),
+                        "Range": "0-%d" % (len(data) - 1), "Docker-Upload-UUID": uid}
+
+            def cut(self, path):
+                """The connection cut in the middle of a PATCH body: what was read is kept or the session dropped."""
+                uid = path.rsplit("/", 1)[-1]
+                with reg.lock:
+                    if uid in reg.uploads:
+                        if reg.keep_cut_uploads:
+                            reg.uploads[uid]["data"] += self.body
+                        else:
+                            del reg.uploads[uid]
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def upload(self, method, repo, uid):
+                q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                if not uid:  # POST /v2/NAME/blobs/uploads/: a new session, a mount or a monolithic upload
+                    if method != "POST":
+                        return self.error(405, "UNSUPPORTED")
+                    mount, source = q.get("mount", [None])[0], q.get("from", [None])[0]
+                    if mount and source and not reg.refuse_mount and reg.blob(source, mount) is not None:
+                        with reg.lock:
+                            reg.links.setdefault(repo, set()).add(mount)
+                            reg.mounted.append((repo, mount, source))
+                        return self.send(201, headers={"Location": "/v2/%s/blobs/%s" % (repo, mount),
+                                                       "Docker-Content-Digest": mount})
+                    uid = "%032x" % int.from_bytes(os.urandom(16), "big")
+                    with reg.lock:
+                        reg.uploads[uid] = {"repo": repo, "data": bytearray()}
+                    if q.get("digest") and not mount:
+                        return self.complete(repo, uid, q["digest"][0])
+                    return self.send(202, headers=self.location(repo, uid))
+                session = reg.uploads.get(uid)
+                if session is None or session["repo"] != repo:
+                    return self.error(404, "BLOB_UPLOAD_INVALID", method == "HEAD")
+                if method in ("GET", "HEAD"):
+                    return self.send(204, headers=self.location(repo, uid), head=True)
+                if method == "DELETE":
+                    with reg.lock:
+                        reg.uploads.pop(uid, None)
+                    return self.send(204, head=True)
+                if method == "PATCH":
+                    if reg.refuse_chunked:
+                        return self.error(400 if reg.refuse_chunked == 400 else 405, "UNSUPPORTED")
+                    rng = self.headers.get("Content-Range")
+                    if rng is not None:
+                        m = re.match(r"^(?:bytes[ =])?(\d+)-(\d+)$", rng.strip())
+                        if (not m or int(m.group(1)) != len(session["data"]) or
+                                int(m.group(2)) - int(m.group(1)) + 1 != len(self.body)):
+                            return self.send(416, headers=self.location(repo, uid))
+                    with reg.lock:
+                        session["data"] += self.body
+                    return self.send(202, headers=self.location(repo, uid))
+                if method == "PUT":
+                    return self.complete(repo, uid, q.get("digest", [""])[0])
+                return self.error(405, "UNSUPPORTED")
+
+            def complete(self, repo, uid, digest):
+                with reg.lock:
+                    session = reg.uploads.pop(uid)
+                    data = bytes(session["data"] + self.body)
+                    if not digest or sha256(data) != digest:
+                        ok = False
+                    else:
+                        ok = True
+                        reg.blobs[digest] = data
+                        reg.links.setdefault(repo, set()).add(digest)
+                        reg.uploaded.append((repo, digest))
+                if not ok:
+                    return self.error(400, "DIGEST_INVALID")
+                self.send(201, headers={"Location": "/v2/%s/blobs/%s" % (repo, digest), "Docker-Content-Digest": digest})
+
+            def put_manifest(self, repo, ref):
+                data, mt = self.body, self.headers.get("Content-Type", "")
+                digest = sha256(data)
+                if ref.startswith("sha256:") and ref != digest:
+                    return self.error(400, "DIGEST_INVALID")
+                try:
+                    doc = json.loads(data)
+                except ValueError:
+                    return self.error(400, "MANIFEST_INVALID")
+                if not isinstance(doc, dict) or doc.get("mediaType", mt) != mt:
+                    return self.error(400, "MANIFEST_INVALID")
+                if reg.check_references:
+                    if "manifests" in doc:
+                        if any((repo, d.get("digest")) not in reg.manifests for d in doc["manifests"]):
+                            return self.error(400, "MANIFEST_BLOB_UNKNOWN")
+                    else:
+                        wanted = ([doc.get("config", {})] + list(doc.get("layers", [])))
+                        if any(reg.blob(repo, d.get("digest")) is None for d in wanted):
+                            return self.error(400, "MANIFEST_BLOB_UNKNOWN")
+                with reg.lock:
+                    reg.manifests[(repo, ref)] = (mt, data)
+                    reg.manifests[(repo, digest)] = (mt, data)
+                self.send(201, headers={"Location": "/v2/%s/manifests/%s" % (repo, digest),
+                                        "Docker-Content-Digest": digest})
 
             def serve_blob(self, data, method="GET"):
                 rng = self.headers.get("Range")
@@ -348,7 +522,8 @@ class Registry:
                     if tok:
                         reg.refused_tokens.append((self.command, path))
                     m = re.match(r"^/v2/(.+)/(?:manifests|blobs)/", path)
-                    scope = ',scope="repository:%s:pull"' % m.group(1) if m else ""
+                    actions = "pull" if self.command in ("GET", "HEAD") else "pull,push"
+                    scope = ',scope="repository:%s:%s"' % (m.group(1), actions) if m else ""
                     err = ',error="invalid_token"' if tok else ""
                     self.error(401, "UNAUTHORIZED", head, {"WWW-Authenticate": reg.challenge_prefix +
                                'Bearer realm="http://%s/token",service="test-registry"%s%s' % (reg.host, scope, err)})
@@ -666,7 +841,8 @@ def make_ca(directory, critical=True):
 class Distribution:
     """The real CNCF Distribution registry on 127.0.0.1, with a generated config."""
 
-    def __init__(self, case, tls=None, htpasswd=None, silly_realm=None, proxy_of=None, client_ca=None):
+    def __init__(self, case, tls=None, htpasswd=None, silly_realm=None, proxy_of=None, client_ca=None,
+                 access_log=False):
         self.case = case
         self.dir = tempfile.mkdtemp(prefix="rp-dist-")
         case.addCleanup(shutil.rmtree, self.dir, True)
@@ -678,7 +854,8 @@ class Distribution:
             http_cfg["tls"] = {"certificate": tls[1], "key": tls[2]}
             if client_ca:  # mTLS: a client certificate signed by this CA, or no connection
                 http_cfg["tls"]["clientcas"] = [client_ca]
-        config = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": True}},
+        # access_log: one line per request in the log file (requests() reads them back).
+        config = {"version": 0.1, "log": {"level": "error", "accesslog": {"disabled": not access_log}},
                   "storage": {"filesystem": {"rootdirectory": os.path.join(self.dir, "data")},
                               "delete": {"enabled": True}},
                   "http": http_cfg}
@@ -708,6 +885,18 @@ class Distribution:
                 time.sleep(0.05)
         with open(os.path.join(self.dir, "log"), "rb") as f:
             raise RuntimeError("docker-registry did not start: %r" % f.read()[-500:])
+
+    def requests(self, method=None, contains=""):
+        """(method, path, status) of the requests the access log shows (Distribution(access_log=True)), in order."""
+        self.log.flush()
+        with open(os.path.join(self.dir, "log"), "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        found = []
+        for line in lines:
+            m = re.search(r'"([A-Z]+) (\S+) HTTP/[\d.]+" (\d{3}) ', line)
+            if m and (method is None or m.group(1) == method) and contains in m.group(2):
+                found.append((m.group(1), m.group(2), int(m.group(3))))
+        return found
 
     def stop(self):
         if self.proc.poll() is None:
@@ -1699,6 +1888,40 @@ def push_documents(host, repo, blobs, manifests):
             assert resp.status == 201, (resp.status, ref, body[:300])
     finally:
         conn.close()
+
+
+def push_attested_index(reg, repo, tag, images):
+    """``images`` and a buildx-style OCI index over them (a real attestation manifest after each image) in
+    ``reg``; the index bytes."""
+    entries = []
+    for img in images:
+        reg.push(repo, None, img)
+        plat = {"os": "linux", "architecture": img.arch}
+        if img.variant:
+            plat["variant"] = img.variant
+        entries.append({"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest),
+                        "platform": plat})
+        att, att_blobs = attestation_for(img)
+        del att_blobs[sha256(att)]
+        reg.blobs.update(att_blobs)
+        reg.links.setdefault(repo, set()).update(att_blobs)
+        reg.manifests[(repo, sha256(att))] = (rp.MT_OCI_MANIFEST, att)
+        entries.append({"mediaType": rp.MT_OCI_MANIFEST, "digest": sha256(att), "size": len(att),
+                        "platform": {"os": "unknown", "architecture": "unknown"},
+                        "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                        "vnd.docker.reference.digest": img.digest}})
+    data = json.dumps({"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX, "manifests": entries}).encode()
+    reg.manifests[(repo, tag)] = reg.manifests[(repo, sha256(data))] = (rp.MT_OCI_INDEX, data)
+    return data
+
+
+def headers_of(headers):
+    """A logged request's headers with lower-case names."""
+    return dict((k.lower(), v) for k, v in headers.items())
+
+
+def query_of(path):
+    return urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
 
 
 # --------------------------------------------------------------------------- the module itself
@@ -6060,6 +6283,299 @@ class DockerArchiveTargetTests(Base):
         self.assertOneErrorLine(err)
 
 
+class CopyTests(Base):
+    """copy SRC DST: an image or an index from a registry or an OCI layout into a registry, pushed as the
+    distribution spec says (HEAD, mount or POST, PUT or PATCH chunks, manifests children first)."""
+
+    KEYS = {"source", "destination", "digest", "uploaded", "mounted", "skipped"}
+
+    def two(self):
+        return self.registry(per_repo=True), self.registry(per_repo=True)
+
+    def copy(self, src, dst, **kw):
+        kw.setdefault("home", self.home)
+        return rp.copy(src, dst, **kw)
+
+    def big_image(self, size=300000):
+        return Image(layers=[make_layer({"data/big": os.urandom(size)})])
+
+    def patches(self, reg):
+        return [headers_of(h) for m, p, h in reg.log if m == "PATCH"]
+
+    def blob_puts(self, reg, digest):
+        return [headers_of(h) for m, p, h in reg.uploads_of(digest) if m == "PUT"]
+
+    def test_copy_between_registries_uploads_every_blob_and_the_exact_manifest(self):
+        a, b = self.two()
+        img = a.push("src/app", "v1", Image())
+        res = self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1")
+        self.assertEqual(set(res), self.KEYS)
+        self.assertEqual(res["digest"], img.digest)
+        self.assertIn("dst/app", res["destination"])
+        self.assertIn("src/app", res["source"])
+        self.assertEqual(b.manifests[("dst/app", "v1")], (rp.MT_OCI_MANIFEST, img.manifest))
+        self.assertEqual(sorted(res["uploaded"]), sorted(img.blobs()))
+        self.assertEqual((res["mounted"], res["skipped"]), ([], []))
+        self.assertEqual(sorted(d for r, d in b.uploaded if r == "dst/app"), sorted(img.blobs()))
+        for digest, data in img.blobs().items():
+            self.assertEqual(b.blobs[digest], data)
+            self.assertIn(("HEAD", "/v2/dst/app/blobs/" + digest), b.requests("HEAD"))  # asked before sent
+            puts = self.blob_puts(b, digest)
+            self.assertEqual([int(h["content-length"]) for h in puts], [len(data)])  # one monolithic PUT
+        self.assertEqual(self.patches(b), [])
+        self.assertFalse([p for m, p, h in b.uploads_of() if "mount" in query_of(p)])  # another registry
+        manifest_puts = [(p, headers_of(h)) for m, p, h in b.log if m == "PUT" and "/manifests/" in p]
+        self.assertEqual([p for p, _ in manifest_puts], ["/v2/dst/app/manifests/v1"])
+        self.assertEqual(manifest_puts[0][1]["content-type"], rp.MT_OCI_MANIFEST)
+        self.assertEqual([m for m, p, h in a.log if m not in ("GET", "HEAD")], [])  # the source only read
+
+    def test_shared_blobs_are_skipped_and_only_new_ones_uploaded(self):
+        a, b = self.two()
+        base = make_layer({"etc/base": os.urandom(5000)})
+        first = a.push("src/app", "v1", Image(layers=[base, make_layer({"app/one": os.urandom(4000)})]))
+        second = a.push("src/app", "v2", Image(layers=[base, make_layer({"app/two": os.urandom(4000)})]))
+        self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1")
+        mark = len(b.log)
+        res = self.copy(a.host + "/src/app:v2", b.host + "/dst/app:v2")
+        shared = sha256(base[0])
+        self.assertEqual(res["skipped"], [shared])
+        self.assertEqual(sorted(res["uploaded"]), sorted(set(second.blobs()) - {shared}))
+        self.assertEqual(res["mounted"], [])
+        self.assertEqual(len([p for m, p, h in b.log[mark:] if m == "POST"]), 2)  # config and the new layer
+        self.assertEqual(b.manifests[("dst/app", "v2")][1], second.manifest)
+        self.assertEqual(b.manifests[("dst/app", "v1")][1], first.manifest)
+        # Everything there already: nothing sent but the manifest.
+        mark = len(b.log)
+        res = self.copy(a.host + "/src/app:v2", b.host + "/dst/app:v2")
+        self.assertEqual((res["uploaded"], sorted(res["skipped"])), ([], sorted(second.blobs())))
+        self.assertEqual([p for m, p, h in b.log[mark:] if "/blobs/uploads/" in p], [])
+
+    def test_copy_within_a_registry_mounts_every_blob(self):
+        reg = self.registry(per_repo=True)
+        img = reg.push("src/app", "v1", Image())
+        mark = len(reg.log)
+        res = self.copy(reg.host + "/src/app:v1", reg.host + "/other/app:v1")
+        self.assertEqual(sorted(res["mounted"]), sorted(img.blobs()))
+        self.assertEqual((res["uploaded"], res["skipped"]), ([], []))
+        self.assertEqual(sorted(reg.mounted), sorted(("other/app", d, "src/app") for d in img.blobs()))
+        posts = [query_of(p) for m, p, h in reg.log[mark:] if m == "POST"]
+        self.assertEqual(sorted(q["mount"][0] for q in posts), sorted(img.blobs()))
+        self.assertEqual(set(q["from"][0] for q in posts), {"src/app"})
+        self.assertEqual([m for m, p, h in reg.log[mark:] if m in ("PATCH", "PUT") and "/blobs/" in p], [])
+        self.assertEqual(reg.manifests[("other/app", "v1")][1], img.manifest)
+
+    def test_a_mount_answered_202_uploads_through_that_session(self):
+        reg = self.registry(per_repo=True)
+        img = reg.push("src/app", "v1", Image())
+        reg.refuse_mount = True
+        mark = len(reg.log)
+        res = self.copy(reg.host + "/src/app:v1", reg.host + "/other/app:v1")
+        self.assertEqual((sorted(res["uploaded"]), res["mounted"]), (sorted(img.blobs()), []))
+        self.assertEqual(len([p for m, p, h in reg.log[mark:] if m == "POST"]), len(img.blobs()))  # no 2nd POST
+        self.assertEqual(reg.manifests[("other/app", "v1")][1], img.manifest)
+
+    def test_push_tokens_ask_pull_push_and_the_mount_source_pull(self):
+        reg = self.registry(auth="bearer", per_repo=True)
+        img = reg.push("src/app", "v1", Image())
+        res = self.copy(reg.host + "/src/app:v1", reg.host + "/other/app:v1")
+        self.assertEqual(sorted(res["mounted"]), sorted(img.blobs()))
+        scopes = set()
+        for method, q, auth in reg.token_requests:
+            for value in q.get("scope", []):
+                scopes.update(value.split())
+        self.assertIn("repository:other/app:pull,push", scopes)
+        self.assertIn("repository:src/app:pull", scopes)
+        self.assertEqual(reg.manifests[("other/app", "v1")][1], img.manifest)
+
+    def test_blobs_above_the_chunk_size_go_in_patch_chunks(self):
+        a, b = self.two()
+        img = a.push("src/app", "v1", self.big_image())
+        big = sha256(img.layers[0])
+        code, out, err = self.main("copy", "--home", self.home, "--json", "--chunk-size", "65536",
+                                   a.host + "/src/app:v1", "docker://%s/dst/app:v1" % b.host)
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(set(doc), self.KEYS)
+        self.assertEqual((doc["digest"], sorted(doc["uploaded"])), (img.digest, sorted(img.blobs())))
+        self.assertEqual(b.blobs[big], img.layers[0])
+        patches = self.patches(b)
+        self.assertGreaterEqual(len(patches), 5)  # 300 KB in 64 KiB chunks
+        end = -1
+        for h in patches:
+            start, last = map(int, h["content-range"].replace("bytes", "").strip(" =").split("-"))
+            self.assertEqual(start, end + 1)
+            self.assertEqual(int(h["content-length"]), last - start + 1)
+            self.assertLessEqual(last - start + 1, 65536)
+            self.assertEqual(h["content-type"], "application/octet-stream")
+            end = last
+        self.assertEqual(end, len(img.layers[0]) - 1)
+        self.assertEqual([int(h.get("content-length", 0)) for h in self.blob_puts(b, big)], [0])  # the closing PUT
+        config = sha256(img.config)
+        self.assertEqual([int(h["content-length"]) for h in self.blob_puts(b, config)], [len(img.config)])
+        self.assertEqual(b.manifests[("dst/app", "v1")][1], img.manifest)
+
+    def test_a_registry_refusing_chunks_gets_one_monolithic_put(self):
+        for status in (405, 400):
+            with self.subTest(status=status):
+                a, b = self.two()
+                img = a.push("src/app", "v1", self.big_image())
+                big = sha256(img.layers[0])
+                b.refuse_chunked = status
+                res = self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1", chunk_size=65536)
+                self.assertEqual(res["digest"], img.digest)
+                self.assertEqual(len(self.patches(b)), 1)  # refused once, never tried again
+                self.assertEqual([int(h["content-length"]) for h in self.blob_puts(b, big)], [len(img.layers[0])])
+                self.assertEqual(b.blobs[big], img.layers[0])
+                self.assertEqual(b.manifests[("dst/app", "v1")][1], img.manifest)
+
+    def test_a_cut_chunk_resumes_where_the_registry_kept_it(self):
+        a, b = self.two()
+        img = a.push("src/app", "v1", self.big_image())
+        big = sha256(img.layers[0])
+        b.cut_patch, b.keep_cut_uploads = 3, True
+        res = self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1", chunk_size=65536)
+        self.assertEqual(res["digest"], img.digest)
+        self.assertEqual(b.blobs[big], img.layers[0])
+        self.assertTrue([p for m, p, h in b.uploads_of() if m == "GET"], "upload status never asked")
+        self.assertEqual(len(b.requests("POST")), 2)  # config and layer: one session each, the cut one resumed
+        self.assertLess(b.received - len(img.config), len(img.layers[0]) + 65536)  # nothing resent from 0
+        self.assertEqual(b.manifests[("dst/app", "v1")][1], img.manifest)
+
+    def test_a_cut_chunk_the_registry_dropped_starts_again(self):
+        a, b = self.two()
+        img = a.push("src/app", "v1", self.big_image())
+        big = sha256(img.layers[0])
+        b.cut_patch, b.keep_cut_uploads = 3, False
+        res = self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1", chunk_size=65536)
+        self.assertEqual(res["digest"], img.digest)
+        self.assertEqual(b.blobs[big], img.layers[0])
+        self.assertEqual(res["uploaded"].count(big), 1)
+        self.assertEqual(len(b.requests("POST")), 3)  # config, layer, and the layer once more from 0
+        self.assertEqual([d for r, d in b.uploaded].count(big), 1)
+        self.assertGreaterEqual(b.received - len(img.config), len(img.layers[0]) + 2 * 65536)
+        self.assertEqual(b.manifests[("dst/app", "v1")][1], img.manifest)
+
+    def test_all_copies_an_index_with_attestations_byte_for_byte(self):
+        a, b = self.two()
+        images = [Image("amd64"), Image("arm64", "v8")]
+        index = push_attested_index(a, "src/multi", "v1", images)
+        children = json.loads(index)["manifests"]
+        res = self.copy(a.host + "/src/multi:v1", b.host + "/dst/multi:v1", all_platforms=True)
+        self.assertEqual(res["digest"], sha256(index))
+        self.assertEqual(b.manifests[("dst/multi", "v1")], (rp.MT_OCI_INDEX, index))
+        for child in children:
+            self.assertEqual(b.manifests[("dst/multi", child["digest"])], a.manifests[("src/multi", child["digest"])])
+        for digest in a.links["src/multi"]:
+            self.assertEqual(b.blobs[digest], a.blobs[digest])
+        self.assertEqual(sorted(res["uploaded"]), sorted(a.links["src/multi"]))
+        puts = [(p, headers_of(h)["content-type"]) for m, p, h in b.log if m == "PUT" and "/manifests/" in p]
+        self.assertEqual(puts[-1], ("/v2/dst/multi/manifests/v1", rp.MT_OCI_INDEX))  # the parent last
+        self.assertEqual(sorted(p.rsplit("/", 1)[1] for p, _ in puts[:-1]), sorted(c["digest"] for c in children))
+        # The CLI: --all, and --platform all as its alias.
+        for flag in (["--all"], ["--platform", "all"]):
+            with self.subTest(flag=flag):
+                repo = "cli/" + flag[-1].strip("-")
+                code, out, err = self.main("copy", "--home", self.home, "-q", *flag, a.host + "/src/multi:v1",
+                                           "%s/%s:v1" % (b.host, repo))
+                self.assertEqual(code, 0, err)
+                self.assertEqual(b.manifests[(repo, "v1")], (rp.MT_OCI_INDEX, index))
+
+    def test_platform_copies_that_image_only(self):
+        a, b = self.two()
+        amd, arm = Image("amd64"), Image("arm64", "v8")
+        a.push_index("src/multi", "v1", [amd, arm], attestations=False)
+        res = self.copy(a.host + "/src/multi:v1", b.host + "/dst/app:v1", platform="linux/arm64")
+        self.assertEqual(res["digest"], arm.digest)
+        self.assertEqual(b.manifests[("dst/app", "v1")], (rp.MT_OCI_MANIFEST, arm.manifest))
+        self.assertEqual(sorted(res["uploaded"]), sorted(arm.blobs()))
+        self.assertEqual([k for k, (mt, _) in b.manifests.items() if mt == rp.MT_OCI_INDEX], [])
+
+    def test_docker_media_types_are_kept(self):
+        a, b = self.two()
+        img = a.push("src/app", "v1", Image(types=DOCKER))
+        self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1")
+        self.assertEqual(b.manifests[("dst/app", "v1")], (rp.MT_DOCKER_MANIFEST, img.manifest))
+        images = [Image("amd64", types=DOCKER), Image("arm64", "v8", types=DOCKER)]
+        digest = a.push_index("src/list", "v1", images, types=DOCKER, attestations=False)
+        res = self.copy(a.host + "/src/list:v1", b.host + "/dst/list:v1", all_platforms=True)
+        self.assertEqual(res["digest"], digest)
+        self.assertEqual(b.manifests[("dst/list", "v1")], a.manifests[("src/list", "v1")])
+        for img in images:
+            self.assertEqual(b.manifests[("dst/list", img.digest)], (rp.MT_DOCKER_MANIFEST, img.manifest))
+
+    def test_an_oci_layout_is_a_source(self):
+        a, b = self.two()
+        img = a.push("src/app", "v1", Image())
+        layout = os.path.join(self.home, "carried")
+        code, out, err = self.main("--home", self.home, "--platform", "linux/amd64", "--oci-layout", layout + ":v1",
+                                   a.host + "/src/app:v1")
+        self.assertEqual(code, 0, err)
+        res = self.copy("oci:%s:v1" % layout, b.host + "/dst/app:v1", home=os.path.join(self.home, "other"))
+        self.assertEqual(res["digest"], img.digest)
+        self.assertEqual(sorted(res["uploaded"]), sorted(img.blobs()))
+        self.assertEqual(b.manifests[("dst/app", "v1")], (rp.MT_OCI_MANIFEST, img.manifest))
+        code, out, err = self.main("copy", "--home", self.home, "oci:%s:v1" % layout,
+                                   "docker://%s/dst/app:v2" % b.host)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(b.manifests[("dst/app", "v2")][1], img.manifest)
+
+    def test_the_destination_tag_defaults_to_the_source_tag(self):
+        a, b = self.two()
+        img = a.push("src/app", "v7", Image())
+        res = self.copy("docker://%s/src/app:v7" % a.host, "docker://%s/dst/app" % b.host)
+        self.assertEqual(res["digest"], img.digest)
+        self.assertEqual(b.manifests[("dst/app", "v7")][1], img.manifest)
+        self.assertNotIn(("dst/app", "latest"), b.manifests)
+
+    def test_credentials_are_the_destinations(self):
+        a = self.registry(per_repo=True)
+        b = self.registry(auth="basic", per_repo=True)
+        img = a.push("src/app", "v1", Image())
+        with self.assertRaises(rp.AuthError):
+            self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1")
+        res = self.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1", username="alice", password="s3cret")
+        self.assertEqual(res["digest"], img.digest)
+        self.assertEqual(b.manifests[("dst/app", "v1")][1], img.manifest)
+        stdin = sys.stdin
+        self.addCleanup(setattr, sys, "stdin", stdin)
+        sys.stdin = io.StringIO("s3cret\n")
+        code, out, err = self.main("copy", "--home", self.home, "--username", "alice", "--password-stdin",
+                                   a.host + "/src/app:v1", b.host + "/dst/app:v2")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("s3cret", out + err)
+        self.assertEqual(b.manifests[("dst/app", "v2")][1], img.manifest)
+        self.assertEqual([h for m, p, h in a.log if "Authorization" in h], [])  # never sent to the source
+        code, out, err = self.main("copy", "--home", self.home, a.host + "/src/app:v1", b.host + "/dst/app:v3")
+        self.assertEqual(code, 3, err)
+
+    def test_a_corrupt_source_blob_is_never_tagged_at_the_destination(self):
+        a, b = self.two()
+        img = a.push("src/app", "v1", Image())
+        a.blobs[sha256(img.layers[1])] = bytes([img.layers[1][0] ^ 1]) + img.layers[1][1:]
+        code, out, err = self.main("copy", "--home", self.home, a.host + "/src/app:v1", b.host + "/dst/app:v1")
+        self.assertEqual(code, 5, err)
+        self.assertNotIn(("dst/app", "v1"), b.manifests)
+        self.assertNotIn(sha256(img.layers[1]), b.blobs)
+
+    def test_usage_errors(self):
+        self.no_network_names()  # a bare "copy" must never become a pull of docker.io/library/copy
+        reg = self.registry()
+        reg.push("src/app", "v1", Image())
+        src = reg.host + "/src/app:v1"
+        for argv in (["copy", src], ["copy"], ["copy", src, "Not A Ref!!"], ["copy", src, "oci:" + self.home],
+                     ["copy", "--chunk-size", "lots", src, reg.host + "/dst/app:v1"]):
+            with self.subTest(argv=argv):
+                code, out, err = self.main(*argv)
+                self.assertEqual(code, 2, err)
+                self.assertNotIn("Traceback", err)
+        self.assertEqual([k for k in reg.manifests if k[0] == "dst/app"], [])
+        code, out, err = self.main("copy", "--help")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("usage: registry_pull copy"), out[:80])
+        for option in ("--all", "--platform", "--chunk-size", "--password-stdin"):
+            self.assertIn(option, out)
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -6944,6 +7460,98 @@ class SkopeoComparisonTests(Base):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(REGISTRY_BIN and SKOPEO, NEED_REAL)
+class CopyDistributionTests(Base):
+    """copy between real Distribution registries; skopeo reads back what was written."""
+
+    def raw(self, ref, *extra):
+        proc = subprocess.run([SKOPEO, "inspect", "--raw", "--tls-verify=false", *extra, "docker://" + ref],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc.stdout
+
+    def test_copy_between_two_distributions_whole_and_chunked(self):
+        a, b = Distribution(self), Distribution(self, access_log=True)
+        img = Image()
+        a.push("src/app", [img])
+        res = rp.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1", home=self.home)
+        self.assertEqual(res["digest"], img.digest)
+        self.assertEqual(sorted(res["uploaded"]), sorted(img.blobs()))
+        self.assertEqual(self.raw(b.host + "/dst/app:v1"), self.raw(a.host + "/src/app:v1"))
+        self.assertEqual(self.raw(b.host + "/dst/app:v1"), img.manifest)
+        self.assertEqual(b.requests("PATCH"), [])
+        # In 64 KiB chunks (the 200 KB layer), into another repository: Distribution's own PATCH handling.
+        res = rp.copy(a.host + "/src/app:v1", b.host + "/chunked/app:v1", home=self.home, chunk_size=65536)
+        self.assertEqual(sorted(res["uploaded"]), sorted(img.blobs()))
+        patches = b.requests("PATCH", "/v2/chunked/app/blobs/uploads/")
+        self.assertGreaterEqual(len(patches), 3)
+        self.assertEqual(set(status for _, _, status in patches), {202})
+        self.assertEqual(self.raw(b.host + "/chunked/app:v1"), img.manifest)
+        pulled = rp.pull(b.host + "/chunked/app:v1", home=os.path.join(self.home, "check"), platform="linux/amd64")
+        self.assertEqual(pulled.manifest_digest, img.digest)  # every blob read back and verified
+
+    def test_all_copies_an_attested_index_byte_for_byte(self):
+        a, b = Distribution(self), Distribution(self)
+        images = [Image("amd64"), Image("arm64", "v8"), Image("arm", "v7")]
+        a.push("multi/app", images, with_index=True)
+        source = self.raw(a.host + "/multi/app:v1")
+        res = rp.copy(a.host + "/multi/app:v1", b.host + "/multi/copy:v1", home=self.home, all_platforms=True)
+        self.assertEqual(res["digest"], sha256(source))
+        self.assertEqual(self.raw(b.host + "/multi/copy:v1"), source)
+        children = json.loads(source)["manifests"]
+        self.assertEqual(len([c for c in children if c["platform"]["os"] == "unknown"]), len(images))
+        for child in children:
+            self.assertEqual(self.raw("%s/multi/copy@%s" % (b.host, child["digest"])),
+                             self.raw("%s/multi/app@%s" % (a.host, child["digest"])))
+        for plat, img in zip(("linux/amd64", "linux/arm64", "linux/arm/v7"), images):
+            res = rp.pull(b.host + "/multi/copy:v1", home=os.path.join(self.home, "check"), platform=plat)
+            self.assertEqual(res.manifest_digest, img.digest)
+
+    def test_shared_layers_are_skipped_and_another_repository_mounts(self):
+        a, b = Distribution(self), Distribution(self, access_log=True)
+        base = make_layer({"etc/base": os.urandom(5000)})
+        first = Image(layers=[base, make_layer({"app/one": os.urandom(4000)})])
+        second = Image(layers=[base, make_layer({"app/two": os.urandom(4000)})])
+        a.push("src/one", [first])
+        a.push("src/two", [second])
+        rp.copy(a.host + "/src/one:v1", b.host + "/dst/app:v1", home=self.home)
+        mark = len(b.requests())
+        res = rp.copy(a.host + "/src/two:v1", b.host + "/dst/app:v2", home=self.home)
+        shared = sha256(base[0])
+        self.assertEqual(res["skipped"], [shared])
+        self.assertEqual(sorted(res["uploaded"]), sorted(set(second.blobs()) - {shared}))
+        posts = [p for m, p, s in b.requests()[mark:] if m == "POST" and "/v2/dst/app/blobs/uploads/" in p]
+        self.assertEqual(len(posts), 2)  # the new config and layer
+        self.assertEqual(self.raw(b.host + "/dst/app:v2"), second.manifest)
+        # Within B, to another repository: every blob mounted, nothing uploaded.
+        mark = len(b.requests())
+        res = rp.copy(b.host + "/dst/app:v1", b.host + "/other/app:v1", home=self.home)
+        self.assertEqual(sorted(res["mounted"]), sorted(first.blobs()))
+        self.assertEqual((res["uploaded"], res["skipped"]), ([], []))
+        mounts = [(p, s) for m, p, s in b.requests()[mark:] if m == "POST" and "mount=" in p]
+        self.assertEqual([s for _, s in mounts], [201] * len(first.blobs()))
+        self.assertEqual([m for m, p, s in b.requests()[mark:] if m in ("PATCH", "PUT") and "/blobs/" in p], [])
+        self.assertEqual(self.raw(b.host + "/other/app:v1"), first.manifest)
+
+    @unittest.skipUnless(OPENSSL and HTPASSWD, "needs openssl and htpasswd (apache2-utils)")
+    def test_destination_with_tls_and_htpasswd(self):
+        certs = tempfile.mkdtemp(prefix="rp-certs-")
+        self.addCleanup(shutil.rmtree, certs, True)
+        tls = make_ca(certs)
+        htpasswd = os.path.join(certs, "htpasswd")
+        subprocess.run([HTPASSWD, "-Bbc", htpasswd, "alice", "s3cret"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        a, b = Distribution(self), Distribution(self, tls=tls, htpasswd=htpasswd)
+        img = Image()
+        a.push("src/app", [img])
+        with self.assertRaises(rp.AuthError):
+            rp.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1", home=self.home, ca_file=tls[0])
+        res = rp.copy(a.host + "/src/app:v1", b.host + "/dst/app:v1", home=self.home, ca_file=tls[0],
+                      username="alice", password="s3cret")
+        self.assertEqual(res["digest"], img.digest)
+        self.assertEqual(self.raw(b.host + "/dst/app:v1", "--creds", "alice:s3cret"), img.manifest)
 
 
 def client_pair(ca_dir, name="client"):
