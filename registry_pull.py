@@ -1000,7 +1000,7 @@ class _KeepAlive:
                 conn.close()  # RemoteDisconnected is a ConnectionResetError
                 if _WATCHDOG.disarm(token):
                     raise urllib.error.URLError(socket.timeout("no complete answer in %gs" % req.timeout))
-                if reused and attempt == 1:
+                if reused and attempt == 1 and req.get_method() in ("GET", "HEAD"):
                     continue  # closed while idle (nginx, S3 front ends do): once more, on a fresh connection
                 raise urllib.error.URLError(e)
             except (OSError, http.client.HTTPException) as e:
@@ -2136,7 +2136,7 @@ class _Repository:
         """A new upload session's path; None when ``mount_from`` mounted the blob (201)."""
         path = "/v2/%s/blobs/uploads/" % self.name
         if mount_from and digest:
-            path += "?" + urllib.parse.urlencode([("mount", digest), ("from", mount_from)])
+            path += "?mount=%s&from=%s" % (digest, mount_from)  # a digest and a repository path: safe in a query
         resp = self._push("POST", path, {"Content-Type": "application/octet-stream"}, b"", mount_from)
         resp.excerpt()
         if resp.status == 201 and mount_from:
@@ -2171,6 +2171,12 @@ class _Repository:
                 session, offset = self._resume(session, e)
                 continue
             resp.excerpt()
+            if resp.status == 416 and offset:  # the registry has another idea of where we are: ask it
+                cuts += 1
+                if cuts > RETRIES:
+                    raise RegistryError("%s keeps refusing the chunks of %s (416)" % (self.client.endpoint, digest))
+                session, offset = self._resume(session, RegistryError("416"))
+                continue
             if resp.status in (400, 404, 405, 415, 416) and offset == 0:
                 log.info("%s refuses chunked uploads (%d): one PUT of %s", self.client.endpoint, resp.status, digest)
                 self._finish(self.start_upload() or session, digest, _read_range(path, 0, size))
@@ -2196,7 +2202,7 @@ class _Repository:
         return fresh, 0
 
     def _finish(self, session: str, digest: str, body: bytes) -> None:
-        path = session + ("&" if "?" in session else "?") + urllib.parse.urlencode([("digest", digest)])
+        path = session + ("&" if "?" in session else "?") + "digest=" + digest  # ALGO:HEX, safe in a query
         resp = self._push("PUT", path, {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))},
                           body)
         code, msg = _registry_error(resp.excerpt())
@@ -6219,7 +6225,9 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
         top, _ = pull_platforms(src_ref, "all", **kw)
     else:
         top = pull(src_ref, platform=platform, **kw).manifest_digest
-    tag = dst_ref.tag or (src_ref.tag if not isinstance(src_ref, _LayoutReference) else None) or "latest"
+    named = re.search(r"[:@][^/]*$", str(_strip_transport(dst)) if not isinstance(dst, Reference) else str(dst))
+    src_tag = src_ref.tag if not isinstance(src_ref, _LayoutReference) else None
+    tag = (dst_ref.tag if named else None) or src_tag or dst_ref.tag or "latest"
     done: Dict[str, List[str]] = {"uploaded": [], "mounted": [], "skipped": []}
     same = not isinstance(src_ref, _LayoutReference) and src_ref.registry == dst_ref.registry \
         and src_ref.repository != dst_ref.repository
@@ -6972,7 +6980,7 @@ def _parse_args(argv: List[str]) -> Any:
         verb = next((v for flag, v in _LEGACY_ACTIONS if getattr(args, flag[2:].replace("-", "_"))), "pull")
         if verb in ("images", "gc", "verify") and args.reference:
             raise UsageError("--images, --gc and --verify take no REFERENCE")
-    if verb == "pull":
+    if verb == "pull" and hasattr(args, "references"):
         refs = list(args.references) + (_references_from(args.from_file) if args.from_file else [])
         args.references = refs
         args.reference = refs[0] if refs else None

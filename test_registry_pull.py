@@ -6576,6 +6576,56 @@ class CopyTests(Base):
             self.assertIn(option, out)
 
 
+class ManyImagesTests(Base):
+    """Several references in one run: every one tried, blobs shared, one layout and archive for all."""
+
+    def test_references_and_a_file_of_them(self):
+        reg = self.registry(auth="bearer")
+        shared = make_layer({"base": os.urandom(50000)})
+        images = [reg.push("many/app%d" % i, "v1", Image(layers=[shared, make_layer({"n": b"%d" % i})]))
+                  for i in range(4)]
+        listing = os.path.join(self.home, "images.txt")
+        with open(listing, "w") as f:
+            f.write("# the bundle\n\n%s/many/app2:v1\n%s/many/app3:v1  # the last\n" % (reg.host, reg.host))
+        layout = os.path.join(self.home, "layout")
+        code, out, err = self.main("--home", self.home, "pull", "--platform", "linux/amd64", "--json",
+                                   "--oci-layout", layout, "--from-file", listing,
+                                   reg.host + "/many/app0:v1", reg.host + "/many/app1:v1")
+        self.assertEqual(code, 0, err)
+        docs = json.loads(out)
+        self.assertEqual(sorted(d["manifest_digest"] for d in docs), sorted(i.digest for i in images))
+        shared_digest = sha256(shared[0])
+        self.assertEqual(len([p for m, p in reg.requests("GET", "blobs") if p.endswith(shared_digest)]), 1)
+        with open(os.path.join(layout, "index.json")) as f:
+            names = sorted(e["annotations"][rp._REF_NAME] for e in json.load(f)["manifests"])
+        self.assertEqual(names, sorted("%s/many/app%d:v1" % (reg.host, i) for i in range(4)))
+        if SKOPEO:
+            proc = subprocess.run([SKOPEO, "inspect", "oci:%s:%s" % (layout, names[0])], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_every_reference_is_tried_and_the_first_failure_is_the_exit_code(self):
+        reg = self.registry()
+        img = reg.push("many/ok", "v1", Image())
+        archive = os.path.join(self.home, "all.tar")
+        code, out, err = self.main("--home", self.home, "pull", "--platform", "linux/amd64", "--docker-archive",
+                                   archive, reg.host + "/many/missing:v1", reg.host + "/many/ok:v1")
+        self.assertEqual(code, 4, err)
+        self.assertIn("failed %s/many/missing:v1" % reg.host, err)
+        self.assertIn("pulled %s/many/ok:v1" % reg.host, err)
+        self.assertIn("1 of 2 pulled", err)
+        self.assertStoreHas(img)
+        with tarfile.open(archive) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))
+        self.assertEqual(len(manifest), 1)
+        code, out, err = self.main("--home", self.home, "pull", "--rootfs", os.path.join(self.home, "r"),
+                                   reg.host + "/many/ok:v1", reg.host + "/many/ok:v1")
+        self.assertEqual(code, 2, err)  # --rootfs takes one reference
+        code, out, err = self.main("--home", self.home, "pull", "--oci-layout", os.path.join(self.home, "l") + ":x",
+                                   reg.host + "/many/ok:v1", reg.host + "/many/ok:v1")
+        self.assertEqual(code, 2, err)  # DIR:NAME with several references
+
+
 # --------------------------------------------------------------------------- command line
 
 
