@@ -2416,6 +2416,152 @@ class _LayoutRepository:
         return None  # a layout has no referrers API: its names (sha256-HEX, .sig) answer instead
 
 
+class _ArchiveReference(Reference):
+    """``docker-archive:FILE[:REF]`` as the store records it."""
+
+    def __str__(self) -> str:
+        return "docker-archive:%s%s" % (self.registry[len("docker-archive:"):], ":" + self.tag if self.tag else "")
+
+
+def parse_archive_source(text: str) -> Tuple[str, Optional[str]]:
+    """``docker-archive:FILE[:REF]`` -> (FILE, REF or None), split at the first colon after the prefix."""
+    rest = text[len("docker-archive:"):]
+    if not text.startswith("docker-archive:") or not rest:
+        raise InvalidReference("invalid source %r: expected docker-archive:FILE[:REF]" % _printable(text, 200))
+    path, _, ref = rest.partition(":")
+    return path, ref or None
+
+
+class _ArchiveRepository:
+    """A ``docker save`` / ``podman save`` tar as a source: its manifest.json names a config and
+    layer files (``ID/layer.tar``, or ``blobs/sha256/HEX``; a symlink inside the archive is
+    followed within it only). The image is presented as an OCI manifest of those files, each
+    hashed first, so every byte is verified again as it is imported, as from a registry."""
+
+    def __init__(self, client: _Client, path: str, wanted: Optional[str]) -> None:
+        self.client, self.path, self.name = client, path, "docker-archive:" + path
+        try:
+            self.tar = tarfile.open(path, mode="r:")
+        except (OSError, tarfile.TarError) as e:
+            raise NotFound("%s cannot be read as a tar: %s" % (self.name, getattr(e, "strerror", None) or e)) from None
+        self.members = dict((m.name.lstrip("./"), m) for m in self.tar.getmembers())
+        entries = json.loads(self._bytes("manifest.json", MAX_MANIFEST_BYTES).decode("utf-8"))
+        if not isinstance(entries, list) or not entries:
+            raise IntegrityError("%s: manifest.json lists no image" % self.name)
+        if wanted is None and len(entries) > 1:
+            tags = sorted(str(t) for e in entries for t in _list_at(_as_dict(e), "RepoTags"))
+            raise UsageError("%s holds %d images: name one (%s:REF); it has %s"
+                             % (self.name, len(entries), self.name, ", ".join(tags) or "no tags"))
+        entry = next((_as_dict(e) for e in entries if wanted is None or wanted in _list_at(_as_dict(e), "RepoTags")
+                      or _same_tag(wanted, _list_at(_as_dict(e), "RepoTags"))), None)
+        if entry is None:
+            raise NotFound("%s has no image %s" % (self.name, _printable(wanted, 100)))
+        self.files: Dict[str, str] = {}  # digest -> member name
+        config = self._describe(str(entry.get("Config") or ""), MT_OCI_CONFIG)
+        layers = [self._describe(str(name), None) for name in _list_at(entry, "Layers")]
+        self.document = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "config": config,
+                                    "layers": layers}, sort_keys=True).encode()
+        self.digest = _hash("sha256", self.document)
+
+    def close(self) -> None:
+        self.tar.close()
+
+    def _member(self, name: str) -> tarfile.TarInfo:
+        """The regular file ``name`` names, following symlinks and hard links inside the archive only."""
+        for _ in range(40):
+            member = self.members.get(name.lstrip("./"))
+            if member is None:
+                raise IntegrityError("%s: %r is not in the archive" % (self.name, _printable(name, 200)))
+            if member.isfile():
+                return member
+            if not (member.issym() or member.islnk()):
+                raise IntegrityError("%s: %r is no file" % (self.name, _printable(name, 200)))
+            target = member.linkname if member.islnk() else \
+                os.path.normpath(os.path.join(os.path.dirname(member.name), member.linkname))
+            if target.startswith(("/", "..")):
+                raise IntegrityError("%s: %r links out of the archive: refused" % (self.name, _printable(name, 200)))
+            name = target
+        raise IntegrityError("%s: %r links in a loop" % (self.name, _printable(name, 200)))
+
+    def _bytes(self, name: str, limit: int) -> bytes:
+        member = self._member(name)
+        if member.size > limit:
+            raise IntegrityError("%s: %s is larger than %d bytes: refused" % (self.name, name, limit))
+        f = self.tar.extractfile(member)
+        assert f is not None
+        return f.read()
+
+    def _describe(self, name: str, media_type: Optional[str]) -> Dict[str, Any]:
+        member = self._member(name)
+        f = self.tar.extractfile(member)
+        assert f is not None
+        hasher, head = hashlib.sha256(), b""
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            head = head or chunk[:4]
+            hasher.update(chunk)
+        digest = "sha256:" + hasher.hexdigest()
+        self.files[digest] = member.name
+        if media_type is None:
+            media_type = "application/vnd.oci.image.layer.v1.tar" + (
+                "+gzip" if head[:2] == b"\x1f\x8b" else "+zstd" if head == b"\x28\xb5\x2f\xfd" else "")
+        return {"mediaType": media_type, "digest": digest, "size": member.size}
+
+    def manifest(self, ref: str, *, accept: str = MANIFEST_ACCEPT, what: str = "",
+                 head_first: Optional[Callable[[str], Optional[bytes]]] = None) -> Tuple[str, bytes, str]:
+        if ref.startswith(tuple(a + ":" for a in _DIGEST_HEX)) and ref != self.digest:
+            raise NotFound("%s has no manifest %s" % (self.name, ref))
+        return self.digest, self.document, MT_OCI_MANIFEST
+
+    def blob(self, desc: Descriptor, offset: int = 0, what: str = "blob") -> Tuple[Any, int]:
+        name = self.files.get(desc.digest)
+        if name is None:
+            raise NotFound("%s has no %s %s" % (self.name, what, desc.digest))
+        f = self.tar.extractfile(self._member(name))
+        assert f is not None
+        f.seek(offset)
+        return _TarAnswer(f), offset
+
+    def small_blob(self, desc: Descriptor, what: str = "blob") -> bytes:
+        answer, _ = self.blob(desc, 0, what)
+        data = answer.read1(MAX_MANIFEST_BYTES + 1)
+        _verify_bytes(what, data, desc.digest)
+        return data
+
+    def referrers(self, digest: str, artifact_type: Optional[str] = None) -> Optional[List[Descriptor]]:
+        return []
+
+
+def _same_tag(wanted: str, tags: List[Any]) -> bool:
+    """Does ``wanted`` (as typed: alpine:3.20) name one of the archive's RepoTags (docker's short names)?"""
+    try:
+        ref = parse_reference(wanted)
+    except PullError:
+        return False
+    for tag in tags:
+        try:
+            if isinstance(tag, str) and str(parse_reference(tag)) == str(ref):
+                return True
+        except PullError:
+            continue
+    return False
+
+
+class _TarAnswer:
+    """A layer inside an archive, answering as a registry's blob response does."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.status, self.host = f, 200, "(a docker archive)"
+
+    def read1(self, n: int) -> bytes:
+        return self.f.read(n)
+
+    def header(self, name: str, default: str = "") -> str:
+        return default
+
+    def close(self) -> None:
+        self.f.close()
+
+
 # --------------------------------------------------------------------------- Manifests
 
 
@@ -5475,6 +5621,9 @@ def _reference(reference: Any) -> Reference:
     if isinstance(reference, str) and reference.startswith("oci:"):
         directory, name = parse_layout_source(reference)
         return _LayoutReference(registry="oci:" + os.path.abspath(directory), repository="image", tag=name)
+    if isinstance(reference, str) and reference.startswith("docker-archive:"):
+        path, name = parse_archive_source(reference)
+        return _ArchiveReference(registry="docker-archive:" + os.path.abspath(path), repository="image", tag=name)
     return parse_reference(reference)
 
 
@@ -5520,7 +5669,7 @@ class _Session:
         elif store == "named" and home and os.path.isdir(os.path.join(path, "blobs")):
             self.store = _Store(path, writable=False)
         self.pool = _Pool()
-        self.layouts: List[_LayoutRepository] = []  # local sources opened, closed with the session
+        self.layouts: List[Any] = []  # local sources opened (layouts, archives), closed with the session
         self.clients: Dict[Tuple[str, str, str], _Client] = {}
 
     def __enter__(self) -> "_Session":
@@ -5544,7 +5693,7 @@ class _Session:
 
     def credentials(self, ref: Reference) -> Optional[Credentials]:
         """The caller's credentials if given, else those of the Podman/Docker files."""
-        if isinstance(ref, _LayoutReference):
+        if isinstance(ref, (_LayoutReference, _ArchiveReference)):
             return None
         if self.username is not None or self.password is not None:
             return Credentials(self.username or "", self.password or "", source="arguments")
@@ -5575,10 +5724,12 @@ class _Session:
 
     def repository(self, ref: Reference) -> Any:
         """Where ``ref``'s documents come from: its registry, or a local layout (``oci:``)."""
-        if isinstance(ref, _LayoutReference):
+        if isinstance(ref, (_LayoutReference, _ArchiveReference)):
             client = _Client("localhost", cancel=self.attempt(), pool=self.pool)
-            self.layouts.append(_LayoutRepository(client, ref.registry[4:], ref.tag))
-            return self.layouts[-1]
+            local: Any = _LayoutRepository(client, ref.registry[4:], ref.tag) if isinstance(ref, _LayoutReference) \
+                else _ArchiveRepository(client, ref.registry[len("docker-archive:"):], ref.tag)
+            self.layouts.append(local)
+            return local
         return _Repository(self.client(ref), ref.repository)
 
     def stored(self) -> _Store:
@@ -5766,12 +5917,12 @@ def _pull_one(session: _Session, ref: Reference, opts: _PullOptions, job: Option
         puller = _Puller(client, store, ref, opts.want, opts.jobs, opts.progress, job)
         if opts.offline:
             puller.repo = _StoreRepository(client, store, ref)
-        elif isinstance(ref, _LayoutReference):
+        elif isinstance(ref, (_LayoutReference, _ArchiveReference)):
             puller.repo = session.repository(ref)
         if opts.keys:
             puller.signatures = _SignatureCheck(puller.repo, opts.keys, opts.signed_identity or ref.name)
         return puller.run()
-    if opts.offline or isinstance(ref, _LayoutReference):
+    if opts.offline or isinstance(ref, (_LayoutReference, _ArchiveReference)):
         result = attempt(_Client("localhost", cancel=session.attempt(), pool=session.pool))
     else:
         try:

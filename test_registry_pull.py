@@ -4950,6 +4950,47 @@ class LocalSourceTests(Base):
         self.assertEqual(code, 2, err)
         self.assertIn("a, b", err)
 
+    def test_a_docker_archive_is_a_source(self):
+        reg = self.registry()
+        img = reg.push("arc/app", "v1", Image())
+        archive, online = os.path.join(self.home, "app.tar"), os.path.join(self.home, "online")
+        res = self.pull(reg, "arc/app:v1", docker_archive=archive, rootfs=online)
+        other, root = os.path.join(self.home, "other"), os.path.join(self.home, "from-archive")
+        code, out, err = self.main("--home", other, "--json", "--rootfs", root, "docker-archive:" + archive)
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(doc["config_digest"], res.config.digest)  # the same image (its layers are stored as given)
+        self.assertEqual(tree(root), tree(online))
+        with tarfile.open(archive) as tar:
+            tag = json.load(tar.extractfile("manifest.json"))[0]["RepoTags"][0]
+        code, out, err = self.main("--home", other, "docker-archive:%s:%s" % (archive, tag))
+        self.assertEqual(code, 0, err)
+        code, out, err = self.main("--home", other, "docker-archive:%s:nosuch/image:v9" % archive)
+        self.assertEqual(code, 4, err)
+
+    def test_an_archive_link_out_of_it_is_refused(self):
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            def add(name, data=b"", link=None):
+                info = tarfile.TarInfo(name)
+                if link:
+                    info.type, info.linkname = tarfile.SYMTYPE, link
+                else:
+                    info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            config = json.dumps({"architecture": "amd64", "os": "linux",
+                                 "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}).encode()
+            add("c.json", config)
+            add("l/layer.tar", link="../../../etc/passwd")
+            add("manifest.json", json.dumps([{"Config": "c.json", "RepoTags": ["x:y"],
+                                              "Layers": ["l/layer.tar"]}]).encode())
+        path = os.path.join(self.home, "evil.tar")
+        with open(path, "wb") as f:
+            f.write(raw.getvalue())
+        code, out, err = self.main("--home", self.home, "docker-archive:" + path)
+        self.assertEqual(code, 5, err)
+        self.assertIn("links out of the archive", err)
+
     def test_a_skopeo_layout_gives_the_registry_pull_digests(self):
         if not REGISTRY_BIN or not SKOPEO:
             self.skipTest("docker-registry and skopeo are needed")
@@ -4968,6 +5009,16 @@ class LocalSourceTests(Base):
         self.assertEqual(from_layout.manifest_digest, from_registry.manifest_digest)
         self.assertEqual([x.digest for x in from_layout.layers], [x.digest for x in from_registry.layers])
         self.assertEqual(tree(os.path.join(self.home, "rb")), tree(os.path.join(self.home, "ra")))
+        # A docker-archive skopeo writes (uncompressed layers): the same config and tree.
+        archive = os.path.join(self.home, "skopeo.tar")
+        proc = subprocess.run([SKOPEO, "--insecure-policy", "copy", "-q", "--src-tls-verify=false",
+                               "docker://%s/sk/app:v1" % dist.host, "docker-archive:%s:sk/app:v1" % archive],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        from_archive = rp.pull("docker-archive:" + archive, home=os.path.join(self.home, "c"), platform="linux/amd64",
+                               rootfs=os.path.join(self.home, "rc"))
+        self.assertEqual(from_archive.config.digest, from_registry.config.digest)
+        self.assertEqual(tree(os.path.join(self.home, "rc")), tree(os.path.join(self.home, "ra")))
 
 
 # --------------------------------------------------------------------------- downloads and resume
