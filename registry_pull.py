@@ -6366,12 +6366,20 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
     ``username``/``password`` are the destination's; the source's come from the auth files.
     Returns {"source", "destination", "digest", "uploaded", "mounted", "skipped"}."""
     src_ref, dst_ref = _reference(_strip_transport(src)), _reference(_strip_transport(dst))
-    if isinstance(dst_ref, _LayoutReference):
-        raise UsageError("copy writes into a registry; for a layout use: registry_pull pull --oci-layout DIR SRC")
     if not isinstance(chunk_size, int) or chunk_size < 1024:
         raise UsageError("chunk size must be at least 1024 bytes, not %r" % (chunk_size,))
     kw = dict(home=home, jobs=jobs, progress=progress, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir,
               cancel=cancel, timeout=timeout)
+    if isinstance(dst_ref, (_LayoutReference, _ArchiveReference)):  # a file on this machine: a pull's output
+        local = str(dst_ref)[len("oci:"):] if isinstance(dst_ref, _LayoutReference) else None
+        archive = dst_ref.registry[len("docker-archive:"):] if isinstance(dst_ref, _ArchiveReference) else None
+        if all_platforms or platform == "all":
+            if archive:
+                raise UsageError("a docker archive holds one platform's image: not --all")
+            top, _ = pull_platforms(src_ref, "all", oci_layout=local, **kw)
+        else:
+            top = pull(src_ref, platform=platform, oci_layout=local, docker_archive=archive, **kw).manifest_digest
+        return dict(source=str(src_ref), destination=str(dst_ref), digest=top, uploaded=[], mounted=[], skipped=[])
     if all_platforms or platform == "all":
         top, _ = pull_platforms(src_ref, "all", **kw)
     else:
@@ -6752,7 +6760,7 @@ _VERBS = {
 # The options that take a value (to find the verb among the arguments, options may come first).
 _VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--cert-dir", "--username", "--oci-layout",
            "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p", "--output",
-           "--verify-key", "--signed-identity", "--chunk-size", "--from-file"}
+           "--verify-key", "--signed-identity", "--chunk-size", "--from-file", "--dest-prefix"}
 
 
 class _Formatter(logging.Formatter):
@@ -6844,8 +6852,14 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
     """The parser of one verb (``registry_pull VERB --help``)."""
     p = _ArgumentParser(prog="registry_pull " + verb, description=_VERBS[verb] + ".", epilog=_EXIT_CODES)
     if verb == "copy":
-        p.add_argument("reference", metavar="SRC", help="[docker://]REFERENCE, or oci:DIR[:NAME]")
-        p.add_argument("destination", metavar="DST", help="[docker://]REFERENCE in the registry to write to")
+        p.add_argument("reference", metavar="SRC", nargs="?", help="[docker://]REFERENCE, oci:DIR[:NAME] or "
+                       "docker-archive:FILE[:REF]")
+        p.add_argument("destination", metavar="DST", nargs="?", help="[docker://]REFERENCE (a registry), "
+                       "oci:DIR[:NAME] or docker-archive:FILE")
+        p.add_argument("--from-file", metavar="FILE", help="pairs 'SRC DST' one a line, or SRC alone with "
+                       "--dest-prefix (# comments; - for stdin)")
+        p.add_argument("--dest-prefix", metavar="REGISTRY[/PATH]", help="DST for each SRC: REGISTRY/PATH/ and the "
+                       "source's path without its host (as skopeo sync writes it)")
     if verb == "pull":
         p.add_argument("references", metavar="REFERENCE", nargs="*",
                        help="[REGISTRY/]PATH[:TAG][@DIGEST] (e.g. alpine, ghcr.io/o/i@sha256:...) or oci:DIR[:NAME]; "
@@ -7102,19 +7116,56 @@ def _cmd_pull_many(args: Any) -> int:
     return next((r.exit_code for r in results if isinstance(r, PullError)), 0)
 
 
+def _copy_pairs(args: Any) -> List[Tuple[str, str]]:
+    """(SRC, DST) pairs: the arguments, or --from-file's lines (SRC DST, or SRC and --dest-prefix)."""
+    lines: List[Tuple[str, Optional[str]]] = [(args.reference, args.destination)] if args.reference else []
+    for ln in _references_from(args.from_file) if args.from_file else []:
+        words = ln.split()
+        if len(words) > 2:
+            raise UsageError("--from-file line %r: expected SRC [DST]" % _printable(ln, 200))
+        lines.append((words[0], words[1] if len(words) == 2 else None))
+    pairs = []
+    for src, dst in lines:
+        if dst is None:
+            if not args.dest_prefix:
+                raise UsageError("%s has no destination: give SRC DST, or --dest-prefix" % _printable(src, 200))
+            ref = _reference(_strip_transport(src))
+            if isinstance(ref, (_LayoutReference, _ArchiveReference)):
+                raise UsageError("--dest-prefix maps registry sources only, not %s" % src)
+            dst = "%s/%s:%s" % (args.dest_prefix.rstrip("/"), ref.repository, ref.tag or "latest") if not ref.digest \
+                else "%s/%s@%s" % (args.dest_prefix.rstrip("/"), ref.repository, ref.digest)
+        pairs.append((src, dst.strip()))
+    if not pairs:
+        raise UsageError("copy needs SRC and DST (or --from-file)")
+    return pairs
+
+
 def _cmd_copy(args: Any) -> int:
     platforms = args.platform or []
     every = args.all or platforms == ["all"]
-    doc = copy(args.reference, args.destination, home=args.home, platform=None if every else _one_platform(args),
-               all_platforms=every, chunk_size=args.chunk_size, jobs=args.jobs, cancel=args.cancel,
-               progress=None if args.quiet else _progress(args), **_registry_kw(args))
+    pairs = _copy_pairs(args)
+    codes, docs = [], []
+    for src, dst in pairs:
+        try:
+            doc = copy(src, dst, home=args.home, platform=None if every else _one_platform(args),
+                       all_platforms=every, chunk_size=args.chunk_size, jobs=args.jobs, cancel=args.cancel,
+                       progress=None if args.quiet else _progress(args), **_registry_kw(args))
+        except PullError as e:
+            if len(pairs) == 1 or isinstance(e, (Interrupted, UsageError)):
+                raise
+            sys.stderr.write("registry_pull: failed %s -> %s: %s\n" % (_printable(src, 300), _printable(dst, 300),
+                                                                       _printable(e, 1000)))
+            codes.append(e.exit_code)
+            continue
+        docs.append(doc)
+        if not args.quiet and not args.json:
+            sys.stderr.write(_printable("registry_pull: copied %s to %s %s: %d blobs uploaded, %d mounted, %d there "
+                                        "already" % (doc["source"], doc["destination"], doc["digest"],
+                                                     len(doc["uploaded"]), len(doc["mounted"]), len(doc["skipped"])),
+                                        2000) + "\n")
     if args.json:
-        _out(args, doc, [])
-    elif not args.quiet:
-        sys.stderr.write(_printable("registry_pull: copied %s to %s %s: %d blobs uploaded, %d mounted, %d there "
-                                    "already" % (doc["source"], doc["destination"], doc["digest"], len(doc["uploaded"]),
-                                                 len(doc["mounted"]), len(doc["skipped"])), 2000) + "\n")
-    return 0
+        _out(args, docs[0] if len(pairs) == 1 else docs, [])
+    return codes[0] if codes else 0
 
 
 _COMMANDS: Dict[str, Callable[[Any], int]] = {
@@ -7171,7 +7222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.setLevel(logging.ERROR if args.quiet else logging.DEBUG if verbose > 1 else
                      logging.INFO if verbose else logging.WARNING)
         args.password, args.cancel = _read_password(args), cancel
-        if args.verb in ("pull", "inspect", "tags", "rm", "copy") and not args.reference:
+        if args.verb in ("pull", "inspect", "tags", "rm") and not args.reference:
             raise UsageError("a REFERENCE is needed (e.g. alpine:3.20); see --help")
         return _COMMANDS[args.verb](args)
     except KeyboardInterrupt:

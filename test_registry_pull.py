@@ -6608,12 +6608,35 @@ class CopyTests(Base):
         self.assertNotIn(("dst/app", "v1"), b.manifests)
         self.assertNotIn(sha256(img.layers[1]), b.blobs)
 
+    def test_local_destinations_and_a_file_of_pairs(self):
+        """copy into oci:DIR:NAME or docker-archive:FILE; --from-file pairs and --dest-prefix as skopeo sync maps."""
+        a, b = self.two()
+        img = a.push("src/app", "v1", Image())
+        a.push("src/other", "v2", Image())
+        layout, archive = os.path.join(self.home, "lay"), os.path.join(self.home, "img.tar")
+        for dst in ("oci:%s:v1" % layout, "docker-archive:" + archive):
+            with self.subTest(dst=dst):
+                code, out, err = self.main("copy", "--home", self.home, "--platform", "linux/amd64",
+                                           a.host + "/src/app:v1", dst)
+                self.assertEqual(code, 0, err)
+        with open(os.path.join(layout, "index.json")) as f:
+            self.assertEqual(json.load(f)["manifests"][0]["digest"], img.digest)
+        self.assertTrue(tarfile.is_tarfile(archive))
+        listing = os.path.join(self.home, "sync.txt")
+        with open(listing, "w") as f:
+            f.write("# mirror these\n%s/src/app:v1\n%s/src/other:v2   %s/kept/other:v2\n" % (a.host, a.host, b.host))
+        code, out, err = self.main("copy", "--home", self.home, "--platform", "linux/amd64", "--from-file", listing,
+                                   "--dest-prefix", b.host + "/mirror")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(b.manifests[("mirror/src/app", "v1")][1], img.manifest)
+        self.assertIn(("kept/other", "v2"), b.manifests)
+
     def test_usage_errors(self):
         self.no_network_names()  # a bare "copy" must never become a pull of docker.io/library/copy
         reg = self.registry()
         reg.push("src/app", "v1", Image())
         src = reg.host + "/src/app:v1"
-        for argv in (["copy", src], ["copy"], ["copy", src, "Not A Ref!!"], ["copy", src, "oci:" + self.home],
+        for argv in (["copy", src], ["copy"], ["copy", src, "Not A Ref!!"],
                      ["copy", "--chunk-size", "lots", src, reg.host + "/dst/app:v1"]):
             with self.subTest(argv=argv):
                 code, out, err = self.main(*argv)
@@ -6634,10 +6657,10 @@ class ManyImagesTests(Base):
         reg = self.registry(auth="bearer")
         shared = make_layer({"base": os.urandom(50000)})
         images = [reg.push("many/app%d" % i, "v1", Image(layers=[shared, make_layer({"n": b"%d" % i})]))
-                  for i in range(4)]
+                  for i in range(20)]
         listing = os.path.join(self.home, "images.txt")
         with open(listing, "w") as f:
-            f.write("# the bundle\n\n%s/many/app2:v1\n%s/many/app3:v1  # the last\n" % (reg.host, reg.host))
+            f.write("# the bundle\n\n" + "".join("%s/many/app%d:v1  # one\n" % (reg.host, i) for i in range(2, 20)))
         layout = os.path.join(self.home, "layout")
         code, out, err = self.main("--home", self.home, "pull", "--platform", "linux/amd64", "--json",
                                    "--oci-layout", layout, "--from-file", listing,
@@ -6645,15 +6668,20 @@ class ManyImagesTests(Base):
         self.assertEqual(code, 0, err)
         docs = json.loads(out)
         self.assertEqual(sorted(d["manifest_digest"] for d in docs), sorted(i.digest for i in images))
-        shared_digest = sha256(shared[0])
-        self.assertEqual(len([p for m, p in reg.requests("GET", "blobs") if p.endswith(shared_digest)]), 1)
+        unique = set(d for i in images for d in i.blobs())
+        fetched = [p.rsplit("/", 1)[1] for m, p in reg.requests("GET", "blobs")]
+        self.assertEqual(sorted(fetched), sorted(unique))  # each blob once: the bytes fetched are the unique blobs
+        self.assertEqual(sum(d["downloaded_bytes"] for d in docs), sum(len(b) for b in
+                                                                        dict((d, b) for i in images
+                                                                             for d, b in i.blobs().items()).values()))
         with open(os.path.join(layout, "index.json")) as f:
             names = sorted(e["annotations"][rp._REF_NAME] for e in json.load(f)["manifests"])
-        self.assertEqual(names, sorted("%s/many/app%d:v1" % (reg.host, i) for i in range(4)))
+        self.assertEqual(names, sorted("%s/many/app%d:v1" % (reg.host, i) for i in range(20)))
         if SKOPEO:
-            proc = subprocess.run([SKOPEO, "inspect", "oci:%s:%s" % (layout, names[0])], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=60)
-            self.assertEqual(proc.returncode, 0, proc.stderr)
+            for name in names:
+                proc = subprocess.run([SKOPEO, "inspect", "oci:%s:%s" % (layout, name)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, timeout=60)
+                self.assertEqual(proc.returncode, 0, proc.stderr)
 
     def test_every_reference_is_tried_and_the_first_failure_is_the_exit_code(self):
         reg = self.registry()
