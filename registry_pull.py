@@ -3281,6 +3281,12 @@ class _Store:
         finally:
             conn.close()
 
+    def referrer_rows(self, reference: str) -> List[Tuple[str, str, str, Optional[str], Optional[str]]]:
+        """(subject, digest, media type, artifact type, tag) of what was pulled with ``reference``."""
+        rows = self._query("SELECT r.subject, r.digest, r.media_type, r.artifact_type, r.tag FROM referrers r"
+                           " JOIN images i ON i.id = r.image_id WHERE i.reference = ? ORDER BY r.id", (reference,))
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows or []]
+
     def referenced(self) -> Dict[str, List[str]]:
         """digest -> the references of the images that need it (manifests, indexes, configs,
         layers, and what an image's index lists beside it: attestations and their blobs)."""
@@ -6355,7 +6361,7 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
          chunk_size: int = CHUNK_SIZE, jobs: int = 4, progress: Any = None, insecure: bool = False,
          ca_file: Optional[str] = None, cert_dir: Optional[str] = None, username: Optional[str] = None,
          password: Optional[str] = None, cancel: Optional[threading.Event] = None,
-         timeout: Optional[float] = None) -> Dict[str, Any]:
+         timeout: Optional[float] = None, referrers: bool = False) -> Dict[str, Any]:
     """Copy ``src`` (a registry reference, ``docker://`` allowed, or ``oci:DIR[:NAME]``) into the
     registry reference ``dst``, as the distribution spec says: the source is pulled into the store
     (every blob verified; ``all_platforms``: the whole index, attestations included, else one
@@ -6364,7 +6370,10 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
     PATCH chunks; cuts resumed), then the manifests byte for byte, children first, the top one
     under DST's tag (else the source's). Never re-compressed: every digest is the source's.
     ``username``/``password`` are the destination's; the source's come from the auth files.
-    Returns {"source", "destination", "digest", "uploaded", "mounted", "skipped"}."""
+    ``referrers``: what refers to the image (signatures, SBOMs) goes along, by digest (a cosign
+    tag by its tag); where the destination has no referrers API, its ``sha256-HEX`` referrers
+    index is written too, as a client must. Returns {"source", "destination", "digest",
+    "uploaded", "mounted", "skipped"} (and "referrers": their digests)."""
     src_ref, dst_ref = _reference(_strip_transport(src)), _reference(_strip_transport(dst))
     if not isinstance(chunk_size, int) or chunk_size < 1024:
         raise UsageError("chunk size must be at least 1024 bytes, not %r" % (chunk_size,))
@@ -6380,10 +6389,13 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
         else:
             top = pull(src_ref, platform=platform, oci_layout=local, docker_archive=archive, **kw).manifest_digest
         return dict(source=str(src_ref), destination=str(dst_ref), digest=top, uploaded=[], mounted=[], skipped=[])
+    if referrers and (all_platforms or platform == "all"):
+        raise UsageError("--referrers copies one platform's image and its index's referrers: not with --all")
     if all_platforms or platform == "all":
         top, _ = pull_platforms(src_ref, "all", **kw)
     else:
-        top = pull(src_ref, platform=platform, **kw).manifest_digest
+        pulled = pull(src_ref, platform=platform, referrers=referrers, **kw)
+        top = pulled.manifest_digest
     named = re.search(r"[:@][^/]*$", str(_strip_transport(dst)) if not isinstance(dst, Reference) else str(dst))
     src_tag = src_ref.tag if not isinstance(src_ref, _LayoutReference) else None
     tag = (dst_ref.tag if named else None) or src_tag or dst_ref.tag or "latest"
@@ -6393,11 +6405,37 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
     with _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
                   password=password, cancel=cancel, timeout=timeout) as session:
         repo = session.repository(dst_ref)
-        _push_tree(session.stored(), repo, top, dst_ref.digest or tag, src_ref.repository if same else None,
-                   chunk_size, done, set(), 0)
+        store = session.stored()
+        mount = src_ref.repository if same else None
+        _push_tree(store, repo, top, dst_ref.digest or tag, mount, chunk_size, done, set(), 0)
+        if referrers:
+            done["referrers"] = _push_referrers(store, repo, str(src_ref), mount, chunk_size, done)
     log.info("copied %s to %s (%s): %d blobs uploaded, %d mounted, %d there already", src_ref, dst_ref, top,
              len(done["uploaded"]), len(done["mounted"]), len(done["skipped"]))
     return dict(source=str(src_ref), destination=str(dst_ref), digest=top, **done)
+
+
+def _push_referrers(store: _Store, repo: _Repository, reference: str, mount_from: Optional[str], chunk_size: int,
+                    done: Dict[str, List[str]]) -> List[str]:
+    """Push what was pulled with ``reference`` because it refers to it: each by digest, a cosign
+    tag's also by its tag; and, where the destination has no referrers API, the referrers tag
+    (``sha256-HEX``: an index of them) for each subject, as a client pushing to such a registry must."""
+    rows = store.referrer_rows(reference)
+    by_subject: Dict[str, List[Dict[str, Any]]] = {}
+    for subject, digest, media_type, artifact_type, tag in rows:
+        sent = set(done["skipped"] + done["uploaded"] + done["mounted"])
+        _push_tree(store, repo, digest, tag, mount_from, chunk_size, done, sent, 0)
+        if not tag:
+            entry: Dict[str, Any] = {"mediaType": media_type, "digest": digest,
+                                     "size": len(store.read(digest) or b"")}
+            if artifact_type:
+                entry["artifactType"] = artifact_type
+            by_subject.setdefault(subject, []).append(entry)
+    for subject, entries in by_subject.items():
+        if repo.referrers(subject) is None:  # no API: the tag schema
+            index = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": entries}).encode()
+            repo.put_manifest(subject.replace(":", "-"), MT_OCI_INDEX, index)
+    return [r[1] for r in rows]
 
 
 def _push_tree(store: _Store, repo: _Repository, digest: str, ref: Optional[str], mount_from: Optional[str],
@@ -6877,6 +6915,8 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
         _platform_option(p, several=False)
         p.add_argument("--all", action="store_true", help="the whole index, every platform and attestation, "
                        "byte for byte (= --platform all)")
+        p.add_argument("--referrers", action="store_true", help="copy what refers to the image too (signatures, "
+                       "SBOMs): by the referrers API, or the sha256-HEX tag where the destination has none")
         p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, metavar="BYTES", help="blobs up to this go in "
                        "one PUT, larger ones in chunks of it (default %d MiB)" % (CHUNK_SIZE >> 20))
         p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel downloads from the source")
@@ -7149,7 +7189,8 @@ def _cmd_copy(args: Any) -> int:
         try:
             doc = copy(src, dst, home=args.home, platform=None if every else _one_platform(args),
                        all_platforms=every, chunk_size=args.chunk_size, jobs=args.jobs, cancel=args.cancel,
-                       progress=None if args.quiet else _progress(args), **_registry_kw(args))
+                       progress=None if args.quiet else _progress(args), referrers=args.referrers,
+                       **_registry_kw(args))
         except PullError as e:
             if len(pairs) == 1 or isinstance(e, (Interrupted, UsageError)):
                 raise

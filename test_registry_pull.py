@@ -7592,6 +7592,34 @@ if __name__ == "__main__":
 
 
 @unittest.skipUnless(REGISTRY_BIN and SKOPEO, NEED_REAL)
+class CopyReferrersTests(Base):
+    def test_referrers_go_along_into_a_registry_without_the_api(self):
+        """copy --referrers into Distribution 2.8 (no referrers API): the signature and the SBOM go
+        along, the sha256-HEX referrers index is written, and the signature verifies there."""
+        if not REGISTRY_BIN:
+            self.skipTest("docker-registry is needed")
+        keys = Keys(self)
+        key, pub = keys.pair()
+        reg = self.registry()
+        img = reg.push("ref/app", "v1", Image())
+        subject = {"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest)}
+        sbom = push_artifact(reg, "ref/app", None, Artifact({"sbom.json": b"{}"}, subject=subject,
+                                                           artifact_type="application/spdx+json"))
+        referrers_api(reg)
+        sig, _ = keys.cosign(reg, "ref/app", img.digest, key, reg.host + "/ref/app")
+        dist = Distribution(self)
+        code, out, err = self.main("copy", "--home", self.home, "--platform", "linux/amd64", "--referrers", "--json",
+                                   reg.host + "/ref/app:v1", dist.host + "/team/prod:v1")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(json.loads(out)["referrers"]), sorted([sbom.digest, sig]))
+        found = rp.referrers(dist.host + "/team/prod:v1")
+        self.assertEqual(sorted(d.digest for d in found), sorted([sbom.digest, sig]))
+        code, out, err = self.main("--home", os.path.join(self.home, "other"), "--platform", "linux/amd64",
+                                   "--verify-key", pub, "--signed-identity", reg.host + "/ref/app",
+                                   dist.host + "/team/prod:v1")
+        self.assertEqual(code, 0, err)
+
+
 class CopyDistributionTests(Base):
     """copy between real Distribution registries; skopeo reads back what was written."""
 
