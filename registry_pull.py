@@ -982,7 +982,7 @@ class _KeepAlive:
             conn = self.pool.get(key) if attempt == 1 else None  # the retry: a fresh connection
             reused = conn is not None
             if conn is None:
-                conn = conn_class(host, timeout=req.timeout, **conn_args)
+                conn = conn_class(host, timeout=req.timeout, blocksize=CHUNK, **conn_args)
                 if tunnel:
                     conn.set_tunnel(tunnel, headers=tunnel_headers)
                 self.pool.count_opened()
@@ -1731,11 +1731,11 @@ class _Client:
         endpoint = self.endpoint
         if scheme == "https":
             ctx = self._context(not self.insecure, endpoint)
-            self.pool.warm(("HTTPSConnection", endpoint, None),
-                           lambda: http.client.HTTPSConnection(endpoint, timeout=TIMEOUT, context=ctx), n)
+            self.pool.warm(("HTTPSConnection", endpoint, None), lambda: http.client.HTTPSConnection(
+                endpoint, timeout=TIMEOUT, context=ctx, blocksize=CHUNK), n)
         else:
             self.pool.warm(("HTTPConnection", endpoint, None),
-                           lambda: http.client.HTTPConnection(endpoint, timeout=TIMEOUT), n)
+                           lambda: http.client.HTTPConnection(endpoint, timeout=TIMEOUT, blocksize=CHUNK), n)
 
     def remembered(self, info: Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]) -> None:
         """Start from what an earlier pull learnt of this host (the store's ``hosts`` row):
@@ -1916,21 +1916,34 @@ def _answer(resp: _Response, limit: int, what: str, missing: str = "not found", 
         resp.close()
 
 
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    """``length`` bytes of the store's file ``path`` from ``offset`` (a chunk to send)."""
-    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-    try:
-        os.lseek(fd, offset, os.SEEK_SET)
-        parts, left = [], length
-        while left:
-            data = os.read(fd, min(left, CHUNK * 8))
-            if not data:
-                raise StorageError("%s is shorter than the store says" % path)
-            parts.append(data)
-            left -= len(data)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+class _FileSlice:
+    """``length`` bytes of the store's file ``path`` from ``offset``, as a request body that is
+    read (CHUNK at a time) while it is sent: an upload never holds a chunk in memory."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        self.fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        self.offset, self.left = offset, length
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0 or self.fd < 0:
+            self.close()
+            return b""
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = os.pread(self.fd, min(n, CHUNK), self.offset)
+        if not data:
+            self.close()
+            raise StorageError("a blob in the store is shorter than it should be")
+        self.offset += len(data)
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _Repository:
@@ -2155,15 +2168,15 @@ class _Repository:
         session = session or self.start_upload()
         assert session is not None
         if size <= chunk_size:
-            self._finish(session, digest, _read_range(path, 0, size))
+            self._finish(session, digest, path, size)
             return "uploaded"
         offset, cuts = 0, 0
         while offset < size:
-            chunk = _read_range(path, offset, min(chunk_size, size - offset))
-            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
-                       "Content-Range": "%d-%d" % (offset, offset + len(chunk) - 1)}
+            length = min(chunk_size, size - offset)
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length),
+                       "Content-Range": "%d-%d" % (offset, offset + length - 1)}
             try:
-                resp = self._push("PATCH", session, headers, chunk, retries=False)
+                resp = self._push("PATCH", session, headers, lambda: _FileSlice(path, offset, length), retries=False)
             except RegistryError as e:
                 cuts += 1
                 if cuts > RETRIES:
@@ -2179,13 +2192,13 @@ class _Repository:
                 continue
             if resp.status in (400, 404, 405, 415, 416) and offset == 0:
                 log.info("%s refuses chunked uploads (%d): one PUT of %s", self.client.endpoint, resp.status, digest)
-                self._finish(self.start_upload() or session, digest, _read_range(path, 0, size))
+                self._finish(self.start_upload() or session, digest, path, size)
                 return "uploaded"
             if resp.status != 202:
                 raise RegistryError("%s answered %d to a chunk of %s" % (self.client.endpoint, resp.status, digest))
             session = self._session_path(resp.header("Location"), session) if resp.header("Location") else session
-            offset += len(chunk)
-        self._finish(session, digest, b"")
+            offset += length
+        self._finish(session, digest, path, 0)
         return "uploaded"
 
     def _resume(self, session: str, why: Exception) -> Tuple[str, int]:
@@ -2201,10 +2214,12 @@ class _Repository:
         assert fresh is not None
         return fresh, 0
 
-    def _finish(self, session: str, digest: str, body: bytes) -> None:
+    def _finish(self, session: str, digest: str, blob: str, size: int) -> None:
+        """Close the upload with a PUT carrying the last ``size`` bytes of ``blob`` (all of it, or none)."""
         path = session + ("&" if "?" in session else "?") + "digest=" + digest  # ALGO:HEX, safe in a query
-        resp = self._push("PUT", path, {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))},
-                          body)
+        start = os.stat(blob).st_size - size
+        resp = self._push("PUT", path, {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                          (lambda: _FileSlice(blob, start, size)) if size else b"")
         code, msg = _registry_error(resp.excerpt())
         if resp.status not in (201, 204):
             raise RegistryError("%s refused blob %s (%d %s)" % (self.client.endpoint, digest, resp.status, msg or code))
@@ -6407,7 +6422,7 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
         repo = session.repository(dst_ref)
         store = session.stored()
         mount = src_ref.repository if same else None
-        _push_tree(store, repo, top, dst_ref.digest or tag, mount, chunk_size, done, set(), 0)
+        _push_tree(store, repo, top, dst_ref.digest or tag, mount, chunk_size, done, set(), 0, jobs)
         if referrers:
             done["referrers"] = _push_referrers(store, repo, str(src_ref), mount, chunk_size, done)
     log.info("copied %s to %s (%s): %d blobs uploaded, %d mounted, %d there already", src_ref, dst_ref, top,
@@ -6438,8 +6453,59 @@ def _push_referrers(store: _Store, repo: _Repository, reference: str, mount_from
     return [r[1] for r in rows]
 
 
+def _push_blob(store: _Store, repo: _Repository, d: Descriptor, mount_from: Optional[str], chunk_size: int,
+               done: Dict[str, List[str]]) -> None:
+    """One blob to the destination: there already (HEAD), mounted, or uploaded."""
+    session = None
+    if repo.has_blob(d.digest):
+        how = "skipped"
+    elif mount_from and (session := repo.start_upload(d.digest, mount_from)) is None:
+        how = "mounted"
+    else:
+        repo.upload(store.path(d.digest), d.digest, d.size, chunk_size, session)
+        how = "uploaded"
+    done[how].append(d.digest)  # list.append: safe from several threads
+    log.info("%s %s", how, d.digest)
+
+
+def _in_parallel(work: Callable[[Any], None], items: List[Any], jobs: int, cancel: _Cancel) -> None:
+    """``work(item)`` for every item on up to ``jobs`` daemon threads (Ctrl-C ends the process at once,
+    as for downloads); the first real failure is raised once all have stopped."""
+    todo, errors = list(items), []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not cancel.is_set():
+            with lock:
+                if not todo:
+                    return
+                item = todo.pop(0)
+            try:
+                work(item)
+            except BaseException as e:  # handed to the caller
+                with lock:
+                    errors.append(e)
+                cancel.set()
+                return
+    threads = [threading.Thread(target=worker, name="registry_pull-push-%d" % i, daemon=True)
+               for i in range(max(1, min(jobs, len(todo))))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.25)
+                cancel.check()
+    except BaseException:
+        cancel.set()
+        raise
+    if errors:
+        real = [e for e in errors if not isinstance(e, Interrupted)]
+        raise (real or errors)[0]
+
+
 def _push_tree(store: _Store, repo: _Repository, digest: str, ref: Optional[str], mount_from: Optional[str],
-               chunk_size: int, done: Dict[str, List[str]], seen: Set[str], depth: int) -> None:
+               chunk_size: int, done: Dict[str, List[str]], seen: Set[str], depth: int, jobs: int = 4) -> None:
     """Push the document ``digest`` from the store with everything below it, children first."""
     if depth > 4:
         raise IntegrityError("indexes nested more than 4 deep")
@@ -6451,25 +6517,18 @@ def _push_tree(store: _Store, repo: _Repository, digest: str, ref: Optional[str]
         for d in manifest.manifests:
             if d.digest not in seen:
                 seen.add(d.digest)
-                _push_tree(store, repo, d.digest, None, mount_from, chunk_size, done, seen, depth + 1)
+                _push_tree(store, repo, d.digest, None, mount_from, chunk_size, done, seen, depth + 1, jobs)
     else:
         assert manifest.config is not None
+        todo = []
         for d in [manifest.config] + list(manifest.layers):
-            if d.digest in seen:
-                continue
-            seen.add(d.digest)
-            if not store.has(d.digest, d.size):
-                raise NotFound("%s %s is not in the store %s" % (repo.name, d.digest, store.home))
-            session = None
-            if repo.has_blob(d.digest):
-                how = "skipped"
-            elif mount_from and (session := repo.start_upload(d.digest, mount_from)) is None:
-                how = "mounted"
-            else:
-                repo.upload(store.path(d.digest), d.digest, d.size, chunk_size, session)
-                how = "uploaded"
-            done[how].append(d.digest)
-            log.info("%s %s", how, d.digest)
+            if d.digest not in seen:
+                seen.add(d.digest)
+                if not store.has(d.digest, d.size):
+                    raise NotFound("%s %s is not in the store %s" % (repo.name, d.digest, store.home))
+                todo.append(d)
+        _in_parallel(lambda d: _push_blob(store, repo, d, mount_from, chunk_size, done),
+                     sorted(todo, key=lambda d: -d.size), jobs, repo.client.cancel)
     repo.put_manifest(ref or digest, manifest.media_type, data)
 
 
