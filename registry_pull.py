@@ -6496,6 +6496,11 @@ def _in_parallel(work: Callable[[Any], None], items: List[Any], jobs: int, cance
             while t.is_alive():
                 t.join(0.25)
                 cancel.check()
+    except Interrupted:
+        if not errors:  # the caller's cancel or Ctrl-C, not a worker's failure
+            raise
+        for t in threads:
+            t.join(1.0)
     except BaseException:
         cancel.set()
         raise
