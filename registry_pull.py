@@ -4405,6 +4405,41 @@ def _is_root() -> bool:
     return getattr(os, "geteuid", lambda: -1)() == 0  # Windows has no geteuid
 
 
+_OVERRIDE_XATTR = "user.containers.override_stat"  # containers/storage's rootless record, fuse-overlayfs reads it
+_MAX_XATTR = 65536  # bytes in one extended attribute's value (Linux's XATTR_SIZE_MAX)
+_OWNERS = ("image", "self", "xattr")
+
+
+def _entry_xattrs(info: tarfile.TarInfo, layer: str) -> Dict[str, bytes]:
+    """The extended attributes a tar entry carries: PAX ``SCHILY.xattr.NAME`` records (GNU tar,
+    Docker, buildah), and libarchive's ``LIBARCHIVE.xattr.NAME`` (name URL-encoded, value base64
+    without padding). A value over 64 KiB is hostile."""
+    found: Dict[str, bytes] = {}
+    for key, value in (info.pax_headers or {}).items():
+        if key.startswith("SCHILY.xattr."):
+            name, data = key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote(key[len("LIBARCHIVE.xattr."):])
+            try:
+                data = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+            except ValueError:
+                raise _hostile(layer, "%r has a malformed extended attribute %r" % (info.name[:100], name[:100]))
+        else:
+            continue
+        if not name or "\x00" in name or len(name) > 255:
+            raise _hostile(layer, "%r has an extended attribute with an impossible name" % info.name[:100])
+        if len(data) > _MAX_XATTR:
+            raise _hostile(layer, "%r has a %d-byte extended attribute %r" % (info.name[:100], len(data), name[:100]))
+        found[name] = data
+    return found
+
+
+def _override_stat(uid: int, gid: int, mode: int, kind: str) -> bytes:
+    """containers/storage's ``UID:GID:MODE:TYPE`` (mode in four octal digits, set-id and sticky
+    bits kept; type file, dir, symlink, pipe, socket, char-MAJOR-MINOR or block-MAJOR-MINOR)."""
+    return ("%d:%d:%04o:%s" % (uid, gid, mode & 0o7777, kind)).encode()
+
+
 class _Unpacker:
     """Applies layer tar streams to ROOT: one handler per entry type, one removal routine.
 
@@ -4417,9 +4452,22 @@ class _Unpacker:
     descriptors; until then every directory is 0700.
     """
 
-    def __init__(self, root: str, root_fd: int) -> None:
+    def __init__(self, root: str, root_fd: int, owners: Optional[str] = None) -> None:
         self.root, self.root_fd = root, root_fd
-        self.owner = _is_root()  # ownership is restored by root only
+        self.root_user = _is_root()
+        self.owners = owners or ("image" if self.root_user else "self")
+        if self.owners not in _OWNERS:
+            raise UsageError("owners must be one of %s, not %r" % (", ".join(_OWNERS), owners))
+        if self.owners == "image" and not self.root_user:
+            raise UsageError("only root can give files the image's owners: as a normal user, owners=xattr records "
+                             "them (user.containers.override_stat) or owners=self leaves them yours")
+        self.owner = self.owners == "image"  # ownership is restored by root only
+        self.record = self.owners == "xattr"  # the image's owner, mode and type in an xattr instead
+        # Extended attributes: what was set, what a normal user may not set (said once), and
+        # whether the file system refused them (said once).
+        self.dir_xattrs: Dict[str, Dict[str, bytes]] = {}
+        self.dropped: Dict[str, int] = {}
+        self.unsupported = 0
         # Every directory made or declared so far (relative, resolved) -> (mode, uid, gid, mtime):
         # each key is a real directory until _clear forgets it.
         self.dirs: Dict[str, Tuple[int, int, int, Optional[float]]] = {}
@@ -4678,6 +4726,47 @@ class _Unpacker:
         elif self.lower and not self._is_own(rel):
             self.added.add(rel)  # declared again here: its lower contents may be hidden (opaque)
         self.dirs[rel] = (info.mode & 0o7777, info.uid, info.gid, info.mtime)
+        self.dir_xattrs[rel] = self._xattrs(info, "dir")
+
+    def _xattrs(self, info: tarfile.TarInfo, kind: str) -> Dict[str, bytes]:
+        """What to set on the entry: its own attributes this process may keep, and, with
+        owners=xattr, the image's owner, mode and type."""
+        found = _entry_xattrs(info, self.layer)
+        keep: Dict[str, bytes] = {}
+        for name, value in found.items():
+            if name.startswith("trusted.overlay.") or name == "security.selinux" or name == _OVERRIDE_XATTR:
+                continue  # the host's (overlayfs, the SELinux policy) or ours to write
+            if self.root_user or name.startswith("user."):
+                keep[name] = value
+            else:
+                self.dropped[name] = self.dropped.get(name, 0) + 1
+        if self.record:
+            keep[_OVERRIDE_XATTR] = _override_stat(info.uid, info.gid, info.mode, kind)
+        return keep
+
+    def _set_xattrs(self, target: Any, attrs: Dict[str, bytes]) -> None:
+        """Set ``attrs`` on ``target`` (a descriptor, or a /proc/self/fd path never followed at its end)."""
+        for name, value in attrs.items():
+            try:
+                if isinstance(target, int):
+                    os.setxattr(target, name, value)
+                else:
+                    os.setxattr(target, name, value, follow_symlinks=False)
+            except OSError as e:
+                if e.errno in (errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)):
+                    self.unsupported += 1
+                elif e.errno == errno.EPERM and name.startswith("user."):
+                    self.unsupported += 1  # user.* on a FIFO or device node: Linux refuses it
+                else:
+                    raise
+
+    def warnings(self) -> None:
+        """What the tree could not keep, each said once."""
+        if self.dropped:
+            log.warning("extended attributes not kept as a normal user: %s", ", ".join(
+                "%s on %d file%s" % (n, c, "" if c == 1 else "s") for n, c in sorted(self.dropped.items())))
+        if self.unsupported:
+            log.warning("%s: the file system refused %d extended attributes", self.root, self.unsupported)
 
     def _make_file(self, tar, info, rel, fd, base):
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
@@ -4711,7 +4800,9 @@ class _Unpacker:
                         offset += len(chunk)
                         length -= len(chunk)
                 os.ftruncate(out, info.size)
+            # Owner and mode first: chown clears security.capability (and set-id bits), as the kernel does.
             self._meta_fd(out, (info.mode & 0o7777, info.uid, info.gid, info.mtime))
+            self._set_xattrs(out, self._xattrs(info, "file"))
         finally:
             os.close(out)
         if info.mode & 0o6000:
@@ -4724,6 +4815,10 @@ class _Unpacker:
         except FileExistsError:
             self._clear(rel, fd, base)
             os.symlink(info.linkname, base, dir_fd=fd)
+        attrs = dict((n, v) for n, v in _entry_xattrs(info, self.layer).items()
+                     if self.root_user and not n.startswith(("user.", "trusted.overlay.")) and n != "security.selinux")
+        if attrs:  # a link's own (lsetxattr), through the directory's descriptor
+            self._set_xattrs("/proc/self/fd/%d/%s" % (fd, base), attrs)
         self._set_meta(fd, base, info, link=True)
         self._mark(rel)
 
@@ -4754,12 +4849,33 @@ class _Unpacker:
 
     def _make_fifo(self, tar, info, rel, fd, base):
         self._clear(rel, fd, base)
+        if self.record:  # Linux refuses user.* on a FIFO: an empty file carries its record
+            self._record_file(info, fd, base, "pipe")
+            return
         os.mkfifo(base, 0o600, dir_fd=fd)
         self._set_meta(fd, base, info)
+        attrs = self._xattrs(info, "pipe")
+        if attrs:
+            self._set_xattrs("/proc/self/fd/%d/%s" % (fd, base), attrs)
         self._mark(rel)
 
+    def _record_file(self, info: tarfile.TarInfo, fd: int, base: str, kind: str) -> None:
+        """An empty regular file standing for a FIFO or device node, its record in the xattr."""
+        out = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=fd)
+        try:
+            self._meta_fd(out, (info.mode & 0o777, info.uid, info.gid, info.mtime))
+            self._set_xattrs(out, self._xattrs(info, kind))
+        finally:
+            os.close(out)
+
     def _make_device(self, tar, info, rel, fd, base):
-        if not self.owner:
+        if self.record:
+            self._clear(rel, fd, base)
+            self._record_file(info, fd, base, "%s-%d-%d" % ("char" if info.ischr() else "block",
+                                                            info.devmajor, info.devminor))
+            self._mark(rel)
+            return
+        if not self.root_user:
             log.info("skipping device node %s (only root may create it)", rel)
             return
         self._clear(rel, fd, base)
@@ -4819,6 +4935,8 @@ class _Unpacker:
                     rel = "/".join(parts)
                     if rel in self.dirs:
                         self._meta_fd(fd, self.dirs[rel])
+                        self._set_xattrs(fd, self.dir_xattrs.get(rel) or (
+                            {_OVERRIDE_XATTR: _override_stat(0, 0, 0o755, "dir")} if self.record else {}))
                 finally:
                     os.close(fd)
 
@@ -4838,6 +4956,11 @@ class _Unpacker:
                     stack.append((parts[:i + 1], fd))
             while stack:
                 pop()
+            if self.record:  # fuse-overlayfs reads a tree's records only when its root has one
+                info = self.root_info
+                self._set_xattrs(self.root_fd, {_OVERRIDE_XATTR: _override_stat(
+                    info.uid if info else 0, info.gid if info else 0, info.mode if info else 0o755, "dir")})
+            self.warnings()
         finally:
             for _, fd in stack:
                 if fd >= 0:
@@ -4906,7 +5029,7 @@ def _open_to_others(path: str) -> bool:
         path = up
 
 
-def extract_rootfs(result: PullResult, target: str) -> str:
+def extract_rootfs(result: PullResult, target: str, owners: Optional[str] = None) -> str:
     """Extract the image's layers into ``target``: whole or not at all.
 
     A new ``target`` is built 0700 in a hidden sibling and renamed into place with the
@@ -4914,7 +5037,7 @@ def extract_rootfs(result: PullResult, target: str) -> str:
     and mode (emptied again on failure).  Raises IntegrityError for a hostile or corrupt
     layer (or a diff_id mismatch), StorageError when the file system refuses.
     """
-    job = _RootfsJob(target)
+    job = _RootfsJob(target, owners)
     job.unpack(result.reference, result.config, result.layers)
     return job.commit()
 
@@ -4923,8 +5046,10 @@ class _RootfsJob:
     """One extraction into DIR: unpack() builds it (in a thread of its own while a pull
     downloads, see start()), commit() puts it in place, discard() removes every trace."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, owners: Optional[str] = None) -> None:
         self.target = os.path.abspath(target)
+        self.owners = owners
+        _Unpacker(self.target, -1, owners)  # a bad owners= is refused before anything is fetched
         _check_rootfs_target(self.target)
         self.in_place = os.path.isdir(self.target)
         self.root: Optional[str] = None
@@ -4985,7 +5110,7 @@ class _RootfsJob:
             algos = [check_digest(d, "diff_id")[0] for d in diff_ids]
             self.stream = _LayerStream(layers, algos, ready)
             self.stream.start()
-            self.unpacker = _Unpacker(self.root, self.root_fd)
+            self.unpacker = _Unpacker(self.root, self.root_fd, self.owners)
             for layer, diff_id in zip(layers, diff_ids):
                 self.unpacker.apply(self.stream, layer.digest)
                 actual = self.stream.finish()
@@ -5780,6 +5905,7 @@ def pull(
     timeout: Optional[float] = None,
     overwrite: bool = False,
     output: Optional[str] = None,
+    owners: Optional[str] = None,
     verify_keys: Optional[List[Union[str, bytes]]] = None,
     signed_identity: Optional[str] = None,
     referrers: bool = False,
@@ -5812,6 +5938,10 @@ def pull(
       $REGISTRY_PULL_MIRRORS, comma- or space-separated).
     - ``timeout``: seconds the whole pull may take, else :class:`RegistryError`.
     - ``overwrite``: replace an existing ``docker_archive`` file (refused otherwise).
+    - ``owners``: the rootfs's ownership: "image" (root's default: the image's owners), "self"
+      (a normal user's default: every file the caller's), or "xattr" (the image's owner, mode
+      and type recorded in ``user.containers.override_stat``, as containers/storage writes it for
+      fuse-overlayfs; FIFOs and device nodes become empty files carrying theirs).
     - ``output``: a directory to write each layer with an ``org.opencontainers.image.title``
       into, as a file of that name (artifacts, as ``oras pull`` does).
     - ``verify_keys``: PEM ECDSA P-256 public keys (cosign's): the image, or its index, must be
@@ -5835,7 +5965,7 @@ def pull(
     session = _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
                        password=password, cancel=cancel, timeout=timeout)
     _check_outputs(oci_layout, docker_archive, overwrite)  # refused before anything is downloaded
-    job = _RootfsJob(rootfs) if rootfs is not None else None
+    job = _RootfsJob(rootfs, owners) if rootfs is not None else None
     store = session.stored()
     # The store's shared lock, from the first request until the outputs are written: a
     # concurrent collect_garbage() never deletes a blob this pull is about to use.
@@ -6862,7 +6992,7 @@ _VERBS = {
 # The options that take a value (to find the verb among the arguments, options may come first).
 _VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--cert-dir", "--username", "--oci-layout",
            "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p", "--output",
-           "--verify-key", "--signed-identity", "--chunk-size", "--from-file", "--dest-prefix"}
+           "--verify-key", "--signed-identity", "--chunk-size", "--from-file", "--dest-prefix", "--owners"}
 
 
 class _Formatter(logging.Formatter):
@@ -6933,6 +7063,8 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    "an existing FILE is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="let --docker-archive replace an existing FILE")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
+    p.add_argument("--owners", choices=_OWNERS, help="the rootfs's owners: image (root's default), self (a normal "
+                   "user's default), xattr (recorded in user.containers.override_stat for fuse-overlayfs)")
     p.add_argument("--offline", action="store_true", help="answer from the store alone, sending nothing (a tag "
                    "resolves to what was recorded for it; every output works from there)")
     p.add_argument("--referrers", action="store_true", help="also fetch what refers to the image (signatures, "
@@ -7182,6 +7314,7 @@ def _cmd_pull(args: Any) -> int:
     keys = _read_keys(args)
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
                   rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, output=args.output,
+                  owners=args.owners,
                   verify_keys=keys or None, signed_identity=args.signed_identity, referrers=args.referrers,
                   offline=args.offline, **kw)
     if args.json:

@@ -6150,6 +6150,133 @@ class DeepTreeTests(Base):
         self.assertTrue(os.path.isfile(os.path.join(target, "d/" * 100 + "f")))
 
 
+def xattr_layer(entries):
+    """A PAX tar layer of (name, type, mode, uid, gid, xattrs {name: bytes}, data or link target)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, mode, uid, gid, attrs, data in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid, info.mtime = kind, mode, uid, gid, 1700000000
+            info.pax_headers = dict(("SCHILY.xattr." + k, v.decode("utf-8", "surrogateescape"))
+                                    for k, v in attrs.items() if not k.startswith("lib:"))
+            info.pax_headers.update(("LIBARCHIVE.xattr." + urllib.parse.quote(k[4:]),
+                                     base64.b64encode(v).decode().rstrip("=")) for k, v in attrs.items()
+                                    if k.startswith("lib:"))
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = data
+                tar.addfile(info)
+            elif kind in (tarfile.CHRTYPE, tarfile.FIFOTYPE):
+                info.devmajor, info.devminor = (1, 3) if kind == tarfile.CHRTYPE else (0, 0)
+                tar.addfile(info)
+            else:
+                info.size = len(data or b"")
+                tar.addfile(info, io.BytesIO(data or b""))
+    raw = buf.getvalue()
+    return gzip.compress(raw), sha256(raw)
+
+
+CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_raw+ep (vfs caps v2)
+XATTR_ENTRIES = [
+    ("bin", tarfile.DIRTYPE, 0o755, 0, 0, {"user.dir": b"d"}, None),
+    ("bin/ping", tarfile.REGTYPE, 0o4755, 0, 0, {"security.capability": CAP_NET_RAW, "user.note": b"n1",
+                                                 "trusted.overlay.opaque": b"y", "security.selinux": b"x"}, b"ELF"),
+    ("bin/ping6", tarfile.LNKTYPE, 0o4755, 0, 0, {}, "bin/ping"),
+    ("bin/lib", tarfile.REGTYPE, 0o644, 1000, 100, {"lib:user.from libarchive": b"\x00\xffbin"}, b"lib"),
+    ("bin/sh", tarfile.SYMTYPE, 0o777, 0, 0, {}, "ping"),
+    ("dev", tarfile.DIRTYPE, 0o755, 0, 0, {}, None),
+    ("dev/null", tarfile.CHRTYPE, 0o666, 0, 0, {}, None),
+    ("run/fifo", tarfile.FIFOTYPE, 0o620, 5, 6, {}, None),
+    ("home/u", tarfile.DIRTYPE, 0o2750, 1000, 1000, {}, None),
+]
+
+
+class XattrTests(Base):
+    """Extended attributes and ownership records in --rootfs."""
+
+    def image(self, reg, entries=XATTR_ENTRIES):
+        layer = xattr_layer(entries)
+        return reg.push("x/app", "v1", Image(layers=[layer]))
+
+    def test_as_root_every_namespace_but_the_hosts(self):
+        if not IS_ROOT:
+            self.skipTest("needs root")
+        reg = self.registry()
+        self.image(reg)
+        root = os.path.join(self.home, "root")
+        self.pull(reg, "x/app:v1", rootfs=root)
+        ping = os.path.join(root, "bin", "ping")
+        self.assertEqual(os.getxattr(ping, "security.capability"), CAP_NET_RAW)
+        self.assertEqual(os.getxattr(ping, "user.note"), b"n1")
+        self.assertNotIn("trusted.overlay.opaque", os.listxattr(ping))
+        self.assertEqual(os.getxattr(os.path.join(root, "bin", "ping6"), "user.note"), b"n1")  # a hard link shares
+        self.assertEqual(os.getxattr(os.path.join(root, "bin", "lib"), "user.from libarchive"), b"\x00\xffbin")
+        self.assertEqual(os.getxattr(os.path.join(root, "bin"), "user.dir"), b"d")
+        getcap = shutil.which("getcap")
+        if getcap:
+            out = subprocess.run([getcap, ping], stdout=subprocess.PIPE, check=True).stdout.decode()
+            self.assertIn("cap_net_raw", out)
+
+    def test_as_a_normal_user_user_attributes_and_one_warning(self):
+        if not (IS_ROOT and SETPRIV):
+            self.skipTest("needs root and setpriv to run as uid %d" % NOBODY)
+        reg = self.registry()
+        self.image(reg)
+        home = tempfile.mkdtemp(prefix="rp-nobody-")
+        self.addCleanup(shutil.rmtree, home, True)
+        os.chown(home, NOBODY, NOBODY)
+        root = os.path.join(home, "root")
+        proc = subprocess.run(as_nobody([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", home,
+                                         "--platform", "linux/amd64", "--rootfs", root, reg.host + "/x/app:v1"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                              env=dict(os.environ, HOME=home, DOCKER_CONFIG=os.path.join(home, "no-docker")))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        ping = os.path.join(root, "bin", "ping")
+        self.assertEqual(os.listxattr(ping), ["user.note"])
+        warnings = [ln for ln in proc.stderr.decode().splitlines() if "extended attributes not kept" in ln]
+        self.assertEqual(len(warnings), 1, proc.stderr)
+        self.assertIn("security.capability on 1 file", warnings[0])
+
+    def test_owners_xattr_records_what_the_image_says(self):
+        """--owners=xattr as uid 65534: each entry's user.containers.override_stat is the image's owner,
+        mode and type (containers/storage's format); FIFOs and devices are empty files with theirs."""
+        if not (IS_ROOT and SETPRIV):
+            self.skipTest("needs root and setpriv to run as uid %d" % NOBODY)
+        reg = self.registry()
+        self.image(reg)
+        home = tempfile.mkdtemp(prefix="rp-nobody-")
+        self.addCleanup(shutil.rmtree, home, True)
+        os.chown(home, NOBODY, NOBODY)
+        root = os.path.join(home, "root")
+        proc = subprocess.run(as_nobody([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", home,
+                                         "--platform", "linux/amd64", "--owners", "xattr", "--rootfs", root,
+                                         reg.host + "/x/app:v1"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                              env=dict(os.environ, HOME=home, DOCKER_CONFIG=os.path.join(home, "no-docker")))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+        def record(*parts):
+            return os.getxattr(os.path.join(root, *parts), "user.containers.override_stat").decode()
+        self.assertEqual(record("bin", "ping"), "0:0:4755:file")
+        self.assertEqual(record("bin", "lib"), "1000:100:0644:file")
+        self.assertEqual(record("bin"), "0:0:0755:dir")
+        self.assertEqual(record("home", "u"), "1000:1000:2750:dir")
+        self.assertEqual(record("home"), "0:0:0755:dir")  # a parent the image never listed, as umoci makes it
+        self.assertEqual(record("dev", "null"), "0:0:0666:char-1-3")
+        self.assertEqual(record("run", "fifo"), "5:6:0620:pipe")
+        self.assertTrue(stat.S_ISREG(os.lstat(os.path.join(root, "dev", "null")).st_mode))
+        self.assertEqual(record(), "0:0:0755:dir")  # the root carries one: fuse-overlayfs reads them only then
+        self.assertEqual(os.lstat(os.path.join(root, "bin", "ping")).st_uid, NOBODY)
+        with self.assertRaises(OSError):
+            os.getxattr(os.path.join(root, "bin", "sh"), "user.containers.override_stat", follow_symlinks=False)
+
+    def test_a_huge_attribute_is_hostile(self):
+        reg = self.registry()
+        self.image(reg, [("f", tarfile.REGTYPE, 0o644, 0, 0, {"user.big": b"x" * 70000}, b"f")])
+        code, out, err = self.main(*self.cli_args("--rootfs", os.path.join(self.home, "r"), reg.host + "/x/app:v1"))
+        self.assertEqual(code, 5, err)
+        self.assertFalse(os.path.exists(os.path.join(self.home, "r")))
+
+
 # --------------------------------------------------------------------------- outputs
 
 
