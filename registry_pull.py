@@ -89,6 +89,7 @@ __all__ = [
     "export_oci_layout",
     "export_docker_archive",
     "export_files",
+    "export_tar",
     "extract_rootfs",
     "inspect",
     "inspect_raw",
@@ -4079,6 +4080,220 @@ def _copy_new(src_path: str, dir_fd: int, name: str) -> None:
         _unlink_at(dir_fd, tmp)
 
 
+# -- one flattened tar -------------------------------------------------------------------------
+
+
+class _Flattener:
+    """The image's final tree as one tar, streamed from the layers, the top one first: an entry
+    is written the first time its name is met (an upper layer's wins), unless an upper layer's
+    whiteout, opaque directory or non-directory above it hides it. What was met is kept in an
+    sqlite file, so memory does not grow with the entries; hard links to what a lower layer
+    holds are written at the end, once their target is."""
+
+    def __init__(self, out: Any) -> None:
+        import sqlite3
+
+        self.dir = tempfile.mkdtemp(prefix="registry_pull-tar-")
+        self.db = sqlite3.connect(os.path.join(self.dir, "names.db"), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode = OFF")
+        self.db.execute("PRAGMA synchronous = OFF")
+        self.db.execute("CREATE TABLE seen (name TEXT PRIMARY KEY, isdir INTEGER, layer INTEGER)")
+        self.db.execute("CREATE TABLE hidden (name TEXT PRIMARY KEY, children INTEGER, layer INTEGER)")
+        self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT)")
+        self.db.execute("CREATE TABLE dirs (name TEXT PRIMARY KEY, meta TEXT)")
+        self.db.execute("BEGIN")
+        self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
+        self.layer = 0
+        self.spilled: Dict[str, Any] = {}  # name -> its bytes on disk, or (the name it was written as,)
+
+    def close(self) -> None:
+        try:
+            self.db.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _seen(self, name: str) -> Optional[int]:
+        row = self.db.execute("SELECT isdir FROM seen WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def _visible(self, name: str) -> bool:
+        """Is a lower layer's ``name`` still in the tree the layers above made?"""
+        parts = name.split("/")
+        for i in range(1, len(parts) + 1):
+            here, below = "/".join(parts[:i]), i < len(parts)
+            row = self.db.execute("SELECT children FROM hidden WHERE name = ? AND layer < ?",
+                                  (here, self.layer)).fetchone()
+            if row is not None and (row[0] == 0 or below):
+                return False  # whited out (itself or a directory above it), or below an opaque directory
+            if below and self._seen(here) in (0, 2):
+                return False  # an upper layer put a file (or a link) where this has a directory
+        if not name:  # the root entry
+            return self._seen(".") is None
+        return True
+
+    def layer_entries(self, tar: tarfile.TarFile, name: str) -> None:
+        """One layer's entries (the layers come top first)."""
+        self.layer += 1
+        while True:
+            info = tar.next()
+            if info is None:
+                break
+            setattr(tar, "members", [])
+            rel = _clean_name(info.name, name)
+            head, _, base = rel.rpartition("/")
+            if base.startswith(_WHITEOUT):
+                if base == _OPAQUE:
+                    self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (head, self.layer))
+                elif not base.startswith(_WHITEOUT + _WHITEOUT):
+                    gone = (head + "/" if head else "") + base[len(_WHITEOUT):]
+                    self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 0, ?)", (gone, self.layer))
+                continue
+            key = rel or "."
+            if self._seen(key) is not None or not self._visible(rel):
+                if info.isreg():  # gone from the tree, but a later hard link of this layer may still be it
+                    self._spill(tar, info, key)
+                continue
+            self.db.execute("INSERT INTO seen VALUES (?, ?, ?)", (key, 1 if info.isdir() else 2 if info.issym() else 0,
+                                                                  self.layer))
+            # The name as the tree has it; of the PAX records only the extended attributes carry on.
+            info.name = key
+            info.pax_headers = dict((k, v) for k, v in info.pax_headers.items()
+                                    if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))
+            if info.islnk():
+                info.linkname = _clean_name(info.linkname, name)
+                kept = self.spilled.get(info.linkname)
+                if kept is not None:  # its target's name now holds something else: this is the inode's name
+                    self._unspill(info, kept)
+                    continue
+                if self._seen(info.linkname) is None:  # its target comes from a lower layer: written at the end
+                    meta = json.dumps([info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname])
+                    self.db.execute("INSERT INTO links (name, target, meta) VALUES (?, ?, ?)",
+                                    (key, info.linkname, meta))
+                    continue
+            if info.isdir():  # written last, after everything below it (tar -x then leaves its time alone)
+                self.db.execute("INSERT INTO dirs VALUES (?, ?)", (key, json.dumps(
+                    [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname, info.pax_headers])))
+            elif info.issym() or info.islnk() or info.ischr() or info.isblk() or info.isfifo():
+                self.tar.addfile(info)
+            else:
+                self.tar.addfile(info, tar.extractfile(info))
+        for kept in self.spilled.values():
+            if isinstance(kept, str):
+                _unlink(kept)
+        self.spilled = {}
+
+    def _spill(self, tar: tarfile.TarFile, info: tarfile.TarInfo, key: str) -> None:
+        """Keep a skipped file's bytes until the layer ends (on disk, not in memory)."""
+        fd, path = tempfile.mkstemp(dir=self.dir)
+        with os.fdopen(fd, "wb") as f:
+            src = tar.extractfile(info)
+            assert src is not None
+            shutil.copyfileobj(src, f, CHUNK)
+        self.spilled[key] = path
+
+    def _unspill(self, link: tarfile.TarInfo, kept: Any) -> None:
+        """A hard link to a file an upper layer replaced: the first becomes the file (that inode's
+        only name left), the others links to it."""
+        if isinstance(kept, tuple):  # already written under the first link's name
+            link.linkname = kept[0]
+            self.tar.addfile(link)
+            return
+        link.type, link.size = tarfile.REGTYPE, os.path.getsize(kept)
+        with open(kept, "rb") as f:
+            self.tar.addfile(link, f)
+        _unlink(kept)
+        self.spilled[link.linkname] = (link.name,)
+
+    def finish(self) -> None:
+        """The hard links left for the end, where their target was written; then the tar's end.
+        A layer that wrote below a lower layer's symbolic link (through it, in --rootfs) cannot be
+        flattened name by name: UnsupportedError rather than a tar whose tree differs."""
+        through = self.db.execute("SELECT a.name, b.name FROM seen a JOIN seen b ON b.name > a.name || '/'"
+                                  " AND b.name < a.name || '0' WHERE a.isdir = 2 AND b.layer < a.layer"
+                                  " LIMIT 1").fetchone()
+        if through is not None:
+            raise UnsupportedError("--tar cannot flatten this image yet: a layer writes %s through the symbolic "
+                                   "link %s of a lower one; --rootfs extracts it" % (through[1], through[0]))
+        for name, target, meta in self.db.execute("SELECT name, target, meta FROM links ORDER BY id").fetchall():
+            if self._seen(target) is None:
+                log.info("skipping hard link %s: its target %s is not in the image", name, target)
+                continue
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.LNKTYPE, target
+            info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname = json.loads(meta)
+            self.tar.addfile(info)
+        for name, meta in self.db.execute("SELECT name, meta FROM dirs ORDER BY name").fetchall():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname, info.pax_headers = json.loads(meta)
+            self.tar.addfile(info)
+        self.tar.close()
+
+
+def export_tar(result: PullResult, target: Any) -> str:
+    """The image's final tree as one tar (``--tar``), as ``docker export`` / ``crane export``
+    give it: whiteouts and opaque directories applied, hard links kept as links, owners, modes,
+    times and extended attributes (as ``SCHILY.xattr.*`` PAX records) as the image says them,
+    entries in a stable order (the top layer's first). ``target``: a path (written under a
+    temporary name, then renamed: whole or not at all), ``-`` for standard output, or a binary
+    file object. Every layer's uncompressed bytes are checked against the config's diff_ids."""
+    if result.artifact_type is not None:
+        raise UnsupportedError("%s is not a container image (%s): it has no tree to export"
+                               % (result.reference, _printable(result.artifact_type, 100)))
+    config = _loads_json(_read_blob(result.config.path), "config")
+    diff_ids = _dict_at(config, "rootfs").get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(result.layers):
+        raise IntegrityError("config of %s lists no diff_id for each layer" % result.reference)
+    if not _have_sqlite():
+        raise UnsupportedError("a flattened tar needs the sqlite3 module (to remember names without memory)")
+    tmp = None
+    if isinstance(target, str) and target != "-":
+        if os.path.lexists(target):
+            raise UsageError("the tar %s exists: refused" % target)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise StorageError("cannot write the tar %s: its directory does not exist" % target)
+        fd, tmp = _mkstemp(os.path.dirname(os.path.abspath(target)) or ".", prefix=".tmp-", suffix=".tar")
+        out: Any = os.fdopen(fd, "wb")
+    else:
+        out = sys.stdout.buffer if target == "-" else target
+    layers = list(reversed(result.layers))
+    stream: Any = _LayerStream(layers, [check_digest(d, "diff_id")[0] for d in reversed(diff_ids)])
+    flat = _Flattener(out)
+    try:
+        stream.start()
+        for layer, diff_id in zip(layers, reversed(diff_ids)):
+            try:
+                tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_LayerTarInfo)
+            except tarfile.ReadError as e:
+                if str(e) != "empty file":
+                    raise IntegrityError("layer %s is not a tar archive: %s" % (layer.digest, e)) from None
+            else:
+                try:
+                    flat.layer_entries(tar, layer.digest)
+                except (tarfile.TarError, EOFError) as e:
+                    raise IntegrityError("layer %s is not a valid tar archive: %s" % (layer.digest, e)) from None
+            actual = stream.finish()
+            if actual != diff_id:
+                raise IntegrityError("layer %s uncompressed to %s, but the config says %s (diff_id)"
+                                     % (layer.digest, actual, diff_id))
+        flat.finish()
+        out.flush()
+        if tmp is not None:
+            out.close()
+            os.link(tmp, target)
+            _unlink(tmp)
+    except OSError as e:
+        raise StorageError("cannot write the tar %s: %s" % (target, e.strerror or e)) from None
+    finally:
+        stream.stop.set()
+        flat.close()
+        if tmp is not None:
+            if not out.closed:
+                out.close()
+            _unlink(tmp)
+    return target if isinstance(target, str) else "(a file object)"
+
+
 def _check_archive_target(path: str, overwrite: bool = False) -> None:
     """Refuse, before anything is fetched, an archive path whose directory is missing or which
     exists (unless ``overwrite``): skopeo refuses it too, and a typo must not eat a file."""
@@ -5905,6 +6120,7 @@ def pull(
     timeout: Optional[float] = None,
     overwrite: bool = False,
     output: Optional[str] = None,
+    tar: Any = None,
     owners: Optional[str] = None,
     verify_keys: Optional[List[Union[str, bytes]]] = None,
     signed_identity: Optional[str] = None,
@@ -5938,6 +6154,8 @@ def pull(
       $REGISTRY_PULL_MIRRORS, comma- or space-separated).
     - ``timeout``: seconds the whole pull may take, else :class:`RegistryError`.
     - ``overwrite``: replace an existing ``docker_archive`` file (refused otherwise).
+    - ``tar``: the final tree as one tar (a path, ``-`` for standard output, or a binary file
+      object), streamed from the layers: see :func:`export_tar`.
     - ``owners``: the rootfs's ownership: "image" (root's default: the image's owners), "self"
       (a normal user's default: every file the caller's), or "xattr" (the image's owner, mode
       and type recorded in ``user.containers.override_stat``, as containers/storage writes it for
@@ -5978,6 +6196,8 @@ def pull(
         if output is not None:
             export_files(result, output)
             outputs.append(("output", os.path.abspath(output)))
+        if tar is not None:
+            outputs.append(("tar", export_tar(result, tar)))
     return dataclasses.replace(result, outputs=tuple(outputs))
 
 
@@ -6992,7 +7212,7 @@ _VERBS = {
 # The options that take a value (to find the verb among the arguments, options may come first).
 _VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--cert-dir", "--username", "--oci-layout",
            "--docker-archive", "--rootfs", "--timeout", "--progress", "--password", "-p", "--output",
-           "--verify-key", "--signed-identity", "--chunk-size", "--from-file", "--dest-prefix", "--owners"}
+           "--verify-key", "--signed-identity", "--chunk-size", "--from-file", "--dest-prefix", "--owners", "--tar"}
 
 
 class _Formatter(logging.Formatter):
@@ -7063,6 +7283,8 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
                    "an existing FILE is refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="let --docker-archive replace an existing FILE")
     p.add_argument("--rootfs", metavar="DIR", help="also extract the layers into DIR (must not exist or be empty)")
+    p.add_argument("--tar", metavar="FILE", help="also write the final tree as one tar (- for standard output), "
+                   "as docker export does: whiteouts applied, owners, modes and xattrs as the image says")
     p.add_argument("--owners", choices=_OWNERS, help="the rootfs's owners: image (root's default), self (a normal "
                    "user's default), xattr (recorded in user.containers.override_stat for fuse-overlayfs)")
     p.add_argument("--offline", action="store_true", help="answer from the store alone, sending nothing (a tag "
@@ -7312,9 +7534,11 @@ def _cmd_pull(args: Any) -> int:
             sys.stderr.write("".join(_printable("registry_pull: " + ln, 2000) + "\n" for ln in lines))
         return 0
     keys = _read_keys(args)
+    if args.tar == "-" and args.json:
+        raise UsageError("--tar - writes the tar on standard output: not with --json")
     result = pull(ref, platform=platforms[0] if platforms else None, docker_archive=args.docker_archive,
                   rootfs=args.rootfs, mirrors=args.mirror, overwrite=args.overwrite, output=args.output,
-                  owners=args.owners,
+                  owners=args.owners, tar=args.tar,
                   verify_keys=keys or None, signed_identity=args.signed_identity, referrers=args.referrers,
                   offline=args.offline, **kw)
     if args.json:

@@ -6277,6 +6277,71 @@ class XattrTests(Base):
         self.assertFalse(os.path.exists(os.path.join(self.home, "r")))
 
 
+# ROOTFS_LAYERS without the write through a lower layer's symlink (lib/libfoo.so), plus a hard link
+# in an upper layer to a lower layer's file, and a directory replaced by a file.
+FLAT_LAYERS = [ROOTFS_LAYERS[0] + [("d", "dir", None, 0o755), ("d/in", "file", b"gone", 0o644)],
+               [e for e in ROOTFS_LAYERS[1] if e[0] != "lib/libfoo.so"] + [("a/up-link", "link", "owned", 0o640),
+                                                                           ("d", "file", b"now a file", 0o600)],
+               ROOTFS_LAYERS[2]]
+
+
+class FlatTarTests(Base):
+    """--tar: the final tree as one tar, streamed from the layers."""
+
+    def extract(self, tar_path):
+        out = tempfile.mkdtemp(prefix="rp-flat-")
+        self.addCleanup(shutil.rmtree, out, True)
+        proc = subprocess.run(["tar", "-xpPf", tar_path, "-C", out, "--numeric-owner", "--xattrs",
+                               "--xattrs-include=*"], stderr=subprocess.PIPE)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return out
+
+    def test_the_tar_gives_the_rootfs_tree(self):
+        if not IS_ROOT or not shutil.which("tar"):
+            self.skipTest("needs root (owners) and GNU tar")
+        reg = self.registry()
+        reg.push("flat/app", "v1", layered_image(*FLAT_LAYERS))
+        root, flat = os.path.join(self.home, "root"), os.path.join(self.home, "flat.tar")
+        self.pull(reg, "flat/app:v1", rootfs=root, tar=flat)
+        self.assertEqual(tree(self.extract(flat)), tree(root))
+        with tarfile.open(flat) as tar:
+            names = tar.getnames()
+        self.assertEqual(len(names), len(set(names)))  # each name once
+        self.assertFalse([n for n in names if ".wh." in n])
+        again = os.path.join(self.home, "again.tar")
+        self.pull(reg, "flat/app:v1", tar=again)
+        with open(flat, "rb") as a, open(again, "rb") as b:
+            self.assertEqual(a.read(), b.read())  # a stable order: the same bytes each time
+        code, out, err = self.main(*self.cli_args("--tar", flat, reg.host + "/flat/app:v1"))
+        self.assertEqual(code, 2, err)  # an existing file is refused
+
+    def test_xattrs_and_owners_travel_in_pax_records(self):
+        if not shutil.which("tar"):
+            self.skipTest("needs GNU tar")
+        reg = self.registry()
+        reg.push("x/app", "v1", Image(layers=[xattr_layer(XATTR_ENTRIES)]))
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "registry_pull.py"), *self.cli_args(
+            "-q", "--tar", "-", reg.host + "/x/app:v1")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:  # nothing but the tar on standard output
+            ping = tar.getmember("bin/ping")
+            lib = tar.getmember("bin/lib")
+            self.assertEqual(ping.pax_headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape"),
+                             CAP_NET_RAW)
+            self.assertEqual((lib.uid, lib.gid, ping.mode), (1000, 100, 0o4755))
+            self.assertTrue(tar.getmember("dev/null").ischr())
+            self.assertTrue(tar.getmember("bin/ping6").islnk())
+
+    def test_a_write_through_a_lower_symlink_is_refused_not_flattened_wrong(self):
+        reg = self.registry()
+        reg.push("flat/app", "v1", layered_image(*ROOTFS_LAYERS))
+        flat = os.path.join(self.home, "flat.tar")
+        code, out, err = self.main(*self.cli_args("--tar", flat, reg.host + "/flat/app:v1"))
+        self.assertEqual(code, 1, err)
+        self.assertIn("symbolic link", err)
+        self.assertFalse(os.path.exists(flat))
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -7545,6 +7610,16 @@ class RealImageTests(TreeAssertions, Base):
         theirs = self.umoci_tree(layout, tag, os.path.join(self.home, "bundle"))
         self.check_reference(driver, theirs[0], theirs[1], owners=True)
         self.assertSameTree(tree(ours), theirs)
+        # One flattened tar of the same image: GNU tar -x of it gives umoci's tree as well.
+        flat = os.path.join(self.home, "flat.tar")
+        rp.pull("%s/real/%s:%s" % (reg.host, driver, tag), home=self.home, tar=flat)
+        unpacked = os.path.join(self.home, "from-tar")
+        os.makedirs(unpacked)
+        # -P: GNU tar otherwise makes absolute symlinks last, after their directory's time was set.
+        proc = subprocess.run(["tar", "-xpPf", flat, "-C", unpacked, "--numeric-owner", "--xattrs",
+                               "--xattrs-include=*"], stderr=subprocess.PIPE)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertSameTree(tree(unpacked), theirs)
 
     def compare_unprivileged(self, driver):
         """registry_pull and umoci --rootless, each run as nobody; all but ownership must agree."""
