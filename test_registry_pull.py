@@ -6268,6 +6268,60 @@ class XattrTests(Base):
         self.assertEqual(os.lstat(os.path.join(root, "bin", "ping")).st_uid, NOBODY)
         with self.assertRaises(OSError):
             os.getxattr(os.path.join(root, "bin", "sh"), "user.containers.override_stat", follow_symlinks=False)
+        # fuse-overlayfs over that tree shows the image's owners and modes (xattr_permissions=2 reads
+        # user.containers.override_stat), as a micro-VM's virtio-fs would.
+        fuse = shutil.which("fuse-overlayfs")
+        if not (fuse and os.path.exists("/dev/fuse")):
+            return
+        work = tempfile.mkdtemp(prefix="rp-fuse-")
+        self.addCleanup(shutil.rmtree, work, True)
+        for d in ("upper", "work", "mnt"):
+            os.mkdir(os.path.join(work, d))
+        mnt = os.path.join(work, "mnt")
+        proc = subprocess.run([fuse, "-o", "lowerdir=%s,upperdir=%s/upper,workdir=%s/work,xattr_permissions=2"
+                               % (root, work, work), mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        if proc.returncode != 0:
+            return  # no FUSE in this sandbox: the records above are what it would read
+        self.addCleanup(subprocess.call, ["fusermount", "-u", mnt], stderr=subprocess.DEVNULL)
+        self.addCleanup(subprocess.call, ["umount", mnt], stderr=subprocess.DEVNULL)
+        for parts, (uid, gid, mode) in ((("bin", "ping"), (0, 0, 0o4755)), (("bin", "lib"), (1000, 100, 0o644)),
+                                        (("home", "u"), (1000, 1000, 0o2750)), ((), (0, 0, 0o755))):
+            st = os.lstat(os.path.join(mnt, *parts))
+            self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (uid, gid, mode), parts)
+
+    def test_as_root_the_same_attributes_as_umoci(self):
+        """The attributes of --rootfs and of umoci unpack of the same image, entry by entry (both keep
+        security.capability and user.*, neither trusted.overlay.* or security.selinux; umoci reads no
+        LIBARCHIVE.xattr.* record)."""
+        if not (IS_ROOT and UMOCI):
+            self.skipTest("needs root and umoci")
+        reg = self.registry()
+        img = self.image(reg)
+        root = os.path.join(self.home, "root")
+        self.pull(reg, "x/app:v1", rootfs=root)
+        layout = os.path.join(self.home, "layout")
+        write_oci_layout(layout, "v1", [img])
+        bundle = os.path.join(self.home, "bundle")
+        proc = subprocess.run([UMOCI, "unpack", "--image", layout + ":v1", bundle], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+        def attrs(top):
+            found = {}
+            for dirpath, dirnames, filenames in os.walk(top):
+                for name in dirnames + filenames:
+                    path = os.path.join(dirpath, name)
+                    if os.path.islink(path):
+                        continue
+                    names = sorted(os.listxattr(path, follow_symlinks=False))
+                    found[os.path.relpath(path, top)] = dict((n, os.getxattr(path, n, follow_symlinks=False))
+                                                             for n in names)
+            return found
+        ours, theirs = attrs(root), attrs(os.path.join(bundle, "rootfs"))
+        # Where umoci differs: Go's archive/tar reads SCHILY.xattr.* only, not libarchive's records.
+        self.assertEqual(ours["bin/lib"].pop("user.from libarchive"), b"\x00\xffbin")
+        self.assertEqual(ours, theirs)
+        self.assertEqual(ours["bin/ping"]["security.capability"], CAP_NET_RAW)
 
     def test_a_huge_attribute_is_hostile(self):
         reg = self.registry()
