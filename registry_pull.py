@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import platform as _platform_mod
+import posixpath
 import queue
 import random
 import re
@@ -2169,7 +2170,16 @@ class _Repository:
         session = session or self.start_upload()
         assert session is not None
         if size <= chunk_size:
-            self._finish(session, digest, path, size)
+            for cut in range(RETRIES + 1):  # a cut PUT: the registry drops the session (2.8: 404), so anew
+                try:
+                    self._finish(session, digest, path, size, retries=cut == RETRIES)
+                    return "uploaded"
+                except RegistryError as e:
+                    if cut == RETRIES:
+                        raise
+                    log.warning("upload of %s cut (%s); starting again", digest, e)
+                    session = self.start_upload()
+                    assert session is not None
             return "uploaded"
         offset, cuts = 0, 0
         while offset < size:
@@ -2207,20 +2217,25 @@ class _Repository:
         resp = self._push("GET", session)
         resp.excerpt()
         kept = re.fullmatch(r"(?:bytes=)?0-(\d+)", resp.header("Range").strip())
-        if resp.status == 204 and kept:
+        # "0-0" is what Distribution answers for an empty upload as for a one-byte one: start again.
+        if resp.status == 204 and kept and int(kept.group(1)) > 0:
             log.warning("upload cut (%s); resuming at %d", why, int(kept.group(1)) + 1)
-            return session, int(kept.group(1)) + 1
+            location = resp.header("Location")
+            return (self._session_path(location, session) if location else session), int(kept.group(1)) + 1
         log.warning("upload cut (%s) and the registry kept nothing (%d); starting again", why, resp.status)
         fresh = self.start_upload()
         assert fresh is not None
         return fresh, 0
 
-    def _finish(self, session: str, digest: str, blob: str, size: int) -> None:
+    def _finish(self, session: str, digest: str, blob: str, size: int, retries: bool = True) -> None:
         """Close the upload with a PUT carrying the last ``size`` bytes of ``blob`` (all of it, or none)."""
         path = session + ("&" if "?" in session else "?") + "digest=" + digest  # ALGO:HEX, safe in a query
         start = os.stat(blob).st_size - size
         resp = self._push("PUT", path, {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                          (lambda: _FileSlice(blob, start, size)) if size else b"")
+                          (lambda: _FileSlice(blob, start, size)) if size else b"", retries=retries)
+        if resp.status == 404 and size and not retries:
+            resp.excerpt()
+            raise RegistryError("%s lost the upload of %s (404)" % (self.client.endpoint, digest))
         code, msg = _registry_error(resp.excerpt())
         if resp.status not in (201, 204):
             raise RegistryError("%s refused blob %s (%d %s)" % (self.client.endpoint, digest, resp.status, msg or code))
@@ -2357,11 +2372,14 @@ class _LayoutRepository:
 
     def _read(self, name: str, dir_fd: int, limit: int) -> bytes:
         try:
-            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
         except FileNotFoundError:
             raise NotFound("%s: %s is missing" % (self.name, name)) from None
         except OSError as e:
             raise IntegrityError("%s: %s cannot be opened (%s): refused" % (self.name, name, e.strerror or e)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IntegrityError("%s: %s is not a regular file: refused" % (self.name, name))
         with os.fdopen(fd, "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
@@ -2460,8 +2478,13 @@ class _ArchiveRepository:
             self.tar = tarfile.open(path, mode="r:")
         except (OSError, tarfile.TarError) as e:
             raise NotFound("%s cannot be read as a tar: %s" % (self.name, getattr(e, "strerror", None) or e)) from None
-        self.members = dict((m.name.lstrip("./"), m) for m in self.tar.getmembers())
-        entries = json.loads(self._bytes("manifest.json", MAX_MANIFEST_BYTES).decode("utf-8"))
+        self.members = dict((_archive_name(m.name), m) for m in self.tar.getmembers())
+        try:
+            entries = json.loads(self._bytes("manifest.json", MAX_MANIFEST_BYTES).decode("utf-8"))
+        except RecursionError:
+            raise IntegrityError("%s: manifest.json is nested too deeply: refused" % self.name) from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise IntegrityError("%s: manifest.json is not valid JSON: %s" % (self.name, str(e)[:100])) from None
         if not isinstance(entries, list) or not entries:
             raise IntegrityError("%s: manifest.json lists no image" % self.name)
         if wanted is None and len(entries) > 1:
@@ -2485,7 +2508,7 @@ class _ArchiveRepository:
     def _member(self, name: str) -> tarfile.TarInfo:
         """The regular file ``name`` names, following symlinks and hard links inside the archive only."""
         for _ in range(40):
-            member = self.members.get(name.lstrip("./"))
+            member = self.members.get(_archive_name(name))
             if member is None:
                 raise IntegrityError("%s: %r is not in the archive" % (self.name, _printable(name, 200)))
             if member.isfile():
@@ -2560,6 +2583,13 @@ def _same_tag(wanted: str, tags: List[Any]) -> bool:
         except PullError:
             continue
     return False
+
+
+def _archive_name(name: str) -> str:
+    """A member name as the archive means it: normalised, without a leading ./ (names that climb
+    out of the archive keep their .. and so match nothing)."""
+    name = posixpath.normpath(name)
+    return name[2:] if name.startswith("./") else name
 
 
 class _TarAnswer:
@@ -6016,6 +6046,7 @@ class _Session:
             raise UsageError("timeout must be a positive number of seconds, not %r" % (timeout,))
         self.insecure, self.ca_file, self.cert_dir = insecure, ca_file, cert_dir
         self.username, self.password = username, password
+        self.for_registry: Optional[str] = None  # the one registry --username and --cert-dir are for
         self.cancel, self.timeout = cancel, timeout
         self.deadline = time.monotonic() + timeout if timeout else None
         path = home or default_home()
@@ -6053,10 +6084,12 @@ class _Session:
             (self.deadline is not None and time.monotonic() >= self.deadline)
 
     def credentials(self, ref: Reference) -> Optional[Credentials]:
-        """The caller's credentials if given, else those of the Podman/Docker files."""
+        """The caller's credentials if given (for ``for_registry`` alone, when it is set: they are
+        never sent to another registry of the same command), else those of the Podman/Docker files."""
         if isinstance(ref, (_LayoutReference, _ArchiveReference)):
             return None
-        if self.username is not None or self.password is not None:
+        given = self.username is not None or self.password is not None
+        if given and (self.for_registry is None or ref.registry == self.for_registry):
             return Credentials(self.username or "", self.password or "", source="arguments")
         return find_credentials(ref.registry, repository=ref.repository)
 
@@ -6070,8 +6103,9 @@ class _Session:
         if client is not None:
             client.cancel = self.attempt()
             return client
+        mine = self.for_registry is None or ref.registry == self.for_registry
         client = _Client(ref.registry, insecure=self.insecure, ca_file=self.ca_file, cancel=self.attempt(),
-                         credentials=creds, pool=self.pool, cert_dir=self.cert_dir)
+                         credentials=creds, pool=self.pool, cert_dir=self.cert_dir if mine else None)
         if self.store is not None:
             client.remembered(self.store.host(client.endpoint))
         self.clients[key] = client
@@ -6217,6 +6251,10 @@ def pull_many(references: List[Any], *, home: Optional[str] = None, platform: An
     refs = [_reference(r) for r in references]
     if not refs:
         raise UsageError("no reference to pull")
+    registries = set(r.registry for r in refs if not isinstance(r, (_LayoutReference, _ArchiveReference)))
+    if len(registries) > 1 and (username is not None or password is not None or cert_dir is not None):
+        raise UsageError("--username and --cert-dir are for one registry, and these references name %d: %s"
+                         % (len(registries), ", ".join(sorted(registries))))
     if oci_layout is not None and _split_layout_arg(oci_layout, "-")[1] != "-":
         raise UsageError("with several references the layout is a DIR (each image is named by its reference), "
                          "not DIR:NAME")
@@ -6415,8 +6453,7 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
     results: List[PullResult] = []
     with store.shared(session.attempt()):
         with session:
-            client = session.client(ref)
-            repo = _Repository(client, ref.repository)
+            repo = session.repository(ref)
             top_digest, top_data, top = _fetch_manifest(repo, store, ref, ref.ref, set())
             if not top.is_index:
                 raise UsageError("%s is a single image, not an index: several platforms need an index" % ref)
@@ -6435,7 +6472,7 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
                     for d in entries:
                         if not (_is_attestation(d) or d.media_type in INDEX_TYPES):
                             check.require("%s (%s)" % (ref, d.platform or d.digest), [top_digest, d.digest])
-            _pull_entries(client, store, ref, (top_digest, top), entries, jobs, progress, results, blobs, 1)
+            _pull_entries(repo, store, ref, (top_digest, top), entries, jobs, progress, results, blobs, 1)
         index_digest, index_data = top_digest, top_data
         if wants is not None:
             raw_entries = top.doc.get("manifests") or []
@@ -6452,25 +6489,26 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
     return index_digest, results
 
 
-def _pull_entries(client: _Client, store: _Store, ref: Reference, index: Tuple[str, Manifest],
+def _pull_entries(repo: Any, store: _Store, ref: Reference, index: Tuple[str, Manifest],
                   entries: List[Descriptor], jobs: int, progress: Any, results: List[PullResult], blobs: List[str],
                   depth: int) -> None:
     """Each entry of an index by its own digest (two entries for one platform, e.g. gzip and
-    zstd variants, are both pulled): images into ``results``, every blob (nested indexes,
-    attestations) into ``blobs``."""
-    repo = _Repository(client, ref.repository)
+    zstd variants, are both pulled) from ``repo`` (a registry's, or a local source): images into
+    ``results``, every blob (nested indexes, attestations) into ``blobs``."""
     for d in entries:
         if d.media_type in INDEX_TYPES:
             if depth >= 4:
                 raise IntegrityError("%s: indexes nested more than 4 deep" % ref)
             digest, _, nested = _fetch_manifest(repo, store, ref, d.digest, set())
             blobs.append(store.path(digest))
-            _pull_entries(client, store, ref, index, list(nested.manifests), jobs, progress, results, blobs,
+            _pull_entries(repo, store, ref, index, list(nested.manifests), jobs, progress, results, blobs,
                           depth + 1)
         elif _is_attestation(d) or d.platform is None or d.platform.architecture in ("", "unknown"):
             blobs += _fetch_artifact(repo, store, ref, d, progress)
         else:
-            res = _Puller(client, store, ref, d.platform, jobs, progress, start=(d.digest, index)).run()
+            puller = _Puller(repo.client, store, ref, d.platform, jobs, progress, start=(d.digest, index))
+            puller.repo = repo
+            res = puller.run()
             results.append(res)
             blobs += res.blob_paths()
 
@@ -6742,8 +6780,9 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
     src_ref, dst_ref = _reference(_strip_transport(src)), _reference(_strip_transport(dst))
     if not isinstance(chunk_size, int) or chunk_size < 1024:
         raise UsageError("chunk size must be at least 1024 bytes, not %r" % (chunk_size,))
-    kw = dict(home=home, jobs=jobs, progress=progress, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir,
-              cancel=cancel, timeout=timeout)
+    # --cert-dir, like --username, is the destination's: the source uses the certs.d lookup.
+    kw = dict(home=home, jobs=jobs, progress=progress, insecure=insecure, ca_file=ca_file,
+              cert_dir=None if src_ref.registry != dst_ref.registry else cert_dir, cancel=cancel, timeout=timeout)
     if isinstance(dst_ref, (_LayoutReference, _ArchiveReference)):  # a file on this machine: a pull's output
         local = str(dst_ref)[len("oci:"):] if isinstance(dst_ref, _LayoutReference) else None
         archive = dst_ref.registry[len("docker-archive:"):] if isinstance(dst_ref, _ArchiveReference) else None
@@ -6762,13 +6801,19 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
         pulled = pull(src_ref, platform=platform, referrers=referrers, **kw)
         top = pulled.manifest_digest
     named = re.search(r"[:@][^/]*$", str(_strip_transport(dst)) if not isinstance(dst, Reference) else str(dst))
-    src_tag = src_ref.tag if not isinstance(src_ref, _LayoutReference) else None
+    src_tag = src_ref.tag if not isinstance(src_ref, (_LayoutReference, _ArchiveReference)) else None
+    if isinstance(src_ref, _ArchiveReference) and src_ref.tag:  # REF of docker-archive:FILE:REF
+        try:
+            src_tag = parse_reference(src_ref.tag).tag
+        except PullError:
+            src_tag = None
     tag = (dst_ref.tag if named else None) or src_tag or dst_ref.tag or "latest"
     done: Dict[str, List[str]] = {"uploaded": [], "mounted": [], "skipped": []}
     same = not isinstance(src_ref, _LayoutReference) and src_ref.registry == dst_ref.registry \
         and src_ref.repository != dst_ref.repository
     with _Session(home, insecure=insecure, ca_file=ca_file, cert_dir=cert_dir, username=username,
                   password=password, cancel=cancel, timeout=timeout) as session:
+        session.for_registry = dst_ref.registry
         repo = session.repository(dst_ref)
         store = session.stored()
         mount = src_ref.repository if same else None
@@ -6797,9 +6842,21 @@ def _push_referrers(store: _Store, repo: _Repository, reference: str, mount_from
                 entry["artifactType"] = artifact_type
             by_subject.setdefault(subject, []).append(entry)
     for subject, entries in by_subject.items():
-        if repo.referrers(subject) is None:  # no API: the tag schema
-            index = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": entries}).encode()
-            repo.put_manifest(subject.replace(":", "-"), MT_OCI_INDEX, index)
+        if repo.referrers(subject) is None:  # no API: the tag schema, what is there kept (the spec's GET, add, PUT)
+            tag = subject.replace(":", "-")
+            try:
+                _, data, content_type = repo.manifest(tag, accept=MT_OCI_INDEX, what="%s:%s" % (repo.name, tag))
+                old = parse_manifest(data, content_type, "referrers index %s" % tag)
+                if not old.is_index:
+                    raise IntegrityError("%s:%s is not a referrers index: left alone" % (repo.name, tag))
+                kept = [e for e in _list_at(old.doc, "manifests") if isinstance(e, dict)]
+            except NotFound:
+                kept = []
+            known = set(e.get("digest") for e in kept)
+            merged = kept + [e for e in entries if e["digest"] not in known]
+            if len(merged) != len(kept):
+                index = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": merged}).encode()
+                repo.put_manifest(tag, MT_OCI_INDEX, index)
     return [r[1] for r in rows]
 
 
@@ -7605,6 +7662,10 @@ def _cmd_copy(args: Any) -> int:
     platforms = args.platform or []
     every = args.all or platforms == ["all"]
     pairs = _copy_pairs(args)
+    hosts = set(_reference(_strip_transport(dst)).registry for _, dst in pairs)
+    if len(hosts) > 1 and (args.username or args.cert_dir):
+        raise UsageError("--username and --cert-dir are for one registry, and these destinations name %d: %s"
+                         % (len(hosts), ", ".join(sorted(hosts))))
     codes, docs = [], []
     for src, dst in pairs:
         try:

@@ -838,6 +838,83 @@ def make_ca(directory, critical=True):
     return os.path.join(directory, "ca.pem"), os.path.join(directory, "server.pem"), os.path.join(directory, "server.key")
 
 
+class CuttingRelay:
+    """A TCP relay on 127.0.0.1 in front of ``upstream`` (host:port) that cuts one request's body:
+    the first whose request line ``which(line)`` accepts gets its headers and half its body
+    forwarded, then both connections are closed, as a lost link would. Stopped at cleanup."""
+
+    def __init__(self, case, upstream, which):
+        self.upstream, self.which, self.lines, self.cut = upstream, which, [], False
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(32)
+        self.sock.settimeout(0.2)
+        self.host = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        case.addCleanup(self.stop.set)
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while not self.stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+        self.sock.close()
+
+    def serve(self, client):
+        host, port = self.upstream.split(":")
+        up = socket.create_connection((host, int(port)), timeout=30)
+        client.settimeout(30)
+
+        def back():
+            try:
+                for data in iter(lambda: up.recv(65536), b""):
+                    client.sendall(data)
+            except OSError:
+                pass
+            for s in (client, up):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        threading.Thread(target=back, daemon=True).start()
+        buf = b""
+        try:
+            while not self.stop.is_set():
+                while b"\r\n\r\n" not in buf:
+                    data = client.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                line = head.split(b"\r\n")[0].decode("latin-1")
+                self.lines.append(line)
+                length = next((int(v) for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])
+                               if k.strip().lower() == b"content-length"), 0)
+                cut = not self.cut and self.which(line) and length > 1
+                self.cut = self.cut or cut
+                up.sendall(head + b"\r\n\r\n")
+                left = length // 2 if cut else length
+                while left:
+                    if not buf:
+                        buf = client.recv(min(65536, left))
+                        if not buf:
+                            return
+                    part, buf = buf[:left], buf[left:]
+                    up.sendall(part)
+                    left -= len(part)
+                if cut:
+                    time.sleep(0.3)  # what was sent reaches the registry, then the link is gone
+                    return
+        except OSError:
+            pass
+        finally:
+            client.close()
+            up.close()
+
+
 class Distribution:
     """The real CNCF Distribution registry on 127.0.0.1, with a generated config."""
 
@@ -6951,6 +7028,46 @@ class ManyImagesTests(Base):
         self.assertEqual(code, 2, err)  # DIR:NAME with several references
 
 
+class CommandScopeTests(Base):
+    """What one command's options are for: --username and --cert-dir name one registry."""
+
+    def test_credentials_for_one_registry_only(self):
+        a, b = self.registry(), self.registry()
+        code, out, err = self.main("--home", self.home, "pull", "--username", "alice", "--password-stdin",
+                                   a.host + "/x/y:v1", b.host + "/x/y:v1")
+        self.assertEqual(code, 2, err)
+        self.assertIn("one registry", err)
+        self.assertEqual(a.log + b.log, [])
+
+    def test_copy_keeps_the_destinations_referrers_index(self):
+        a, b = self.registry(), self.registry()
+        img = a.push("ref/app", "v1", Image())
+        subject = {"mediaType": rp.MT_OCI_MANIFEST, "digest": img.digest, "size": len(img.manifest)}
+        ours = push_artifact(a, "ref/app", None, Artifact({"sbom.json": b"{}"}, subject=subject,
+                                                           artifact_type="application/spdx+json"))
+        tag = img.digest.replace(":", "-")
+        a.manifests[("ref/app", tag)] = (rp.MT_OCI_INDEX, json.dumps(
+            {"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX, "manifests": [ours.descriptor()]}).encode())
+        theirs = push_artifact(b, "dst/app", None, Artifact({"bundle.json": b"{}"}, subject=subject,
+                                                             artifact_type=rp.MT_SIGSTORE_BUNDLE)).descriptor()
+        b.manifests[("dst/app", tag)] = (rp.MT_OCI_INDEX, json.dumps(
+            {"schemaVersion": 2, "mediaType": rp.MT_OCI_INDEX, "manifests": [theirs]}).encode())
+        rp.copy(a.host + "/ref/app:v1", b.host + "/dst/app:v1", home=self.home, platform="linux/amd64",
+                referrers=True)
+        merged = json.loads(b.manifests[("dst/app", tag)][1])["manifests"]
+        self.assertEqual(sorted(e["digest"] for e in merged), sorted([theirs["digest"], ours.digest]))
+
+    def test_several_platforms_from_a_layout(self):
+        reg = self.registry()
+        images = [Image("amd64"), Image("arm64", "v8")]
+        reg.push_index("lay/app", "v1", images, attestations=False)
+        layout = os.path.join(self.home, "layout")
+        self.assertEqual(self.main("--home", self.home, "--platform", "all", "--oci-layout", layout + ":v1",
+                                   reg.host + "/lay/app:v1")[0], 0)
+        index, results = rp.pull_platforms("oci:%s:v1" % layout, "all", home=os.path.join(self.home, "other"))
+        self.assertEqual(sorted(r.manifest_digest for r in results), sorted(i.digest for i in images))
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -7848,6 +7965,35 @@ if __name__ == "__main__":
 
 
 @unittest.skipUnless(REGISTRY_BIN and SKOPEO, NEED_REAL)
+class CutUploadDistributionTests(Base):
+    """A cut in the middle of an upload to the real Distribution 2.8 (which keeps nothing of a cut
+    body: 404 on the session, or a "0-0" range): the blob starts again, the digest is right."""
+
+    def cut_copy(self, which, chunk_size):
+        if not REGISTRY_BIN:
+            self.skipTest("docker-registry is needed")
+        dist = Distribution(self)
+        relay = CuttingRelay(self, dist.host, which)
+        img = Image(layers=[make_layer({"big": os.urandom(300000)}), make_layer({"s": b"small"})])
+        layout = os.path.join(self.home, "layout")
+        write_oci_layout(layout, "v1", [img])
+        res = rp.copy("oci:%s:v1" % layout, relay.host + "/cut/app:v1", home=self.home, chunk_size=chunk_size,
+                      jobs=1)
+        self.assertTrue(relay.cut, relay.lines)
+        self.assertEqual(res["digest"], img.digest)
+        pulled = rp.pull(dist.host + "/cut/app:v1", home=os.path.join(self.home, "again"), platform="linux/amd64")
+        self.assertEqual([x.digest for x in pulled.layers], [sha256(b) for b in img.layers])
+        return relay
+
+    def test_a_cut_monolithic_put_starts_again(self):
+        relay = self.cut_copy(lambda line: line.startswith("PUT") and "digest=" in line, rp.CHUNK_SIZE)
+        self.assertGreaterEqual(len([ln for ln in relay.lines if ln.startswith("POST")]), 3)
+
+    def test_a_cut_first_chunk_starts_again(self):
+        relay = self.cut_copy(lambda line: line.startswith("PATCH"), 65536)
+        self.assertTrue([ln for ln in relay.lines if ln.startswith("GET") and "/uploads/" in ln], relay.lines)
+
+
 class CopyReferrersTests(Base):
     def test_referrers_go_along_into_a_registry_without_the_api(self):
         """copy --referrers into Distribution 2.8 (no referrers API): the signature and the SBOM go
