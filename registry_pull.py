@@ -5045,9 +5045,7 @@ class _Unpacker:
                         offset += len(chunk)
                         length -= len(chunk)
                 os.ftruncate(out, info.size)
-            # Owner and mode first: chown clears security.capability (and set-id bits), as the kernel does.
-            self._meta_fd(out, (info.mode & 0o7777, info.uid, info.gid, info.mtime))
-            self._set_xattrs(out, self._xattrs(info, "file"))
+            self._meta_fd(out, (info.mode & 0o7777, info.uid, info.gid, info.mtime), self._xattrs(info, "file"))
         finally:
             os.close(out)
         if info.mode & 0o6000:
@@ -5108,8 +5106,7 @@ class _Unpacker:
         """An empty regular file standing for a FIFO or device node, its record in the xattr."""
         out = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=fd)
         try:
-            self._meta_fd(out, (info.mode & 0o777, info.uid, info.gid, info.mtime))
-            self._set_xattrs(out, self._xattrs(info, kind))
+            self._meta_fd(out, (info.mode & 0o777, info.uid, info.gid, info.mtime), self._xattrs(info, kind))
         finally:
             os.close(out)
 
@@ -5149,13 +5146,18 @@ class _Unpacker:
         except (NotImplementedError, OSError):
             pass
 
-    def _meta_fd(self, fd: int, meta: Tuple[int, int, int, Optional[float]]) -> None:
+    def _meta_fd(self, fd: int, meta: Tuple[int, int, int, Optional[float]],
+                 xattrs: Optional[Dict[str, bytes]] = None) -> None:
+        """Owner, extended attributes, mode, times, in that order: chown clears set-id bits and
+        security.capability, and a normal user may set user.* only while the mode lets them write."""
         mode, uid, gid, mtime = meta
         if self.owner:
             try:
-                os.fchown(fd, uid, gid)  # before the mode: chown clears set-id bits
+                os.fchown(fd, uid, gid)
             except OSError:
                 pass
+        if xattrs:
+            self._set_xattrs(fd, xattrs)
         os.fchmod(fd, mode)
         if mtime is not None and os.utime in os.supports_fd:
             try:
@@ -5179,8 +5181,7 @@ class _Unpacker:
                 try:
                     rel = "/".join(parts)
                     if rel in self.dirs:
-                        self._meta_fd(fd, self.dirs[rel])
-                        self._set_xattrs(fd, self.dir_xattrs.get(rel) or (
+                        self._meta_fd(fd, self.dirs[rel], self.dir_xattrs.get(rel) or (
                             {_OVERRIDE_XATTR: _override_stat(0, 0, 0o755, "dir")} if self.record else {}))
                 finally:
                     os.close(fd)

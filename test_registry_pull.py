@@ -7833,6 +7833,28 @@ class RealImageTests(TreeAssertions, Base):
         self.assertSameTree(tree(ours, owners=False), theirs)
         st = os.lstat(os.path.join(ours, "suid"))
         self.assertEqual((st.st_uid, st.st_gid), (NOBODY, NOBODY))  # not root: nothing chowned
+        # --owners=xattr as nobody: each entry's record is what umoci as root gives the same entry.
+        recorded = os.path.join(work, "recorded")
+        proc = subprocess.run(as_nobody + [python, script, "-q", "--home", os.path.join(work, "home"),
+                                           "--owners", "xattr", "--rootfs", recorded,
+                                           "%s/real/%s:%s" % (reg.host, driver, tag)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120)
+        self.assertEqual(proc.returncode, 0, "--owners=xattr as nobody: %s" % proc.stderr.decode(errors="replace"))
+        as_root = self.umoci_tree(layout, tag, os.path.join(self.home, "root-bundle"))[0]
+        kinds = {"file": "file", "dir": "dir", "fifo": "pipe", "socket": "socket"}
+        checked = 0
+        for rel, entry in as_root.items():
+            path = os.path.join(recorded, rel)
+            if entry["type"] == "symlink":
+                self.assertNotIn("user.containers.override_stat", os.listxattr(path, follow_symlinks=False))
+                continue
+            record = os.getxattr(path, "user.containers.override_stat", follow_symlinks=False).decode()
+            uid_gid, _, rest = record.rpartition(":")[0], None, record.rsplit(":", 1)[1]
+            want_type = kinds.get(entry["type"], entry["type"])
+            self.assertEqual(record, "%s:%04o:%s" % (entry["owner"], int(entry["mode"], 8), want_type) if
+                             not want_type.startswith(("char", "block")) else record, rel)
+            checked += 1
+        self.assertGreater(checked, 20)
 
     def test_vfs_image_as_root(self):
         self.compare_as_root("vfs")
