@@ -4127,13 +4127,14 @@ class _Flattener:
         self.db = sqlite3.connect(os.path.join(self.dir, "names.db"), isolation_level=None)
         self.db.execute("PRAGMA journal_mode = OFF")
         self.db.execute("PRAGMA synchronous = OFF")
+        self.db.execute("PRAGMA cache_size = -2048")  # 2 MiB of pages: the rest is on disk
         self.db.execute("CREATE TABLE seen (name TEXT PRIMARY KEY, isdir INTEGER, layer INTEGER)")
         self.db.execute("CREATE TABLE hidden (name TEXT PRIMARY KEY, children INTEGER, layer INTEGER)")
         self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT)")
         self.db.execute("CREATE TABLE dirs (name TEXT PRIMARY KEY, meta TEXT)")
         self.db.execute("BEGIN")
         self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
-        self.layer = 0
+        self.layer = self.count = 0
         self.spilled: Dict[str, Any] = {}  # name -> its bytes on disk, or (the name it was written as,)
 
     def close(self) -> None:
@@ -4207,6 +4208,11 @@ class _Flattener:
                 self.tar.addfile(info)
             else:
                 self.tar.addfile(info, tar.extractfile(info))
+            setattr(self.tar, "members", [])  # the writing side keeps every member too: not here
+            self.count += 1
+            if self.count % 10000 == 0:  # a transaction's dirty pages stay in memory until it ends
+                self.db.execute("COMMIT")
+                self.db.execute("BEGIN")
         for kept in self.spilled.values():
             if isinstance(kept, str):
                 _unlink(kept)
