@@ -3341,16 +3341,27 @@ class _Store:
             " LEFT JOIN manifests m ON m.image_id = i.id LEFT JOIN configs c ON c.manifest_id = m.id"
             " LEFT JOIN manifest_layers ml ON ml.manifest_id = m.id LEFT JOIN layers l ON l.id = ml.layer_id", ())
         refs: Dict[str, List[str]] = {}
+        seen: Set[Tuple[str, str]] = set()  # (digest, reference) pairs already in refs: no list scans
+
+        def need(digest: Optional[str], reference: str) -> None:
+            if digest and (digest, reference) not in seen:
+                seen.add((digest, reference))
+                refs.setdefault(digest, []).append(reference)
+
+        listed: Dict[str, List[str]] = {}  # each index is read once, however many rows name it
         for row in rows or []:
-            for digest in list(row[1:]) + self._listed(row[2]):
-                if digest and row[0] not in refs.setdefault(digest, []):
-                    refs[digest].append(row[0])
+            if row[2] and row[2] not in listed:
+                listed[row[2]] = self._listed(row[2])
+            for digest in list(row[1:]) + (listed[row[2]] if row[2] else []):
+                need(digest, row[0])
         # What an image's referrers (signatures, SBOMs) need belongs to the image too.
+        blobs_of: Dict[str, List[str]] = {}
         for reference, digest in self._query("SELECT i.reference, r.digest FROM referrers r"
                                              " JOIN images i ON i.id = r.image_id", ()) or []:
-            for d in [digest] + self._blobs_of(digest):
-                if reference not in refs.setdefault(d, []):
-                    refs[d].append(reference)
+            if digest not in blobs_of:
+                blobs_of[digest] = self._blobs_of(digest)
+            for d in [digest] + blobs_of[digest]:
+                need(d, reference)
         return refs
 
     def _blobs_of(self, digest: str) -> List[str]:

@@ -4828,6 +4828,26 @@ class StoreCareTests(Base):
         code, out, err = self.main("--home", self.home, "--gc", "--json")
         self.assertEqual(json.loads(out), {"deleted": 0, "freed_bytes": 0})
 
+    def test_reference_walk_reads_each_index_once(self):
+        # --gc and --verify start from this walk: an index shared by many tags must be read
+        # once, not once per image and layer (issue 20's quadratic corner).
+        reg = self.registry()
+        amd, arm = Image("amd64"), Image("arm64")
+        index = reg.push_index("walk/app", "t0", [amd, arm], attestations=False)
+        for tag in ("t1", "t2"):
+            reg.manifests[("walk/app", tag)] = reg.manifests[("walk/app", "t0")]
+        refs = [reg.host + "/walk/app:t%d" % i for i in range(3)]
+        for ref in refs:
+            rp.pull(ref, home=self.home, platform="linux/amd64")
+        store = rp._Store(self.home)
+        reads = []
+        real = store.read
+        store.read = lambda digest: reads.append(digest) or real(digest)
+        users = store.referenced()
+        self.assertEqual(sorted(reads), sorted([index, amd.digest, arm.digest]))
+        for digest in [index, amd.digest] + list(amd.blobs()):
+            self.assertEqual(users[digest], refs, digest)
+
     def test_gc_racing_a_pull_never_takes_its_blobs(self):
         reg = self.registry()
         img = reg.push("race/app", "v1", Image(layers=[make_layer({"f%d" % i: os.urandom(300000)}) for i in range(3)]))
