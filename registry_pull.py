@@ -4923,10 +4923,10 @@ class _Unpacker:
             return
         self._forget_last()  # what was resolved through it may be gone
         if stat.S_ISDIR(st.st_mode):
-            _rmtree_at(dir_fd, base)
-            prefix = rel + "/"
-            for key in [k for k in self.dirs if k == rel or k.startswith(prefix)]:
-                del self.dirs[key]
+            # Forget what was removed, and only that: a scan of every remembered directory
+            # per removal made a layer that whites out thousands of directories quadratic.
+            for path in _rmtree_at(dir_fd, base):
+                self.dirs.pop(rel + path[len(base):], None)
         else:
             os.unlink(base, dir_fd=dir_fd)
 
@@ -5230,34 +5230,38 @@ class _Unpacker:
                     os.close(fd)
 
 
-def _rmtree_at(dir_fd: int, name: str) -> None:
+def _rmtree_at(dir_fd: int, name: str) -> List[str]:
     """Remove the directory ``name`` in ``dir_fd`` and everything below it: descriptors all the
-    way (nothing is followed), a loop rather than recursion (no depth is too deep)."""
-    stack: List[Tuple[int, str, List[str]]] = []
+    way (nothing is followed), a loop rather than recursion (no depth is too deep). Returns the
+    directories removed, as paths from ``dir_fd`` ("name", "name/sub", ...)."""
+    removed: List[str] = []
+    stack: List[Tuple[int, str, str, List[str]]] = []
     fd = os.open(name, _O_DIR, dir_fd=dir_fd)
-    stack.append((fd, name, os.listdir(fd)))
+    stack.append((fd, name, name, os.listdir(fd)))
     try:
         while stack:
-            fd, here, children = stack[-1]
+            fd, here, path, children = stack[-1]
             if not children:
                 stack.pop()
                 os.close(fd)
                 os.rmdir(here, dir_fd=stack[-1][0] if stack else dir_fd)
+                removed.append(path)
                 continue
             child = children.pop()
             try:
                 os.unlink(child, dir_fd=fd)
             except IsADirectoryError:
                 cfd = os.open(child, _O_DIR, dir_fd=fd)
-                stack.append((cfd, child, os.listdir(cfd)))
+                stack.append((cfd, child, path + "/" + child, os.listdir(cfd)))
             except PermissionError:  # Linux says EISDIR; others may say EPERM for a directory
                 if not stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
                     raise
                 cfd = os.open(child, _O_DIR, dir_fd=fd)
-                stack.append((cfd, child, os.listdir(cfd)))
+                stack.append((cfd, child, path + "/" + child, os.listdir(cfd)))
     finally:
-        for fd, _, _ in stack:
+        for fd, _, _, _ in stack:
             os.close(fd)
+    return removed
 
 
 def _check_rootfs_target(target: str) -> None:

@@ -6189,6 +6189,22 @@ class ReplacedDirectoryTests(TreeAssertions, Base):
                                     ("x/new", "file", b"n", 0o644)]], expect)
 
 
+    def test_whiteout_of_a_tree_forgets_its_directories_and_only_those(self):
+        # The extractor forgets exactly the directories a whiteout removed (not by a name
+        # prefix scan): siblings that share a prefix keep their modes; the tree made again
+        # in a later layer gets the new ones; nothing of the old tree is left behind.
+        def expect(host, entries):
+            self.assertEqual(sorted(p for p in entries if p == "c" or p.startswith("c/")), ["c", "c/sub"])
+            self.assertEqual([entries[p]["mode"] for p in ("c", "c/sub", "cx", "c.d", "cx/sub")],
+                             ["0750", "0705", "0701", "0702", "0703"])
+        self.extract(lambda host: [[("c", "dir", None, 0o755), ("c/sub", "dir", None, 0o711),
+                                    ("c/sub/s", "dir", None, 0o700), ("c/sub/s/f", "file", b"s", 0o644),
+                                    ("cx", "dir", None, 0o701), ("cx/sub", "dir", None, 0o703),
+                                    ("c.d", "dir", None, 0o702)],
+                                   [(".wh.c", "file", b"", 0o644)],
+                                   [("c", "dir", None, 0o750), ("c/sub", "dir", None, 0o705)]], expect)
+
+
 class SparseMapTests(Base):
     """tarfile reads a sparse map whole, however many segments a tiny layer declares."""
 
