@@ -3716,6 +3716,55 @@ class _Downloader:
         self._verify(desc, hasher, what)
 
 
+def _in_parallel(work: Callable[[Any], None], items: List[Any], jobs: int, cancel: _Cancel,
+                 name: str = "registry_pull") -> None:
+    """``work(item)`` for every item, in order, on up to ``jobs`` daemon threads; the first real
+    failure is raised once the others have seen it (never the Interrupted it caused its siblings to
+    raise), and Interrupted if ``cancel`` was set from outside (Ctrl-C, the caller) before every
+    item was done. Daemon threads, not a ThreadPoolExecutor: on Ctrl-C the process must exit at
+    once, not wait for a read blocked on a stalled server (.partial files stay consistent)."""
+    todo: List[Any] = list(items)
+    errors: List[BaseException] = []
+    todo.reverse()  # popped from the end, in order
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not cancel.is_set():
+            with lock:
+                if not todo:
+                    return
+                item = todo.pop()
+            try:
+                work(item)
+            except BaseException as e:  # handed to the caller
+                with lock:
+                    errors.append(e)
+                cancel.set()
+                return
+    threads = [threading.Thread(target=worker, name="%s-%d" % (name, i), daemon=True)
+               for i in range(max(1, min(jobs, len(todo))))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.25)
+                cancel.check()  # --timeout, Ctrl-C, or a sibling's failure
+        if cancel.is_set():  # set after the last thread had already stopped
+            raise Interrupted("interrupted")
+    except Interrupted:
+        if not errors:  # the caller's cancel or Ctrl-C, not a worker's failure
+            raise
+        for t in threads:  # let the siblings see it (their reads are bounded by the watchdog)
+            t.join(1.0)
+    except BaseException:
+        cancel.set()
+        raise
+    if errors:
+        real = [e for e in errors if not isinstance(e, Interrupted)]
+        raise (real or errors)[0]
+
+
 # --------------------------------------------------------------------------- Progress
 
 
@@ -6711,58 +6760,23 @@ class _Puller:
         # the longest downloads start at once and the pool drains evenly.
         missing = sorted((d for d in descs if not self.store.has(d.digest, d.size)),
                          key=lambda d: (d is not config, -d.size))
-        for d in descs:
-            if d not in missing and self.progress:
-                self.progress(d.digest, d.size, d.size)
-        if not missing:
-            return
-        # Daemon threads, not a ThreadPoolExecutor: on Ctrl-C the process must exit at once,
-        # not wait for a read blocked on a stalled server (the .partial files stay consistent).
-        todo = list(missing)
-        errors: List[BaseException] = []
-        lock = threading.Lock()
-        finished = threading.Event()
-        running = [min(self.jobs, len(todo))]
+        if self.progress:
+            absent = set(map(id, missing))
+            for d in descs:
+                if id(d) not in absent:
+                    self.progress(d.digest, d.size, d.size)
 
-        def worker():
+        def fetch(d):
             try:
-                while not self.client.cancel.is_set():
-                    with lock:
-                        if not todo:
-                            return
-                        d = todo.pop(0)
-                    try:
-                        downloader.fetch(d, "config" if d is config else "layer")
-                    except BaseException as e:  # handed to the main thread
-                        with lock:
-                            errors.append(e)
-                        self._failed = True
-                        self.client.cancel.set()
-                        return
-                    with self._fetched:
-                        self._fetched.notify_all()
+                downloader.fetch(d, "config" if d is config else "layer")
+            except BaseException:
+                self._failed = True
+                raise
             finally:
-                with lock:
-                    running[0] -= 1
-                    if running[0] == 0:
-                        finished.set()
-
-        threads = [threading.Thread(target=worker, name="registry_pull-%d" % i, daemon=True)
-                   for i in range(running[0])]
-        for t in threads:
-            t.start()
-        try:
-            while not finished.wait(0.25):
-                self.client.cancel.check()  # --timeout
-        except BaseException:
-            self.client.cancel.set()
-            raise
-        if errors:
-            # The first real failure, not the Interrupted its siblings raised on seeing it.
-            real = [e for e in errors if not isinstance(e, Interrupted)]
-            raise (real or errors)[0]
-        if self.client.cancel.is_set():
-            raise Interrupted("interrupted")
+                with self._fetched:  # wakes the rootfs extraction waiting in _ready
+                    self._fetched.notify_all()
+        if missing:
+            _in_parallel(fetch, missing, self.jobs, self.client.cancel)
 
 
 def _have_sqlite() -> bool:
@@ -6895,47 +6909,6 @@ def _push_blob(store: _Store, repo: _Repository, d: Descriptor, mount_from: Opti
         how = "uploaded"
     done[how].append(d.digest)  # list.append: safe from several threads
     log.info("%s %s", how, d.digest)
-
-
-def _in_parallel(work: Callable[[Any], None], items: List[Any], jobs: int, cancel: _Cancel) -> None:
-    """``work(item)`` for every item on up to ``jobs`` daemon threads (Ctrl-C ends the process at once,
-    as for downloads); the first real failure is raised once all have stopped."""
-    todo, errors = list(items), []
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while not cancel.is_set():
-            with lock:
-                if not todo:
-                    return
-                item = todo.pop(0)
-            try:
-                work(item)
-            except BaseException as e:  # handed to the caller
-                with lock:
-                    errors.append(e)
-                cancel.set()
-                return
-    threads = [threading.Thread(target=worker, name="registry_pull-push-%d" % i, daemon=True)
-               for i in range(max(1, min(jobs, len(todo))))]
-    for t in threads:
-        t.start()
-    try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.25)
-                cancel.check()
-    except Interrupted:
-        if not errors:  # the caller's cancel or Ctrl-C, not a worker's failure
-            raise
-        for t in threads:
-            t.join(1.0)
-    except BaseException:
-        cancel.set()
-        raise
-    if errors:
-        real = [e for e in errors if not isinstance(e, Interrupted)]
-        raise (real or errors)[0]
 
 
 def _push_tree(store: _Store, repo: _Repository, digest: str, ref: Optional[str], mount_from: Optional[str],

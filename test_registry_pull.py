@@ -5260,6 +5260,25 @@ class FaultTests(Base):
             if re.match(r"^[0-9a-f]{64}$", name):
                 with open(os.path.join(blobs, name), "rb") as f:
                     self.assertEqual(hashlib.sha256(f.read()).hexdigest(), name)
+
+    def test_a_corrupt_blob_is_the_error_while_a_sibling_still_downloads(self):
+        """One download fails while another is still running: the failure is what the pull says
+        (exit 5), not the "interrupted" of the sibling it cancels (a race CI once lost)."""
+        reg = self.registry()
+        img = reg.push("corrupt/app", "v1", Image(layers=[make_layer({"big": os.urandom(2 * 1024 * 1024)}),
+                                                          make_layer({"small": b"s"})]))
+        slow, bad = sha256(img.layers[0]), sha256(img.layers[1])
+        reg.blobs[bad] = bytes([img.layers[1][0] ^ 1]) + img.layers[1][1:]
+        stall = threading.Event()
+        self.addCleanup(stall.set)
+        reg.fault = slow_blob(reg, slow, stall=stall)  # one chunk, then silence
+        start = time.monotonic()
+        with self.assertRaises(rp.DigestMismatch):
+            self.pull(reg, "corrupt/app:v1", jobs=2)
+        self.assertLess(time.monotonic() - start, 4.0)  # the sibling was cancelled, not waited for
+        code, out, err = self.main(*self.cli_args("--jobs", "2", reg.host + "/corrupt/app:v1"))
+        self.assertEqual(code, 5, err)
+        self.assertNotIn("interrupted", err)
         self.assertEqual(self.image_rows(), [])
 
     def test_overlong_body_stopped(self):
