@@ -35,26 +35,20 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import http.client
 import io
 import ipaddress
 import json
-import logging
 import os
-import platform as _platform_mod
 import posixpath
-import queue
 import random
 import re
 import shutil
 import socket
 import stat
-import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -62,6 +56,10 @@ import urllib.parse
 import urllib.request
 import zlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+if _TYPE_CHECKING:  # for annotations: tarfile is imported where a tar is read or written, not at start
+    import tarfile
 
 __all__ = [
     "pull",
@@ -115,9 +113,62 @@ __all__ = [
     "Interrupted",
     "__version__",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-log = logging.getLogger("registry_pull")
+
+class _Log:
+    """The ``registry_pull`` logger (``logging.getLogger("registry_pull")``), made at the first
+    message that is said: a run with nothing to say never imports logging (it and what it brings
+    are a twentieth of a warm re-pull). Under ``main`` the command line's level filters first and
+    its stderr handler is added with the first message it lets through."""
+
+    DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.logger: Any = None
+        self.cli_level: Optional[int] = None  # set by main for its run
+        self.handler: Any = None
+        self.old_level = 0
+
+    def _get(self) -> Any:
+        with self.lock:
+            if self.logger is None:
+                import logging
+                self.logger = logging.getLogger("registry_pull")
+            if self.cli_level is not None and self.handler is None:
+                import logging
+                self.handler = logging.StreamHandler(sys.stderr)
+                self.handler.setFormatter(_Formatter())
+                self.old_level = self.logger.level
+                self.logger.addHandler(self.handler)
+                self.logger.setLevel(self.cli_level)
+            return self.logger
+
+    def _say(self, level: int, msg: str, args: Tuple[Any, ...]) -> None:
+        if self.cli_level is not None and level < self.cli_level:
+            return
+        self._get().log(level, msg, *args)
+
+    def debug(self, msg: str, *args: Any) -> None:
+        self._say(self.DEBUG, msg, args)
+
+    def info(self, msg: str, *args: Any) -> None:
+        self._say(self.INFO, msg, args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self._say(self.WARNING, msg, args)
+
+    def command_line(self, level: Optional[int]) -> None:
+        """main's run begins (``level``: what it lets through to stderr) or ends (None)."""
+        with self.lock:
+            if level is None and self.handler is not None:
+                self.logger.removeHandler(self.handler)
+                self.logger.setLevel(self.old_level)
+            self.cli_level, self.handler = level, None
+
+
+log = _Log()
 
 # --------------------------------------------------------------------------- Constants
 
@@ -304,6 +355,79 @@ def _printable(text: object, limit: int = 300) -> str:
 
 # --------------------------------------------------------------------------- References
 
+class _Record:
+    """A value class, as ``dataclasses`` would make it, without importing it (and ``inspect``, ``ast``
+    and ``dis`` with it) at start: the fields are the class's annotated attributes in order, their
+    class values the defaults; instances compare and hash by their fields and are read-only unless
+    the class says ``frozen=False``; ``replace(**changes)`` gives a changed copy; names in
+    ``_hidden`` stay out of the repr (secrets)."""
+
+    _fields: Tuple[str, ...] = ()
+    _defaults: Dict[str, Any] = {}
+    _frozen = True
+    _hidden: Tuple[str, ...] = ()
+
+    def __init_subclass__(cls, frozen: bool = True, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        inherited = cls._fields  # a subclass keeps its parent's fields first
+        cls._fields = inherited + tuple(f for f in cls.__dict__.get("__annotations__", {}) if f not in inherited)
+        cls._defaults = dict(cls._defaults, **{f: cls.__dict__[f] for f in cls._fields if f in cls.__dict__})
+        cls._frozen = frozen
+        if not frozen:
+            setattr(cls, "__hash__", None)  # mutable: unhashable, as a dataclass
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        fields = self._fields
+        if len(args) > len(fields):
+            raise TypeError("%s takes %d arguments, %d given" % (type(self).__name__, len(fields), len(args)))
+        values = dict(zip(fields, args))
+        for name, value in kw.items():
+            if name not in fields or name in values:
+                raise TypeError("%s: unexpected or repeated argument %r" % (type(self).__name__, name))
+            values[name] = value
+        for name in fields:
+            if name not in values:
+                if name not in self._defaults:
+                    raise TypeError("%s: missing argument %r" % (type(self).__name__, name))
+                values[name] = self._defaults[name]
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise AttributeError("cannot assign to field %r of a %s" % (name, type(self).__name__))
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._frozen:
+            raise AttributeError("cannot delete field %r of a %s" % (name, type(self).__name__))
+        object.__delattr__(self, name)
+
+    def _values(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == tuple(getattr(other, f) for f in self._fields)
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%r" % (f, getattr(self, f)) for f in self._fields if f not in self._hidden))
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` (as ``dataclasses.replace``)."""
+        values = dict(zip(self._fields, self._values()))
+        values.update(changes)
+        return type(self)(**values)
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The fields, by name (nested records stay records)."""
+        return dict(zip(self._fields, self._values()))
+
+
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _PATH_RE = re.compile(r"^%s(?:/%s)*$" % (_COMPONENT, _COMPONENT))
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -332,8 +456,7 @@ def check_digest(digest: Any, what: str = "digest") -> Tuple[str, str]:
     return algo, hexpart
 
 
-@dataclasses.dataclass(frozen=True)
-class Reference:
+class Reference(_Record):
     """A normalised image reference: ``registry/repository[:tag][@digest]``."""
 
     registry: str
@@ -427,8 +550,7 @@ def parse_reference(text: str) -> Reference:
     return Reference(registry, path, tag, digest)
 
 
-@dataclasses.dataclass(frozen=True)
-class Platform:
+class Platform(_Record):
     """An OCI platform; ``os_version``/``os_features`` matter for Windows images."""
 
     os: str
@@ -442,7 +564,7 @@ class Platform:
         out (arm64 = arm64/v8, arm = arm/v7, amd64 = amd64/v1), so equal means equal."""
         os_, arch, variant = _normalize_platform(self.os, self.architecture, self.variant)
         variant = variant or {"arm64": "v8", "arm": "v7", "amd64": "v1"}.get(arch, "")
-        return dataclasses.replace(self, os=os_, architecture=arch, variant=variant)
+        return self.replace(os=os_, architecture=arch, variant=variant)
 
     def __str__(self):
         s = "%s/%s" % (self.os, self.architecture)
@@ -538,8 +660,16 @@ _MACHINE_ARCH = {
 def host_platform() -> Platform:
     """linux and this machine's architecture (``platform.machine()`` in containerd's terms):
     the platform pulled when none is given."""
-    machine = _platform_mod.machine().lower()
-    arch, variant = _MACHINE_ARCH.get(machine, (machine, ""))
+    if hasattr(os, "uname"):
+        machine = os.uname().machine  # what platform.machine() says there, without importing it
+    else:  # Windows
+        import platform
+        machine = platform.machine()
+    return _machine_platform(machine)
+
+
+def _machine_platform(machine: str) -> Platform:
+    arch, variant = _MACHINE_ARCH.get(machine.lower(), (machine.lower(), ""))
     return Platform("linux", arch, variant)
 
 
@@ -652,11 +782,12 @@ def parse_www_authenticate(value: str) -> List[Tuple[str, Dict[str, str]]]:
     return challenges
 
 
-@dataclasses.dataclass
-class Credentials:
+class Credentials(_Record, frozen=False):
+    _hidden = ("password", "identity_token")
+
     username: str = ""
-    password: str = dataclasses.field(default="", repr=False)
-    identity_token: str = dataclasses.field(default="", repr=False)
+    password: str = ""
+    identity_token: str = ""
     source: str = ""
 
     def __bool__(self):
@@ -729,6 +860,7 @@ def _run_helper(helper: str, registry: str, source: str) -> Optional[Credentials
     server = "https://index.docker.io/v1/" if registry == _DOCKER_HUB else registry
     if not shutil.which(program):
         raise AuthError("credential helper %s (named in %s) is not on PATH" % (program, source))
+    import subprocess  # here, not at start: most pulls run no helper
     try:
         proc = subprocess.run(
             [program, "get"], input=server.encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60
@@ -2473,6 +2605,7 @@ class _ArchiveRepository:
     hashed first, so every byte is verified again as it is imported, as from a registry."""
 
     def __init__(self, client: _Client, path: str, wanted: Optional[str]) -> None:
+        import tarfile
         self.client, self.path, self.name = client, path, "docker-archive:" + path
         try:
             self.tar = tarfile.open(path, mode="r:")
@@ -2639,8 +2772,7 @@ def _list_at(doc: dict, key: str) -> list:
     return value if isinstance(value, list) else []
 
 
-@dataclasses.dataclass(frozen=True)
-class Descriptor:
+class Descriptor(_Record):
     media_type: str
     digest: str
     size: int
@@ -2759,8 +2891,7 @@ def _config_platform(config: dict, want: Platform) -> Platform:
                     tuple(str(f) for f in feats))
 
 
-@dataclasses.dataclass(frozen=True)
-class Manifest:
+class Manifest(_Record):
     """A parsed, validated index or manifest (of an image, or of any other OCI content)."""
 
     media_type: str
@@ -2977,6 +3108,9 @@ class _Store:
         """``writable=False``: only read an existing store (inspect): nothing is made or written."""
         self.home = os.path.abspath(home)
         self.writable = writable
+        self.kept: Optional[Dict[int, Any]] = None  # thread id -> its reading connection, once keep_open()
+        self.kept_lock = threading.Lock()
+        self.added = 0  # documents put() wrote (a pull that added nothing leaves index.json as it is)
         if not writable:
             return
         try:
@@ -3041,10 +3175,22 @@ class _Store:
         except OSError as e:
             _unlink(tmp)
             raise StorageError("cannot write %s: %s" % (final, e.strerror or e)) from None
+        self.added += 1
 
     # -- metadata ---------------------------------------------------------------------
 
-    def connect(self):
+    def keep_open(self) -> None:
+        """Keep each thread's connection for the one-statement queries until close() (a session's
+        store): opening one costs more than most of the queries a pull asks."""
+        self.kept = {}
+
+    def close(self) -> None:
+        with self.kept_lock:
+            conns, self.kept = list((self.kept or {}).values()), None
+        for conn in conns:
+            conn.close()
+
+    def connect(self, kept: bool = False):
         try:
             import sqlite3
         except ImportError:
@@ -3052,8 +3198,9 @@ class _Store:
         try:
             if not self.writable:
                 uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.join(self.home, "oci.db"))
-                return sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
-            conn = sqlite3.connect(os.path.join(self.home, "oci.db"), timeout=60, isolation_level=None)
+                return sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=not kept)
+            conn = sqlite3.connect(os.path.join(self.home, "oci.db"), timeout=60, isolation_level=None,
+                                   check_same_thread=not kept)
             conn.execute("PRAGMA busy_timeout = 60000")
             conn.execute("PRAGMA foreign_keys = ON")
             fs = _fs_type(self.home)
@@ -3188,12 +3335,30 @@ class _Store:
             conn.close()
         return True
 
+    def _thread_connection(self) -> Tuple[Any, bool]:
+        """(a connection or None without sqlite3, whether it is kept: not to be closed)."""
+        me, conn, keep = threading.get_ident(), None, False
+        with self.kept_lock:
+            if self.kept is not None:
+                conn, keep = self.kept.get(me), True
+        if conn is None:
+            conn = self.connect(kept=keep)
+            if conn is None:
+                return None, False
+            with self.kept_lock:
+                if self.kept is not None and keep:
+                    self.kept[me] = conn
+                else:  # not kept, or closed meanwhile
+                    keep = False
+        return conn, keep
+
     def _query(self, sql, args, write=False):
-        """One statement on its own connection; None without sqlite3 (or for an unreadable db when
-        only reading: what it would say is an optimisation)."""
+        """One statement, on this thread's kept connection (keep_open) or one of its own; None
+        without sqlite3 (or for an unreadable db when only reading: what it would say is an
+        optimisation)."""
         if not write and not os.path.exists(os.path.join(self.home, "oci.db")):
             return None  # a fresh store: nothing to say, and no database made just to say so
-        conn = self.connect()
+        conn, keep = self._thread_connection()
         if conn is None:
             return None
         import sqlite3
@@ -3206,7 +3371,8 @@ class _Store:
                 raise StorageError("cannot update %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
             return None
         finally:
-            conn.close()
+            if not keep:
+                conn.close()
 
     @contextlib.contextmanager
     def _locked(self, shared, cancel=None):
@@ -3249,13 +3415,15 @@ class _Store:
 
     def remember_host(self, host: str, scheme: str, challenge: Optional[Tuple[str, Dict[str, str]]]) -> None:
         kind, params = challenge if challenge else (None, {})
+        if self.host(host) == (scheme, kind, params.get("realm"), params.get("service")):
+            return  # as remembered: no write (a commit is the dearest thing a warm re-pull does)
         self._query("INSERT OR REPLACE INTO hosts (host, scheme, challenge, realm, service, modified_at)"
                     " VALUES (?,?,?,?,?,?)", (host, scheme, kind, params.get("realm"), params.get("service"),
                                               time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())), write=True)
 
     def touch(self, reference: str, manifest_digest: str) -> bool:
         """Mark an unchanged image used now; False when it has no row for this manifest."""
-        conn = self.connect()
+        conn, keep = self._thread_connection()
         if conn is None:
             return False
         import sqlite3
@@ -3270,7 +3438,8 @@ class _Store:
         except sqlite3.Error as e:
             raise StorageError("cannot update %s: %s" % (os.path.join(self.home, "oci.db"), e)) from None
         finally:
-            conn.close()
+            if not keep:
+                conn.close()
 
     def images(self) -> List[dict]:
         """One dict per recorded image, by reference and platform."""
@@ -4181,6 +4350,7 @@ class _Flattener:
     holds are written at the end, once their target is."""
 
     def __init__(self, out: Any) -> None:
+        import tarfile
         import sqlite3
 
         self.dir = tempfile.mkdtemp(prefix="registry_pull-tar-")
@@ -4290,6 +4460,7 @@ class _Flattener:
     def _unspill(self, link: tarfile.TarInfo, kept: Any) -> None:
         """A hard link to a file an upper layer replaced: the first becomes the file (that inode's
         only name left), the others links to it."""
+        import tarfile
         if isinstance(kept, tuple):  # already written under the first link's name
             link.linkname = kept[0]
             self.tar.addfile(link)
@@ -4304,6 +4475,7 @@ class _Flattener:
         """The hard links left for the end, where their target was written; then the tar's end.
         A layer that wrote below a lower layer's symbolic link (through it, in --rootfs) cannot be
         flattened name by name: UnsupportedError rather than a tar whose tree differs."""
+        import tarfile
         through = self.db.execute("SELECT a.name, b.name FROM seen a JOIN seen b ON b.name > a.name || '/'"
                                   " AND b.name < a.name || '0' WHERE a.isdir = 2 AND b.layer < a.layer"
                                   " LIMIT 1").fetchone()
@@ -4333,6 +4505,7 @@ def export_tar(result: PullResult, target: Any) -> str:
     entries in a stable order (the top layer's first). ``target``: a path (written under a
     temporary name, then renamed: whole or not at all), ``-`` for standard output, or a binary
     file object. Every layer's uncompressed bytes are checked against the config's diff_ids."""
+    import tarfile
     if result.artifact_type is not None:
         raise UnsupportedError("%s is not a container image (%s): it has no tree to export"
                                % (result.reference, _printable(result.artifact_type, 100)))
@@ -4359,7 +4532,7 @@ def export_tar(result: PullResult, target: Any) -> str:
         stream.start()
         for layer, diff_id in zip(layers, reversed(diff_ids)):
             try:
-                tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_LayerTarInfo)
+                tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_layer_tarinfo())
             except tarfile.ReadError as e:
                 if str(e) != "empty file":
                     raise IntegrityError("layer %s is not a tar archive: %s" % (layer.digest, e)) from None
@@ -4408,6 +4581,7 @@ def export_docker_archive(result: PullResult, path: str, overwrite: bool = False
 
 def _docker_archive(results: List[PullResult], path: str, overwrite: bool = False) -> str:
     """One `docker save` tar holding ``results`` (as ``docker save a b`` writes it)."""
+    import tarfile
     _check_archive_target(path, overwrite)
     blob_name = lambda d: "blobs/%s/%s" % tuple(d.split(":"))  # noqa: E731
     manifest, entries = [], []
@@ -4497,25 +4671,36 @@ class _HeaderBudget:
         return getattr(self.stream, name)
 
 
-class _LayerTarInfo(tarfile.TarInfo):
-    """tarfile's TarInfo, refusing the header bodies it would read whole into memory when
-    they are larger than any real name or pax record set (a 1 MB layer could declare 1 GiB),
-    and sparse maps longer than _MAX_SPARSE segments."""
+_LAYER_TARINFO: List[Any] = []
 
-    def _proc_member(self, tar):
-        if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-                         tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_TAR_HEADER:
-            raise IntegrityError("a layer has a %d-byte tar header: refused (hostile)" % self.size)
-        stream = tar.fileobj
-        if not isinstance(stream, _HeaderBudget):  # the outermost header of this member
-            tar.fileobj = _HeaderBudget(stream, _MAX_TAR_HEADER + 16 * tarfile.BLOCKSIZE)
-        try:
-            member = getattr(super(), "_proc_member")(tar)  # tarfile's own hook, which this extends
-        finally:
-            tar.fileobj = stream
-        if member.sparse is not None and len(member.sparse) > _MAX_SPARSE:
-            raise IntegrityError("a layer has a sparse file of %d segments: refused (hostile)" % len(member.sparse))
-        return member
+
+def _layer_tarinfo() -> Any:
+    """The TarInfo class layers are read with (made on first use: tarfile is not imported at start)."""
+    if _LAYER_TARINFO:
+        return _LAYER_TARINFO[0]
+    import tarfile
+
+    class _LayerTarInfo(tarfile.TarInfo):
+        """tarfile's TarInfo, refusing the header bodies it would read whole into memory when
+        they are larger than any real name or pax record set (a 1 MB layer could declare 1 GiB),
+        and sparse maps longer than _MAX_SPARSE segments."""
+
+        def _proc_member(self, tar):
+            if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                             tarfile.GNUTYPE_LONGLINK) and self.size > _MAX_TAR_HEADER:
+                raise IntegrityError("a layer has a %d-byte tar header: refused (hostile)" % self.size)
+            stream = tar.fileobj
+            if not isinstance(stream, _HeaderBudget):  # the outermost header of this member
+                tar.fileobj = _HeaderBudget(stream, _MAX_TAR_HEADER + 16 * tarfile.BLOCKSIZE)
+            try:
+                member = getattr(super(), "_proc_member")(tar)  # tarfile's own hook, which this extends
+            finally:
+                tar.fileobj = stream
+            if member.sparse is not None and len(member.sparse) > _MAX_SPARSE:
+                raise IntegrityError("a layer has a sparse file of %d segments: refused (hostile)" % len(member.sparse))
+            return member
+    _LAYER_TARINFO.append(_LayerTarInfo)
+    return _LayerTarInfo
 
 
 _OPAQUE = ".wh..wh..opq"
@@ -4601,6 +4786,7 @@ def _unzstd(f, path, name):
     if not shutil.which("zstd"):
         raise UnsupportedError("layer %s is zstd-compressed: needs Python 3.14+ (compression.zstd) or the zstd "
                                "program" % name)
+    import subprocess
     proc = subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     try:
@@ -4648,8 +4834,10 @@ class _LayerStream(threading.Thread):
 
     def __init__(self, layers, algos, ready=None):
         super().__init__(name="registry_pull-unpack", daemon=True)
+        import queue  # here, not at start: only an extraction needs it
         self.layers, self.algos, self.ready = layers, algos, ready
         self.queue: queue.Queue = queue.Queue(_READ_AHEAD)
+        self.full, self.empty = queue.Full, queue.Empty
         self.stop = threading.Event()
         self.buf: bytes = b""
         self.pos: int = 0
@@ -4680,7 +4868,7 @@ class _LayerStream(threading.Thread):
             try:
                 self.queue.put(item, timeout=0.25)
                 return
-            except queue.Full:
+            except self.full:
                 continue
 
     def read(self, n: int = -1) -> bytes:
@@ -4689,7 +4877,7 @@ class _LayerStream(threading.Thread):
                 return b""
             try:
                 item = self.queue.get(timeout=0.25)
-            except queue.Empty:
+            except self.empty:
                 if self.stop.is_set():
                     raise Interrupted("interrupted")
                 continue
@@ -4764,6 +4952,7 @@ class _Unpacker:
     """
 
     def __init__(self, root: str, root_fd: int, owners: Optional[str] = None) -> None:
+        import tarfile
         self.root, self.root_fd = root, root_fd
         self.root_user = _is_root()
         self.owners = owners or ("image" if self.root_user else "self")
@@ -4805,10 +4994,11 @@ class _Unpacker:
     # -- one layer ------------------------------------------------------------------------
 
     def apply(self, stream: Any, name: str) -> None:
+        import tarfile
         self.layer = name
         self.new_dirs, self.added = set(), set()
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_LayerTarInfo)
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_layer_tarinfo())
         except tarfile.ReadError as e:
             if str(e) == "empty file":  # only end-of-archive blocks: a layer that changes nothing
                 self.lower = True
@@ -5985,16 +6175,14 @@ def _all_referrers(repo: _Repository, digest: str) -> List[Descriptor]:
 # --------------------------------------------------------------------------- Public API
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerResult:
+class LayerResult(_Record):
     digest: str
     media_type: str
     size: int
     path: str
 
 
-@dataclasses.dataclass(frozen=True)
-class PullResult:
+class PullResult(_Record):
     """What a pull produced; ``to_json()`` is the CLI's ``--json``."""
 
     reference: str
@@ -6046,7 +6234,7 @@ class PullResult:
             "size": self.size,
             "downloaded_bytes": self.downloaded_bytes,
             "home": self.home,
-            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "layers": [layer.as_dict() for layer in self.layers],
             "outputs": dict(self.outputs),
         }
 
@@ -6131,6 +6319,8 @@ class _Session:
                 self.store = _Store(path, writable=False)
         elif store == "named" and home and os.path.isdir(os.path.join(path, "blobs")):
             self.store = _Store(path, writable=False)
+        if self.store is not None:
+            self.store.keep_open()
         self.pool = _Pool()
         self.layouts: List[Any] = []  # local sources opened (layouts, archives), closed with the session
         self.clients: Dict[Tuple[str, str, str], _Client] = {}
@@ -6141,6 +6331,8 @@ class _Session:
     def __exit__(self, *exc: Any) -> None:
         log.debug("%d connections opened", self.pool.opened)
         self.pool.close()
+        if self.store is not None:
+            self.store.close()
         for layout in self.layouts:
             layout.close()
         self.layouts = []
@@ -6303,7 +6495,7 @@ def pull(
             outputs.append(("output", os.path.abspath(output)))
         if tar is not None:
             outputs.append(("tar", export_tar(result, tar)))
-    return dataclasses.replace(result, outputs=tuple(outputs))
+    return result.replace(outputs=tuple(outputs))
 
 
 def pull_many(references: List[Any], *, home: Optional[str] = None, platform: Any = None, jobs: int = 4,
@@ -6670,6 +6862,7 @@ class _Puller:
         seen: Set[str] = set()
         index_digest, index = None, None
         platform_match = ""
+        added = store.added
         if not ref.digest and not self.client.mirror and not store.knows(str(ref)):
             # A cold pull (from the registry: a mirror may be dead): blobs are coming. Their
             # connections' handshakes overlap the manifest requests, once the scheme is known.
@@ -6733,15 +6926,15 @@ class _Puller:
             manifest_size=len(data), downloaded_bytes=downloader.fetched_bytes, platform_match=platform_match,
             artifact_type=manifest.artifact_type,
         )
-        recorded = store.touch(str(ref), digest) or \
-            store.record(result, index.doc if index else None, manifest.doc, config_doc)
+        touched = store.touch(str(ref), digest)
+        recorded = touched or store.record(result, index.doc if index else None, manifest.doc, config_doc)
         if recorded and self.client.scheme is not None:
             store.remember_host(self.client.endpoint, self.client.scheme, self.client.auth.challenge)
-        if recorded:
-            store.write_index()
+        if recorded and not (touched and store.added == added and not downloader.fetched_bytes):
+            store.write_index()  # else the image, its documents and its blobs were all there: index.json says so
         elif not _have_sqlite():
             log.warning("this Python has no sqlite3 module: blobs are stored but no metadata was recorded")
-        return dataclasses.replace(result, recorded=recorded)
+        return result.replace(recorded=recorded)
 
     def _single_image_match(self, plat: Platform, digest: str) -> str:
         """How a reference that names one image (no index) matches the platform wanted."""
@@ -7267,8 +7460,9 @@ _VALUED = {"--home", "--platform", "--jobs", "--mirror", "--ca-file", "--cert-di
            "--verify-key", "--signed-identity", "--chunk-size", "--from-file", "--dest-prefix", "--owners", "--tar"}
 
 
-class _Formatter(logging.Formatter):
-    """One line per message, every character printable: messages quote servers' words."""
+class _Formatter:
+    """One line per message, every character printable: messages quote servers' words (a
+    logging formatter: the handler calls its ``format``)."""
 
     def format(self, record):
         return "registry_pull: " + _printable(record.getMessage(), 2000)
@@ -7726,9 +7920,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     exit status (README's table) and never raises, whatever goes wrong."""
     verbose = 0
     _PARTIAL.clear()  # this command's own downloads, not an earlier main()'s in the same process
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    old_level = log.level
     cancel = threading.Event()
     try:
         try:
@@ -7736,9 +7927,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except SystemExit as e:  # --help, --version, or a usage error already said
             return int(e.code or 0) if not isinstance(e.code, str) else 2
         verbose = args.verbose
-        log.addHandler(handler)
-        log.setLevel(logging.ERROR if args.quiet else logging.DEBUG if verbose > 1 else
-                     logging.INFO if verbose else logging.WARNING)
+        log.command_line(log.ERROR if args.quiet else log.DEBUG if verbose > 1 else
+                         log.INFO if verbose else log.WARNING)
         args.password, args.cancel = _read_password(args), cancel
         if args.verb in ("pull", "inspect", "tags", "rm") and not args.reference:
             raise UsageError("a REFERENCE is needed (e.g. alpine:3.20); see --help")
@@ -7762,8 +7952,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          % (e.__class__.__name__, _printable(e, 300)))
         return 1
     finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
+        log.command_line(None)
 
 
 if __name__ == "__main__":

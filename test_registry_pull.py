@@ -2174,15 +2174,13 @@ class PlatformTests(unittest.TestCase):
             rp.select_platform(only_att, rp.parse_platform("unknown/unknown"), "img")
 
     def test_host_platform(self):
-        real = platform_mod.machine
-        self.addCleanup(setattr, platform_mod, "machine", real)
+        self.assertEqual(rp.host_platform(), rp._machine_platform(platform_mod.machine()))
         cases = {"x86_64": "linux/amd64", "AMD64": "linux/amd64", "aarch64": "linux/arm64", "arm64": "linux/arm64",
                  "armv7l": "linux/arm/v7", "armv8l": "linux/arm/v7", "armv6l": "linux/arm/v6", "i686": "linux/386",
                  "ppc64le": "linux/ppc64le", "s390x": "linux/s390x", "riscv64": "linux/riscv64"}
         for machine, want in cases.items():
             with self.subTest(case=machine):
-                platform_mod.machine = lambda machine=machine: machine
-                self.assertEqual(str(rp.host_platform()), want)
+                self.assertEqual(str(rp._machine_platform(machine)), want)
 
     def test_parse_platform_errors(self):
         for bad in ("linux/", "a/b/c/d", "linux//arm", "foo", ""):
@@ -4788,6 +4786,32 @@ class DatabaseSchemaTests(Base):
 
 
 class StoreCareTests(Base):
+    def test_a_warm_re_pull_rewrites_nothing_but_its_last_used_time(self):
+        """Nothing changed: index.json is not rewritten (same inode), the host row not written again;
+        a corrupt manifest removed by verify and fetched again does rewrite it (listed again)."""
+        reg = self.registry()
+        img = reg.push("warm/app", "v1", Image())
+        self.pull(reg, "warm/app:v1")
+        index = os.path.join(self.home, "index.json")
+        before = os.stat(index)
+        db = sqlite3.connect(os.path.join(self.home, "oci.db"))
+        self.addCleanup(db.close)
+        hosts = db.execute("SELECT modified_at FROM hosts").fetchall()
+        used = db.execute("SELECT last_used_at FROM images").fetchall()
+        time.sleep(1.1)  # the times are to the second
+        self.pull(reg, "warm/app:v1")
+        self.assertEqual(os.stat(index).st_ino, before.st_ino)
+        self.assertEqual(db.execute("SELECT modified_at FROM hosts").fetchall(), hosts)
+        self.assertNotEqual(db.execute("SELECT last_used_at FROM images").fetchall(), used)
+        with open(os.path.join(self.home, "blobs", "sha256", img.digest.split(":")[1]), "wb") as f:
+            f.write(b"{}")
+        rp.verify(home=self.home)  # removes it, and leaves the image out of index.json
+        with open(index) as f:
+            self.assertNotIn(img.digest, f.read())
+        self.pull(reg, "warm/app:v1")
+        with open(index) as f:
+            self.assertIn(img.digest, f.read())
+
     def test_images_remove_gc(self):
         reg = self.registry()
         a, b = reg.push("care/a", "v1", Image()), reg.push("care/b", "v1", Image())
