@@ -2955,7 +2955,7 @@ def parse_manifest(data: bytes, content_type: str = "", what: str = "manifest") 
 # images; a manifest may list the same layer twice (one manifest_layers row per position).
 # Version 3: the hosts table.
 # Version 4: manifests.artifact_type (anything that is not a runnable image), the referrers table.
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -3059,6 +3059,7 @@ CREATE INDEX IF NOT EXISTS idx_indexes_image_id ON indexes(image_id);
 CREATE INDEX IF NOT EXISTS idx_manifests_image_id ON manifests(image_id);
 CREATE INDEX IF NOT EXISTS idx_configs_manifest_id ON configs(manifest_id);
 CREATE INDEX IF NOT EXISTS idx_manifest_layers_manifest_id ON manifest_layers(manifest_id);
+CREATE INDEX IF NOT EXISTS idx_manifest_layers_layer_id ON manifest_layers(layer_id);
 """
 
 
@@ -3248,6 +3249,8 @@ class _Store:
                 conn.execute(next(s for s in statements if s.startswith("CREATE TABLE IF NOT EXISTS referrers ")))
             if 1 <= version < 3:
                 conn.execute(next(s for s in statements if s.startswith("CREATE TABLE IF NOT EXISTS hosts ")))
+            if 2 <= version < 5:  # (below 2 every index was made above)
+                conn.execute(next(s for s in statements if "idx_manifest_layers_layer_id" in s))
             conn.execute("PRAGMA user_version = %d" % _SCHEMA_VERSION)
             conn.execute("COMMIT")
         except BaseException:
@@ -3256,6 +3259,23 @@ class _Store:
             raise
         finally:
             conn.execute("PRAGMA foreign_keys = ON")
+
+    @staticmethod
+    def _layers_of(conn, where: str, args: Tuple[Any, ...]) -> List[int]:
+        """The layer row ids the images ``WHERE`` selects use (to drop those left unused after)."""
+        return [r[0] for r in conn.execute(
+            "SELECT DISTINCT ml.layer_id FROM manifest_layers ml JOIN manifests m ON m.id = ml.manifest_id"
+            " JOIN images i ON i.id = m.image_id WHERE " + where, args)]
+
+    @staticmethod
+    def _drop_unused_layers(conn, ids: Optional[List[int]] = None) -> None:
+        """Delete the layers rows (of ``ids``, or all) that no manifest uses any more."""
+        unused = "NOT EXISTS (SELECT 1 FROM manifest_layers ml WHERE ml.layer_id = layers.id)"
+        if ids is None:
+            conn.execute("DELETE FROM layers WHERE " + unused)
+        for i in range(0, len(ids or []), 500):
+            part = (ids or [])[i:i + 500]
+            conn.execute("DELETE FROM layers WHERE id IN (%s) AND %s" % (",".join("?" * len(part)), unused), part)
 
     def record(self, result: PullResult, index_doc: Optional[dict], manifest_doc: dict, config_doc: dict) -> bool:
         """Write the image's rows in one transaction; False when sqlite3 is unavailable."""
@@ -3273,6 +3293,7 @@ class _Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                replaced = self._layers_of(conn, "i.reference = ? AND i.platform = ?", (result.reference, str(plat)))
                 conn.execute("DELETE FROM images WHERE reference = ? AND platform = ?",
                              (result.reference, str(plat)))
                 image_id = conn.execute(
@@ -3324,6 +3345,7 @@ class _Store:
                         " position) VALUES (?,?,?,?,?)",
                         (manifest_id, layer_id, now, now, pos),
                     )
+                self._drop_unused_layers(conn, replaced)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # SQLite rolls back by itself on some errors (disk full, I/O)
@@ -3451,26 +3473,39 @@ class _Store:
     def forget(self, reference: str, platform: Optional[Platform] = None) -> int:
         """Delete the rows of ``reference`` (every platform, or ``platform``'s) and rewrite
         index.json; returns how many images went."""
-        sql: str = "DELETE FROM images WHERE reference = ?"
+        where: str = "reference = ?"
         args: List[Any] = [reference]
         if platform is not None:
             rows = self._query("SELECT id, platform FROM images WHERE reference = ?", (reference,)) or []
             ids = [i for i, p in rows if _recorded_platform(p).normalized() == platform.normalized()]
             if not ids:
                 return 0
-            sql, args = "DELETE FROM images WHERE id IN (%s)" % ",".join("?" * len(ids)), ids
+            where, args = "id IN (%s)" % ",".join("?" * len(ids)), ids
         with self.exclusive():
             conn = self.connect()
             if conn is None:
                 raise UnsupportedError("this Python has no sqlite3 module: the store has no image list")
             try:
                 with conn:
-                    n = conn.execute(sql, args).rowcount
+                    used = self._layers_of(conn, "i." + where, tuple(args))
+                    n = conn.execute("DELETE FROM images WHERE " + where, args).rowcount
+                    self._drop_unused_layers(conn, used)
             finally:
                 conn.close()
             if n:
                 self.write_index()
         return n
+
+    def drop_unused_rows(self) -> None:
+        """Delete the layers rows no image uses (versions before 0.3 left them behind)."""
+        conn = self.connect()
+        if conn is None:
+            return
+        try:
+            with conn:
+                self._drop_unused_layers(conn)
+        finally:
+            conn.close()
 
     def record_referrers(self, reference: str, platform: str, found: List[Tuple[str, Descriptor]]) -> None:
         """Rows for what was pulled with an image because it refers to it: kept while it is."""
@@ -7362,6 +7397,7 @@ def collect_garbage(*, home: Optional[str] = None, partial_age: float = 86400.0)
         raise UnsupportedError("this Python has no sqlite3 module: without the image list no blob is known unused")
     files = freed = 0
     with store.exclusive(), store.blob_files() as entries:
+        store.drop_unused_rows()
         keep = store.referenced()
         now = time.time()
         for digest, name, dir_fd in entries:

@@ -4786,6 +4786,29 @@ class DatabaseSchemaTests(Base):
 
 
 class StoreCareTests(Base):
+    def test_layer_rows_go_with_the_last_image_using_them(self):
+        """rm, a tag moved to another image, and gc (for rows an older version left) delete the
+        layers rows nothing uses any more; a layer still shared stays."""
+        reg = self.registry()
+        shared = make_layer({"base": b"shared"})
+        a = reg.push("rows/a", "v1", Image(layers=[shared, make_layer({"a": b"a1"})]))
+        b = reg.push("rows/b", "v1", Image(layers=[shared, make_layer({"b": b"b1"})]))
+        self.pull(reg, "rows/a:v1")
+        self.pull(reg, "rows/b:v1")
+        db = sqlite3.connect(os.path.join(self.home, "oci.db"))
+        self.addCleanup(db.close)
+        layers = lambda: sorted(r[0] for r in db.execute("SELECT digest FROM layers"))  # noqa: E731
+        self.assertEqual(layers(), sorted(set(sha256(x) for x in a.layers + b.layers)))
+        rp.remove(reg.host + "/rows/a:v1", home=self.home)
+        self.assertEqual(layers(), sorted(sha256(x) for x in b.layers))
+        c = reg.push("rows/b", "v1", Image(layers=[shared, make_layer({"c": b"c1"})]))  # the tag moves
+        self.pull(reg, "rows/b:v1")
+        self.assertEqual(layers(), sorted(sha256(x) for x in c.layers))
+        db.execute("INSERT INTO layers (media_type, digest, size_bytes) VALUES ('x', 'sha256:%064x', 1)" % 5)
+        db.commit()
+        rp.collect_garbage(home=self.home)
+        self.assertEqual(layers(), sorted(sha256(x) for x in c.layers))
+
     def test_a_warm_re_pull_rewrites_nothing_but_its_last_used_time(self):
         """Nothing changed: index.json is not rewritten (same inode), the host row not written again;
         a corrupt manifest removed by verify and fetched again does rewrite it (listed again)."""
