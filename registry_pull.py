@@ -718,11 +718,20 @@ def parse_platform(text: str) -> Platform:
     return Platform(os_, arch, variant, version, features)
 
 
+_RECORDED_PLATFORMS: Dict[Optional[str], Platform] = {}
+
+
 def _recorded_platform(text: Optional[str]) -> Platform:
-    """A platform as the images table records it: os/arch[/variant][:os.version]."""
-    spec, _, version = (text or "").partition(":")
-    parts = (spec + "//").split("/")
-    return Platform(parts[0], parts[1], parts[2], version)
+    """A platform as the images table records it: os/arch[/variant][:os.version] (the few a
+    store holds are made once: index.json has one per image)."""
+    plat = _RECORDED_PLATFORMS.get(text)
+    if plat is None:
+        spec, _, version = (text or "").partition(":")
+        parts = (spec + "//").split("/")
+        plat = Platform(parts[0], parts[1], parts[2], version)
+        if len(_RECORDED_PLATFORMS) < 256:
+            _RECORDED_PLATFORMS[text] = plat
+    return plat
 
 
 def _is_loopback(host: str) -> bool:
@@ -3493,7 +3502,7 @@ class _Store:
             finally:
                 conn.close()
             if n:
-                self.write_index()
+                self.write_index(reference)
         return n
 
     def drop_unused_rows(self) -> None:
@@ -3625,8 +3634,18 @@ class _Store:
             for fd in fds:
                 os.close(fd)
 
-    def write_index(self) -> None:
-        """Rewrite HOME/index.json from the database: the store is an OCI image layout of every image."""
+    _compact = staticmethod(json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode)
+    _INDEX_HEAD = '{"manifests":[\n'
+    _INDEX_TAIL = '\n],"mediaType":"%s","schemaVersion":2}\n' % MT_OCI_INDEX
+    _ENTRY_HEAD = '{"annotations":{"org.opencontainers.image.ref.name":'  # _REF_NAME, first in sorted keys
+
+    def write_index(self, reference: Optional[str] = None) -> None:
+        """Write HOME/index.json from the database: the store is an OCI image layout of every
+        image, one compact entry a line in the order of their names. With ``reference``, only
+        that name's lines change (the others are kept as the file has them, so a pull into a
+        store of thousands costs what it costs in an empty one); without it, or when the file is
+        not as this writes it, every line is made again, leaving out each image whose manifest
+        is gone (removed by hand)."""
         conn = self.connect()
         if conn is None:
             return
@@ -3635,25 +3654,85 @@ class _Store:
         except OSError as e:
             conn.close()
             raise StorageError("cannot open the store %s: %s" % (self.home, e.strerror or e)) from None
+        blobs: Dict[str, int] = {}
         try:
             with _DirLock(top, self.home):
-                rows = conn.execute(
-                    "SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
-                    "JOIN manifests m ON m.image_id = i.id ORDER BY i.reference").fetchall()
-                manifests = []
-                for reference, digest, media_type, plat in rows:
-                    try:
-                        size = os.stat(self.path(digest)).st_size
-                    except (OSError, PullError):
-                        continue  # a blob removed by hand: leave the image out rather than lie
-                    manifests.append(_layout_entry(media_type, digest, size, _recorded_platform(plat), reference))
-                _write_layout(top, {"manifests": manifests})
+                kept = self._index_lines(top) if reference is not None else None
+                sql = ("SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
+                       "JOIN manifests m ON m.image_id = i.id")
+                if kept is None:
+                    rows = conn.execute(sql + " ORDER BY i.reference").fetchall()
+                else:
+                    rows = conn.execute(sql + " WHERE i.reference = ? ORDER BY i.platform", (reference,)).fetchall()
+                made = [self._index_line(top, blobs, *row) for row in rows]
+                lines = [line for line in made if line is not None]
+                if kept is not None:
+                    prefix = self._ENTRY_HEAD + json.dumps(reference) + "},"
+                    kept = [line for line in kept if not line.startswith(prefix)]
+                    at = _bisect(kept, reference, self._line_name)
+                    lines = kept[:at] + lines + kept[at:]
+                if not _is_regular_at(top, "oci-layout"):
+                    _write_atomic(top, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+                _write_atomic(top, "index.json", (self._INDEX_HEAD + ",\n".join(lines) + self._INDEX_TAIL
+                                                  if lines else self._INDEX_HEAD[:-1] + self._INDEX_TAIL[1:]).encode())
         except OSError as e:
             raise StorageError("cannot write %s: %s" % (os.path.join(self.home, "index.json"), e.strerror or e)) \
                 from None
         finally:
+            for fd in blobs.values():
+                os.close(fd)
             os.close(top)
             conn.close()
+
+    def _index_lines(self, top: int) -> Optional[List[str]]:
+        """index.json's entry lines, or None when it is absent or not as write_index writes it."""
+        try:
+            fd = os.open("index.json", os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=top)
+            with os.fdopen(fd, "rb") as f:
+                text = f.read(MAX_MANIFEST_BYTES * 64).decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not (text.startswith(self._INDEX_HEAD) and text.endswith(self._INDEX_TAIL)):
+            return None
+        lines = text[len(self._INDEX_HEAD):-len(self._INDEX_TAIL)].split(",\n")
+        if not all(line.startswith(self._ENTRY_HEAD) and line.endswith("}") and "\n" not in line for line in lines):
+            return None
+        return lines
+
+    def _line_name(self, line: str) -> str:
+        """The image name an entry line of index.json is for ("" if it cannot be read)."""
+        try:
+            name, _ = json.JSONDecoder().raw_decode(line, len(self._ENTRY_HEAD))
+        except ValueError:
+            return ""
+        return name if isinstance(name, str) else ""
+
+    def _index_line(self, top: int, blobs: Dict[str, int], reference: str, digest: str, media_type: str,
+                    plat: Optional[str]) -> Optional[str]:
+        """One image's entry line, or None when its manifest is not in the store."""
+        algo, _, hexpart = (digest or "").partition(":")
+        if len(hexpart) != _DIGEST_HEX.get(algo) or not (hexpart.isascii() and hexpart.isalnum()):
+            return None
+        try:
+            if algo not in blobs:
+                blobs[algo] = os.open(os.path.join("blobs", algo), _O_DIR, dir_fd=top)
+            size = os.stat(hexpart, dir_fd=blobs[algo], follow_symlinks=False).st_size
+        except OSError:
+            return None  # a blob removed by hand: leave the image out rather than lie
+        return self._compact(_layout_entry(media_type, digest, size, _recorded_platform(plat), reference))
+
+
+def _bisect(items: List[Any], value: Any, key: Callable[[Any], Any]) -> int:
+    """Where ``value`` goes in ``items`` (sorted by ``key``): after its equals (bisect_right;
+    Python 3.8's bisect takes no key)."""
+    lo, hi = 0, len(items)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if value < key(items[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _str_or_none(v):
@@ -6966,7 +7045,7 @@ class _Puller:
         if recorded and self.client.scheme is not None:
             store.remember_host(self.client.endpoint, self.client.scheme, self.client.auth.challenge)
         if recorded and not (touched and store.added == added and not downloader.fetched_bytes):
-            store.write_index()  # else the image, its documents and its blobs were all there: index.json says so
+            store.write_index(str(ref))  # else its image, documents and blobs were all there: index.json says so
         elif not _have_sqlite():
             log.warning("this Python has no sqlite3 module: blobs are stored but no metadata was recorded")
         return result.replace(recorded=recorded)

@@ -4786,6 +4786,50 @@ class DatabaseSchemaTests(Base):
 
 
 class StoreCareTests(Base):
+    def test_index_json_changes_by_the_line_and_says_what_a_rebuild_would(self):
+        """Pulls, a tag moved, a second platform and rm each change only their name's lines of
+        index.json: after each, the file is byte for byte what rebuilding it from the database
+        gives; a file not in that form (indented by hand) is rebuilt whole."""
+        reg = self.registry()
+        index = os.path.join(self.home, "index.json")
+
+        def check():
+            with open(index, "rb") as f:
+                have = f.read()
+            rp._Store(self.home).write_index()  # from scratch
+            with open(index, "rb") as f:
+                self.assertEqual(have, f.read())
+            return json.loads(have)
+        made = []
+        real = rp._Store._index_line
+        self.addCleanup(setattr, rp._Store, "_index_line", real)
+        rp._Store._index_line = lambda store, *a: made.append(a[2]) or real(store, *a)
+        for name in ["idx/m", "idx/a", "idx/z", "idx/a-b", "idx/ete"]:
+            reg.push(name, "v1", Image())
+            del made[:]
+            self.pull(reg, name + ":v1")
+            self.assertEqual(made, [reg.host + "/" + name + ":v1"])  # its own line only, not every image's
+            check()
+        reg.push("idx/a", "v1", Image(env=["MOVED=1"]))  # the tag moves
+        self.pull(reg, "idx/a:v1")
+        check()
+        reg.push_index("idx/multi", "v1", [Image("amd64"), Image("arm64", "v8")])
+        self.pull(reg, "idx/multi:v1", platform="linux/arm64")
+        self.pull(reg, "idx/multi:v1", platform="linux/amd64")
+        doc = check()
+        self.assertEqual(len([m for m in doc["manifests"]
+                              if m["annotations"]["org.opencontainers.image.ref.name"].endswith("idx/multi:v1")]), 2)
+        rp.remove(reg.host + "/idx/z:v1", home=self.home)
+        doc = check()
+        refs = [m["annotations"]["org.opencontainers.image.ref.name"] for m in doc["manifests"]]
+        self.assertEqual(refs, sorted(refs))
+        self.assertNotIn(reg.host + "/idx/z:v1", refs)
+        with open(index, "w") as f:  # by hand, indented: still read as an index, rebuilt whole
+            json.dump(doc, f, indent=4)
+        reg.push("idx/new", "v1", Image())
+        self.pull(reg, "idx/new:v1")
+        self.assertEqual(len(check()["manifests"]), len(refs) + 1)
+
     def test_layer_rows_go_with_the_last_image_using_them(self):
         """rm, a tag moved to another image, and gc (for rows an older version left) delete the
         layers rows nothing uses any more; a layer still shared stays."""
