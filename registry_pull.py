@@ -3828,6 +3828,38 @@ def _unlocked(dir_fd: int, name: str) -> bool:
 _PARTIAL = threading.Event()  # some download has written into a .partial file (the Ctrl-C line says so)
 
 
+FLUSH_BYTES = 32 * 1024 * 1024  # a blob's bytes written between two early write-backs
+
+
+class _EarlyFlush:
+    """The disk works while bytes arrive: every FLUSH_BYTES written, an fdatasync on a helper
+    thread (one at a time; the download goes on meanwhile), so that the fsync before the rename
+    finds little left to write. One 1 GB layer used to wait 1.4-2 s for it after its last byte."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.unsynced = fd, 0
+        self.thread: Optional[threading.Thread] = None
+
+    def wrote(self, n: int) -> None:
+        self.unsynced += n
+        if self.unsynced >= FLUSH_BYTES and (self.thread is None or not self.thread.is_alive()):
+            self.unsynced = 0
+            self.thread = threading.Thread(target=self._sync, name="registry_pull-flush", daemon=True)
+            self.thread.start()
+
+    def _sync(self) -> None:
+        try:
+            getattr(os, "fdatasync", os.fsync)(self.fd)
+        except OSError:
+            pass  # the fsync before the rename says what matters
+
+    def finish(self) -> None:
+        """Wait for the write-back under way (before the fsync, and before the descriptor closes)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
 class _Downloader:
     """Fetches blobs into the store: resumable, locked against other processes, verified."""
 
@@ -3877,8 +3909,10 @@ class _Downloader:
                 continue
             break
         f = os.fdopen(fd, "r+b", buffering=0)
+        flush = _EarlyFlush(f.fileno())
         try:
-            self._download(desc, f, what)
+            self._download(desc, f, what, flush)
+            flush.finish()
             os.fsync(f.fileno())  # the bytes are on disk before the name says the blob is complete
             os.replace(partial, final)
         except IntegrityError:
@@ -3887,6 +3921,7 @@ class _Downloader:
         except OSError as e:
             raise StorageError("cannot write %s: %s" % (partial, e.strerror or e)) from None
         finally:
+            flush.finish()
             f.close()  # closing releases the lock
         return final
 
@@ -3894,7 +3929,7 @@ class _Downloader:
         if self.progress is not None:
             self.progress(desc.digest, done, desc.size)
 
-    def _download(self, desc, f, what):
+    def _download(self, desc, f, what, flush=None):
         algo, _ = check_digest(desc.digest)
         size = desc.size
         integrity_tries = 0
@@ -3905,7 +3940,7 @@ class _Downloader:
                 if have == size:  # complete already (killed before the rename): verify it, no request
                     self._verify(desc, hasher, what)
                 else:
-                    self._stream(desc, f, hasher, have, what)
+                    self._stream(desc, f, hasher, have, what, flush)
             except IntegrityError:
                 f.seek(0)
                 f.truncate(0)
@@ -3948,7 +3983,7 @@ class _Downloader:
         f.truncate(0)
         return hashlib.new(hasher.name), 0
 
-    def _stream(self, desc, f, hasher, have, what):
+    def _stream(self, desc, f, hasher, have, what, flush=None):
         size = desc.size
         cancel = self.cancel
         retry = _Retry(cancel, "%s %s" % (what, desc.digest))
@@ -3976,6 +4011,8 @@ class _Downloader:
                     if have + n > size:
                         raise SizeMismatch(what, desc.digest, size, "more")
                     f.write(chunk)  # OSError here is the disk's: StorageError in fetch()
+                    if flush is not None:
+                        flush.wrote(n)
                     _PARTIAL.set()
                     hasher.update(chunk)
                     have += n

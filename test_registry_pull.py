@@ -5352,6 +5352,39 @@ class FaultTests(Base):
                 with open(os.path.join(blobs, name), "rb") as f:
                     self.assertEqual(hashlib.sha256(f.read()).hexdigest(), name)
 
+    def test_a_big_blob_is_written_back_while_it_arrives(self):
+        """Every FLUSH_BYTES written, an fdatasync of the .partial starts on a helper thread (the
+        download goes on); all of them end before the fsync that precedes the rename."""
+        reg = self.registry()
+        img = reg.push("flush/app", "v1", Image(layers=[make_layer({"big": os.urandom(3 * 1024 * 1024)})]))
+        digest = sha256(img.layers[0])
+        reg.fault = slow_blob(reg, digest, chunk=65536, delay=0.005)
+        self.addCleanup(setattr, rp, "FLUSH_BYTES", rp.FLUSH_BYTES)
+        rp.FLUSH_BYTES = 512 * 1024
+        synced, events = [], []
+        real_sync, real_fsync = os.fdatasync, os.fsync
+
+        def fdatasync(fd):
+            synced.append(os.fstat(fd).st_size)
+            time.sleep(0.05)  # a slow disk: the download must not wait for it
+            real_sync(fd)
+            events.append("synced")
+
+        def fsync(fd):
+            events.append("fsync")
+            real_fsync(fd)
+        self.addCleanup(setattr, os, "fdatasync", real_sync)
+        self.addCleanup(setattr, os, "fsync", real_fsync)
+        os.fdatasync, os.fsync = fdatasync, fsync
+        self.pull(reg, "flush/app:v1")
+        self.assertStoreHas(img)
+        size = len(img.layers[0])
+        self.assertGreaterEqual(len(synced), 2, synced)  # while it arrived, not only at its end
+        self.assertTrue(all(n < size for n in synced), synced)
+        self.assertEqual(sorted(synced), synced)
+        last_fsync = len(events) - 1 - events[::-1].index("fsync")
+        self.assertNotIn("synced", events[last_fsync:])  # no write-back still under way at the end
+
     def test_a_corrupt_blob_is_the_error_while_a_sibling_still_downloads(self):
         """One download fails while another is still running: the failure is what the pull says
         (exit 5), not the "interrupted" of the sibling it cancels (a race CI once lost)."""
