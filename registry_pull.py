@@ -958,7 +958,8 @@ class _Pool:
         self._idle: Dict[Tuple[str, str, Optional[str]], List[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self.opened = 0  # connections opened (-vv says each; the benchmark counts them)
+        self.opened = 0  # connections opened (-v says how many; the benchmark counts them)
+        self.requests = 0  # requests sent through any client of this pool
 
     def get(self, key):
         """An idle connection for ``key`` that the server has not closed meanwhile, or None."""
@@ -995,6 +996,10 @@ class _Pool:
     def count_opened(self) -> None:
         with self._lock:
             self.opened += 1
+
+    def count_request(self) -> None:
+        with self._lock:
+            self.requests += 1
 
     def put(self, key, conn):
         with self._lock:
@@ -1843,6 +1848,7 @@ class _Client:
         """One request, no retry, redirect or challenge: what the policies above build on."""
         parts = urllib.parse.urlsplit(url)
         req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        self.pool.count_request()
         try:
             raw = self._opener(parts.scheme, parts.netloc).open(req, timeout=self.cancel.bound(timeout))
         except (ValueError, http.client.InvalidURL):  # refused by http.client: never shown (a secret)
@@ -6480,7 +6486,9 @@ class _Session:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        log.debug("%d connections opened", self.pool.opened)
+        if self.pool.requests:  # (-v) what the round trips were: the first thing a slow link shows
+            log.info("%d request%s, %d new connection%s", self.pool.requests, "s" * (self.pool.requests != 1),
+                     self.pool.opened, "s" * (self.pool.opened != 1))
         self.pool.close()
         if self.store is not None:
             self.store.close()

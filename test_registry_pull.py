@@ -3688,6 +3688,24 @@ class ConnectionTests(Base):
         self.assertEqual(opened[0], 1)
         self.assertEqual(reg.requests(), [("HEAD", "/v2/conn/app/manifests/v1")])
 
+    def test_verbose_says_the_requests_and_connections_a_pull_made(self):
+        """-v ends with "N requests, M new connections": N is what the registry received, M what it
+        accepted (the loopback HTTPS probe is one more of each that it never understood)."""
+        reg = self.registry()
+        reg.push("conn/app", "v1", self.many_layers())
+        opened = count_connections(reg)
+        for cold in (True, False):
+            reg.log.clear()
+            opened[0] = 0
+            code, out, err = self.main(*self.cli_args("-v", "--jobs", "3", reg.host + "/conn/app:v1"))
+            self.assertEqual(code, 0, err)
+            m = re.search(r"registry_pull: (\d+) requests?, (\d+) new connections?\n", err)
+            self.assertIsNotNone(m, err)
+            probe = 1 if cold else 0  # a warm store remembers the scheme
+            self.assertEqual(int(m.group(1)), len(reg.log) + probe, (err, reg.requests()))
+            self.assertEqual(int(m.group(2)), opened[0], err)
+        self.assertEqual(m.group(0), "registry_pull: 1 request, 1 new connection\n")
+
     def test_basic_credentials_go_with_the_first_request_of_the_next_pull(self):
         reg = self.registry(auth="basic")
         reg.push("basic/app", "v1", Image())
