@@ -6517,6 +6517,37 @@ class XattrTests(Base):
         self.assertEqual(len(warnings), 1, proc.stderr)
         self.assertIn("security.capability on 1 file", warnings[0])
 
+    def test_a_normal_user_extracts_into_directories_of_mode_0000_and_0555(self):
+        """As uid 65534: a 0000 directory with a file and a subdirectory, a 0555 one, both filled
+        by a later layer too, are extracted whole, the modes applied last; README's
+        chmod -R u+rwX && rm -rf then deletes the tree as that user."""
+        if not (IS_ROOT and SETPRIV):
+            self.skipTest("needs root and setpriv to run as uid %d" % NOBODY)
+        reg = self.registry()
+        reg.push("x/closed", "v1", layered_image(
+            [("shut", "dir", None, 0o000), ("shut/f", "file", b"inside", 0o644), ("shut/sub", "dir", None, 0o000),
+             ("shut/sub/g", "file", b"deeper", 0o600), ("ro", "dir", None, 0o555), ("ro/f", "file", b"r", 0o444)],
+            [("shut/later", "file", b"upper", 0o644), ("ro/later", "file", b"upper", 0o644)]))
+        home = tempfile.mkdtemp(prefix="rp-nobody-")
+        self.addCleanup(shutil.rmtree, home, True)
+        os.chown(home, NOBODY, NOBODY)
+        root = os.path.join(home, "root")
+        proc = subprocess.run(as_nobody([sys.executable, os.path.join(HERE, "registry_pull.py"), "--home", home,
+                                         "--platform", "linux/amd64", "--rootfs", root, reg.host + "/x/closed:v1"]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                              env=dict(os.environ, HOME=home, DOCKER_CONFIG=os.path.join(home, "no-docker")))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        for path, mode in (("shut", 0o000), ("shut/sub", 0o000), ("ro", 0o555)):
+            self.assertEqual(stat.S_IMODE(os.lstat(os.path.join(root, path)).st_mode), mode, path)
+        for path, data in (("shut/f", b"inside"), ("shut/sub/g", b"deeper"), ("shut/later", b"upper"),
+                           ("ro/f", b"r"), ("ro/later", b"upper")):
+            with open(os.path.join(root, path), "rb") as f:  # (root reads through 0000)
+                self.assertEqual(f.read(), data, path)
+        proc = subprocess.run(as_nobody(["sh", "-c", 'chmod -R u+rwX "$1" && rm -rf "$1"', "sh", root]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertFalse(os.path.lexists(root))
+
     def test_owners_xattr_records_what_the_image_says(self):
         """--owners=xattr as uid 65534: each entry's user.containers.override_stat is the image's owner,
         mode and type (containers/storage's format); FIFOs and devices are empty files with theirs."""
