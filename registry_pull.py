@@ -340,7 +340,21 @@ class Interrupted(PullError):
     exit_code = 130
 
 
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+class _Pattern:
+    """A regular expression compiled at its first use: a run that never needs it (most never
+    parse a challenge or a PEM key) does not pay for compiling it at start."""
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self.args: Tuple[str, int] = (pattern, flags)
+        self.compiled: Any = None
+
+    def __getattr__(self, name: str) -> Any:  # match, fullmatch, sub...: the compiled pattern's
+        if self.compiled is None:
+            self.compiled = re.compile(*self.args)
+        return getattr(self.compiled, name)
+
+
+_UNPRINTABLE = _Pattern("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _printable(text: object, limit: int = 300) -> str:
@@ -757,7 +771,7 @@ def _split_hostport(hostport: str) -> Tuple[str, Optional[int]]:
 
 # --------------------------------------------------------------------------- Transport & auth
 
-_AUTH_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(,|$)')
+_AUTH_PARAM_RE = _Pattern(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*(,|$)')
 
 
 def parse_www_authenticate(value: str) -> List[Tuple[str, Dict[str, str]]]:
@@ -5915,10 +5929,10 @@ _DER_INTEGER = 0x02
 _DER_BIT_STRING = 0x03
 _DER_MAX_LENGTH_OCTETS = 4
 
-_PEM_PUBLIC_KEY_RE = re.compile(
+_PEM_PUBLIC_KEY_RE = _Pattern(
     r"[ \t\r\n]*-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\t\r\n ]*)-----END PUBLIC KEY-----[ \t\r\n]*"
 )
-_PEM_BASE64_RE = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_PEM_BASE64_RE = _Pattern(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
 _AffinePoint = Tuple[int, int]
 _JacobianPoint = Tuple[int, int, int]  # (X, Y, Z) stands for (X / Z^2, Y / Z^3); Z == 0 is infinity.
