@@ -5709,7 +5709,8 @@ class EcdsaTests(unittest.TestCase):
         self.assertTrue(rp.verify_signature(pem, sig, b"payload"))
         self.assertTrue(rp.verify_signature(pem.decode(), sig, b"payload"))
         self.assertFalse(rp.verify_signature(pem, sig, b"payload!"))
-        self.assertFalse(rp.verify_signature(open(other_pub, "rb").read(), sig, b"payload"))
+        with open(other_pub, "rb") as f:
+            self.assertFalse(rp.verify_signature(f.read(), sig, b"payload"))
         self.assertFalse(rp.verify_signature(pem, sig[:-1], b"payload"))
         for junk in (b"", b"not a key", pem[:40], None, 42):
             self.assertFalse(rp.verify_signature(junk, sig, b"payload"))
