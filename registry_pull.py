@@ -203,6 +203,8 @@ CHUNK = 1024 * 1024
 MAX_JOBS = 32
 MAX_REDIRECTS = 5
 TIMEOUT = 60.0  # seconds without a byte before a connection counts as failed
+JOBS = 6  # parallel blob transfers by default (skopeo's too): small layers over a long round trip need them
+WARM_WAIT = 1.0  # seconds a request waits for a connection whose handshake is already under way
 
 # Retries: each request is tried RETRIES+1 times; waits double from RETRY_BASE up to
 # RETRY_MAX (with jitter), and a Retry-After is honoured up to RETRY_AFTER_MAX.  With the
@@ -971,16 +973,23 @@ class _Pool:
     def __init__(self):
         self._idle: Dict[Tuple[str, str, Optional[str]], List[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # a warmed connection arrived (or failed)
+        self._warming: Dict[Tuple[str, str, Optional[str]], int] = {}  # handshakes under way, by key
         self._closed = False
         self.opened = 0  # connections opened (-v says how many; the benchmark counts them)
         self.requests = 0  # requests sent through any client of this pool
 
     def get(self, key):
-        """An idle connection for ``key`` that the server has not closed meanwhile, or None."""
+        """An idle connection for ``key`` that the server has not closed meanwhile, or None. One
+        being warmed is waited for, briefly (its handshake began before any new one could): a
+        cold pull's blob requests take the connections opened for them, not as many again."""
         import select
 
+        deadline = time.monotonic() + WARM_WAIT
         while True:
             with self._lock:
+                while not self._idle.get(key) and self._warming.get(key) and time.monotonic() < deadline:
+                    self._ready.wait(max(0.0, deadline - time.monotonic()))
                 conns = self._idle.get(key)
                 conn = conns.pop() if conns else None
             if conn is None:
@@ -996,14 +1005,25 @@ class _Pool:
         """Open ``n`` connections for ``key`` in the background (their TCP and TLS handshakes
         overlap the manifest requests, so the first blob requests find them ready)."""
         def one():
-            conn = make()
+            conn: Optional[http.client.HTTPConnection] = make()
+            assert conn is not None
             try:
                 conn.connect()
             except Exception:  # a connection that could not be made: the request makes its own
                 conn.close()
-                return
-            self.count_opened()
-            self.put(key, conn)
+                conn = None
+            with self._lock:
+                self._warming[key] -= 1
+                if conn is not None:
+                    self.opened += 1
+                    if not self._closed:
+                        self._idle.setdefault(key, []).append(conn)
+                        conn = None
+                self._ready.notify_all()
+            if conn is not None:
+                conn.close()  # the pull is over
+        with self._lock:
+            self._warming[key] = self._warming.get(key, 0) + n
         for _ in range(n):
             threading.Thread(target=one, name="registry_pull-connect", daemon=True).start()
 
@@ -6625,7 +6645,7 @@ def pull(
     *,
     home: Optional[str] = None,
     platform: Any = None,
-    jobs: int = 4,
+    jobs: int = JOBS,
     progress: Optional[Callable[[str, int, int], None]] = None,
     insecure: bool = False,
     ca_file: Optional[str] = None, cert_dir: Optional[str] = None,
@@ -6655,7 +6675,7 @@ def pull(
     - ``home``: the store directory (default :func:`default_home`).
     - ``platform``: a :class:`Platform` or a string as ``--platform`` takes it (default
       :func:`host_platform`).
-    - ``jobs``: parallel blob downloads, 1 to 32 (default 4).
+    - ``jobs``: parallel blob downloads, 1 to 32 (default JOBS, 6).
     - ``progress``: ``progress(digest, bytes_done, bytes_total)``, called from download threads.
     - ``insecure``: allow plain HTTP and unverified TLS for this registry (loopback registries
       may use plain HTTP anyway).
@@ -6720,7 +6740,7 @@ def pull(
     return result.replace(outputs=tuple(outputs))
 
 
-def pull_many(references: List[Any], *, home: Optional[str] = None, platform: Any = None, jobs: int = 4,
+def pull_many(references: List[Any], *, home: Optional[str] = None, platform: Any = None, jobs: int = JOBS,
               progress: Optional[Callable[[str, int, int], None]] = None, insecure: bool = False,
               ca_file: Optional[str] = None, cert_dir: Optional[str] = None, username: Optional[str] = None,
               password: Optional[str] = None, cancel: Optional[threading.Event] = None,
@@ -6909,7 +6929,7 @@ def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive
     return outputs
 
 
-def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str] = None, jobs: int = 4,
+def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str] = None, jobs: int = JOBS,
                    progress: Any = None, insecure: bool = False, ca_file: Optional[str] = None,
                    cert_dir: Optional[str] = None,
                    username: Optional[str] = None, password: Optional[str] = None,
@@ -7212,7 +7232,7 @@ def _strip_transport(text: Any) -> Any:
 
 
 def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None, all_platforms: bool = False,
-         chunk_size: int = CHUNK_SIZE, jobs: int = 4, progress: Any = None, insecure: bool = False,
+         chunk_size: int = CHUNK_SIZE, jobs: int = JOBS, progress: Any = None, insecure: bool = False,
          ca_file: Optional[str] = None, cert_dir: Optional[str] = None, username: Optional[str] = None,
          password: Optional[str] = None, cancel: Optional[threading.Event] = None,
          timeout: Optional[float] = None, referrers: bool = False) -> Dict[str, Any]:
@@ -7327,7 +7347,7 @@ def _push_blob(store: _Store, repo: _Repository, d: Descriptor, mount_from: Opti
 
 
 def _push_tree(store: _Store, repo: _Repository, digest: str, ref: Optional[str], mount_from: Optional[str],
-               chunk_size: int, done: Dict[str, List[str]], seen: Set[str], depth: int, jobs: int = 4) -> None:
+               chunk_size: int, done: Dict[str, List[str]], seen: Set[str], depth: int, jobs: int = JOBS) -> None:
     """Push the document ``digest`` from the store with everything below it, children first."""
     if depth > 4:
         raise IntegrityError("indexes nested more than 4 deep")
@@ -7741,8 +7761,8 @@ def _platform_option(p: argparse.ArgumentParser, several: bool) -> None:
 
 
 def _pull_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel blob downloads, 1-%d (default 4)"
-                   % MAX_JOBS)
+    p.add_argument("--jobs", type=int, default=JOBS, metavar="N", help="parallel blob downloads, 1-%d (default %d)"
+                   % (MAX_JOBS, JOBS))
     p.add_argument("--mirror", metavar="URL", action="append",
                    help="a mirror to try before the registry (repeatable, in order); for docker.io the "
                    "default is $REGISTRY_PULL_MIRRORS")
@@ -7806,7 +7826,7 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
                        "SBOMs): by the referrers API, or the sha256-HEX tag where the destination has none")
         p.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, metavar="BYTES", help="blobs up to this go in "
                        "one PUT, larger ones in chunks of it (default %d MiB)" % (CHUNK_SIZE >> 20))
-        p.add_argument("--jobs", type=int, default=4, metavar="N", help="parallel downloads from the source")
+        p.add_argument("--jobs", type=int, default=JOBS, metavar="N", help="parallel transfers (default %d)" % JOBS)
         p.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
                        help="of the downloads from the source, as for pull")
     if verb in ("pull", "inspect", "rm"):

@@ -3713,6 +3713,44 @@ class HttpClientLoopTests(Base):
 
 
 class ConnectionTests(Base):
+    def test_a_request_takes_the_connection_being_warmed_for_it(self):
+        """A pool asked for a connection while one is still shaking hands waits for it (briefly:
+        WARM_WAIT) instead of opening another; one that fails or takes longer leaves None."""
+        class Slow:
+            def __init__(self, delay, fail=False):
+                self.delay, self.fail, self.sock, self.closed = delay, fail, None, False
+
+            def connect(self):
+                time.sleep(self.delay)
+                if self.fail:
+                    raise OSError("refused")
+                self.sock, self.peer = socket.socketpair()
+
+            def close(self):
+                self.closed = True
+                for s in (self.sock, getattr(self, "peer", None)):
+                    if s is not None:
+                        s.close()
+        pool = rp._Pool()
+        self.addCleanup(pool.close)
+        made = []
+        pool.warm(("k", "h", None), lambda: made.append(Slow(0.3)) or made[-1], 1)
+        start = time.monotonic()
+        conn = pool.get(("k", "h", None))
+        self.assertIs(conn, made[0])  # waited for, not None (which would open a second one)
+        self.assertGreater(time.monotonic() - start, 0.2)
+        conn.close()
+        self.assertEqual(pool.opened, 1)
+        pool.warm(("k", "h", None), lambda: Slow(0.1, fail=True), 1)
+        self.assertIsNone(pool.get(("k", "h", None)))  # it failed: the request makes its own
+        self.addCleanup(setattr, rp, "WARM_WAIT", rp.WARM_WAIT)
+        rp.WARM_WAIT = 0.1
+        pool.warm(("k", "h", None), lambda: made.append(Slow(1.0)) or made[-1], 1)
+        start = time.monotonic()
+        self.assertIsNone(pool.get(("k", "h", None)))
+        self.assertLess(time.monotonic() - start, 0.5)
+        self.assertIsNone(pool.get(("other", "h", None)))  # nothing warming for that key: no wait
+
     def many_layers(self, n=6):
         return Image(layers=[make_layer({"f%d" % i: os.urandom(20000)}) for i in range(n)])
 
