@@ -3686,13 +3686,14 @@ class _Store:
         store of thousands costs what it costs in an empty one); without it, or when the file is
         not as this writes it, every line is made again, leaving out each image whose manifest
         is gone (removed by hand)."""
-        conn = self.connect()
+        conn, keep = self._thread_connection()
         if conn is None:
             return
         try:
             top = _open_dir(self.home)
         except OSError as e:
-            conn.close()
+            if not keep:
+                conn.close()
             raise StorageError("cannot open the store %s: %s" % (self.home, e.strerror or e)) from None
         blobs: Dict[str, int] = {}
         try:
@@ -3708,7 +3709,8 @@ class _Store:
                 lines = [line for line in made if line is not None]
                 if kept is not None:
                     prefix = self._ENTRY_HEAD + json.dumps(reference) + "},"
-                    kept = [line for line in kept if not line.startswith(prefix)]
+                    if any(line.startswith(prefix) for line in kept):  # (else a name new to the store)
+                        kept = [line for line in kept if not line.startswith(prefix)]
                     at = _bisect(kept, reference, self._line_name)
                     lines = kept[:at] + lines + kept[at:]
                 if not _is_regular_at(top, "oci-layout"):
@@ -3722,7 +3724,8 @@ class _Store:
             for fd in blobs.values():
                 os.close(fd)
             os.close(top)
-            conn.close()
+            if not keep:
+                conn.close()
 
     def _index_lines(self, top: int) -> Optional[List[str]]:
         """index.json's entry lines, or None when it is absent or not as write_index writes it."""
@@ -3734,8 +3737,11 @@ class _Store:
             return None
         if not (text.startswith(self._INDEX_HEAD) and text.endswith(self._INDEX_TAIL)):
             return None
-        lines = text[len(self._INDEX_HEAD):-len(self._INDEX_TAIL)].split(",\n")
-        if not all(line.startswith(self._ENTRY_HEAD) and line.endswith("}") and "\n" not in line for line in lines):
+        body = text[len(self._INDEX_HEAD):-len(self._INDEX_TAIL)]
+        lines = body.split(",\n")
+        # Every line an entry: each newline a separator, each separator between "}" and an entry's head.
+        if not (body.startswith(self._ENTRY_HEAD) and body.endswith("}") and body.count("\n") == len(lines) - 1
+                and body.count("},\n" + self._ENTRY_HEAD) == len(lines) - 1):
             return None
         return lines
 
