@@ -4632,9 +4632,9 @@ class _Flattener:
                 self.db.execute("INSERT INTO dirs VALUES (?, ?)", (key, json.dumps(
                     [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname, info.pax_headers])))
             elif info.issym() or info.islnk() or info.ischr() or info.isblk() or info.isfifo():
-                self.tar.addfile(info)
+                self._add(info)
             else:
-                self.tar.addfile(info, tar.extractfile(info))
+                self._add(info, tar.extractfile(info))
             setattr(self.tar, "members", [])  # the writing side keeps every member too: not here
             self.count += 1
             if self.count % 10000 == 0:  # a transaction's dirty pages stay in memory until it ends
@@ -4644,6 +4644,32 @@ class _Flattener:
             if isinstance(kept, str):
                 _unlink(kept)
         self.spilled = {}
+
+    def _add(self, info: tarfile.TarInfo, data: Any = None) -> None:
+        """``info`` (and ``data``, a file object, for a file) into the tar: a plain ustar header made
+        here in one go when nothing needs a PAX record (tarfile's addfile builds and checks it field by
+        field, half of the time of a tar of small files), else tarfile's own."""
+        head = _ustar_header(info)
+        if head is None:
+            self.tar.addfile(info, data)
+            setattr(self.tar, "members", [])  # the writing side keeps every member too: not here
+            return
+        import tarfile
+        out = self.tar.fileobj
+        out.write(head)
+        written = len(head)
+        if data is not None:
+            left = info.size
+            while left:
+                chunk = data.read(min(CHUNK, left))
+                if not chunk:
+                    raise tarfile.ReadError("unexpected end of data")
+                out.write(chunk)
+                left -= len(chunk)
+            pad = -info.size % tarfile.BLOCKSIZE
+            out.write(b"\0" * pad)
+            written += info.size + pad
+        self.tar.offset += written  # what tarfile counts to pad the archive's end
 
     def _spill(self, tar: tarfile.TarFile, info: tarfile.TarInfo, key: str) -> None:
         """Keep a skipped file's bytes until the layer ends (on disk, not in memory)."""
@@ -4660,11 +4686,11 @@ class _Flattener:
         import tarfile
         if isinstance(kept, tuple):  # already written under the first link's name
             link.linkname = kept[0]
-            self.tar.addfile(link)
+            self._add(link)
             return
         link.type, link.size = tarfile.REGTYPE, os.path.getsize(kept)
         with open(kept, "rb") as f:
-            self.tar.addfile(link, f)
+            self._add(link, f)
         _unlink(kept)
         self.spilled[link.linkname] = (link.name,)
 
@@ -4686,13 +4712,50 @@ class _Flattener:
             info = tarfile.TarInfo(name)
             info.type, info.linkname = tarfile.LNKTYPE, target
             info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname = json.loads(meta)
-            self.tar.addfile(info)
+            self._add(info)
         for name, meta in self.db.execute("SELECT name, meta FROM dirs ORDER BY name").fetchall():
             info = tarfile.TarInfo(name)
             info.type = tarfile.DIRTYPE
             info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname, info.pax_headers = json.loads(meta)
-            self.tar.addfile(info)
+            self._add(info)
         self.tar.close()
+
+
+_USTAR = None  # the struct of a ustar header (made with the first)
+
+
+def _ustar_header(info: Any) -> Optional[bytes]:
+    """The 512-byte ustar header tarfile's PAX format writes for ``info`` when it needs no PAX
+    record (ASCII names that fit, whole numbers in range, no extended attributes), or None."""
+    global _USTAR
+    import struct
+    import tarfile
+    name = info.name + "/" if info.type == tarfile.DIRTYPE and not info.name.endswith("/") else info.name
+    numbers = (info.uid, info.gid, info.size, info.mtime)
+    if info.pax_headers or info.mode is None or not all(type(n) is int for n in numbers) \
+            or not (0 <= info.uid < 8 ** 7 and 0 <= info.gid < 8 ** 7 and 0 <= info.size < 8 ** 11
+                    and 0 <= info.mtime < 8 ** 11):
+        return None
+    if not isinstance(info.type, bytes) or len(info.type) != 1:
+        return None
+    device = info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE)
+    if device and not (0 <= info.devmajor < 8 ** 7 and 0 <= info.devminor < 8 ** 7):
+        return None
+    try:
+        texts = [t.encode("ascii") for t in (name, info.linkname, info.uname, info.gname)]
+    except (UnicodeEncodeError, AttributeError):
+        return None
+    if len(texts[0]) > 100 or len(texts[1]) > 100 or len(texts[2]) > 32 or len(texts[3]) > 32:
+        return None
+    if _USTAR is None:
+        _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+    buf = bytearray(_USTAR.pack(
+        texts[0], b"%07o\0" % (info.mode & 0o7777), b"%07o\0" % info.uid, b"%07o\0" % info.gid,
+        b"%011o\0" % info.size, b"%011o\0" % info.mtime, b"        ", info.type, texts[1], tarfile.POSIX_MAGIC,
+        texts[2], texts[3], b"%07o\0" % info.devmajor if device else b"", b"%07o\0" % info.devminor if device else b"",
+        b""))
+    buf[148:156] = b"%06o\0 " % sum(buf)
+    return bytes(buf)
 
 
 def export_tar(result: PullResult, target: Any) -> str:
