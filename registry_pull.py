@@ -4547,7 +4547,6 @@ class _Flattener:
     holds are written at the end, once their target is."""
 
     def __init__(self, out: Any) -> None:
-        import tarfile
         import sqlite3
 
         self.dir = tempfile.mkdtemp(prefix="registry_pull-tar-")
@@ -4560,7 +4559,7 @@ class _Flattener:
         self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT)")
         self.db.execute("CREATE TABLE dirs (name TEXT PRIMARY KEY, meta TEXT)")
         self.db.execute("BEGIN")
-        self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
+        self.out, self.offset = out, 0  # the tar is written here, as tarfile's PAX format writes one
         self.layer = self.count = 0
         self.spilled: Dict[str, Any] = {}  # name -> its bytes on disk, or (the name it was written as,)
 
@@ -4591,6 +4590,7 @@ class _Flattener:
 
     def layer_entries(self, tar: tarfile.TarFile, name: str) -> None:
         """One layer's entries (the layers come top first)."""
+        import tarfile
         self.layer += 1
         while True:
             info = tar.next()
@@ -4633,9 +4633,12 @@ class _Flattener:
                     [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname, info.pax_headers])))
             elif info.issym() or info.islnk() or info.ischr() or info.isblk() or info.isfifo():
                 self._add(info)
-            else:
-                self._add(info, tar.extractfile(info))
-            setattr(self.tar, "members", [])  # the writing side keeps every member too: not here
+            elif info.sparse is None:  # straight from the stream (tarfile's file object adds two buffers per byte)
+                self._add(info, tar.fileobj)
+            else:  # a sparse file, its holes as zeros: a plain file (an old GNU 'S' header here would hold no map)
+                data = tar.extractfile(info)
+                info.type = tarfile.REGTYPE
+                self._add(info, data)
             self.count += 1
             if self.count % 10000 == 0:  # a transaction's dirty pages stay in memory until it ends
                 self.db.execute("COMMIT")
@@ -4646,16 +4649,14 @@ class _Flattener:
         self.spilled = {}
 
     def _add(self, info: tarfile.TarInfo, data: Any = None) -> None:
-        """``info`` (and ``data``, a file object, for a file) into the tar: a plain ustar header made
-        here in one go when nothing needs a PAX record (tarfile's addfile builds and checks it field by
-        field, half of the time of a tar of small files), else tarfile's own."""
-        head = _ustar_header(info)
-        if head is None:
-            self.tar.addfile(info, data)
-            setattr(self.tar, "members", [])  # the writing side keeps every member too: not here
-            return
+        """``info`` (and ``data``, a file object, for a file) into the tar, as tarfile's addfile
+        writes it: a plain ustar header made here in one go when nothing needs a PAX record
+        (tarfile builds it field by field: half of the time of a tar of small files), else
+        tarfile's own; the bytes straight to the output (tarfile's stream slices every write into
+        10 KiB records, copying what is left each time: quadratic in a big file's chunks)."""
         import tarfile
-        out = self.tar.fileobj
+        head = _ustar_header(info) or info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        out = self.out
         out.write(head)
         written = len(head)
         if data is not None:
@@ -4669,7 +4670,7 @@ class _Flattener:
             pad = -info.size % tarfile.BLOCKSIZE
             out.write(b"\0" * pad)
             written += info.size + pad
-        self.tar.offset += written  # what tarfile counts to pad the archive's end
+        self.offset += written
 
     def _spill(self, tar: tarfile.TarFile, info: tarfile.TarInfo, key: str) -> None:
         """Keep a skipped file's bytes until the layer ends (on disk, not in memory)."""
@@ -4718,7 +4719,10 @@ class _Flattener:
             info.type = tarfile.DIRTYPE
             info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname, info.pax_headers = json.loads(meta)
             self._add(info)
-        self.tar.close()
+        # The end, as tarfile ends an archive: two zero blocks, then zeros to a whole record.
+        self.out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self.offset += 2 * tarfile.BLOCKSIZE
+        self.out.write(b"\0" * (-self.offset % tarfile.RECORDSIZE))
 
 
 _USTAR = None  # the struct of a ustar header (made with the first)

@@ -6103,6 +6103,12 @@ class RootfsTests(Base):
                 with open(out, "rb") as f, open(big, "rb") as g:
                     self.assertEqual(hashlib.sha256(f.read()).digest(), hashlib.sha256(g.read()).digest())
                 self.assertLess(os.stat(out).st_blocks * 512, 8 << 20)  # the holes stayed holes
+                flat = os.path.join(self.home, "flat-%s.tar" % fmt)  # --tar: the file's bytes, holes as zeros
+                code, _, err = self.main(*self.cli_args("--tar", flat, reg.host + "/sparse/%s:v1" % fmt))
+                self.assertEqual(code, 0, err)
+                with tarfile.open(flat) as tar, open(big, "rb") as g:
+                    member = tar.extractfile("big")
+                    self.assertEqual(hashlib.sha256(member.read()).digest(), hashlib.sha256(g.read()).digest())
 
 
 class RootfsOwnershipTests(Base):
