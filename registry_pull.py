@@ -113,7 +113,7 @@ __all__ = [
     "Interrupted",
     "__version__",
 ]
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 
 class _Log:
@@ -2656,6 +2656,7 @@ class _ArchiveRepository:
     def __init__(self, client: _Client, path: str, wanted: Optional[str]) -> None:
         import tarfile
         self.client, self.path, self.name = client, path, "docker-archive:" + path
+        self.lock = threading.Lock()
         try:
             self.tar = tarfile.open(path, mode="r:")
         except (OSError, tarfile.TarError) as e:
@@ -2733,14 +2734,25 @@ class _ArchiveRepository:
             raise NotFound("%s has no manifest %s" % (self.name, ref))
         return self.digest, self.document, MT_OCI_MANIFEST
 
+    def fileno(self) -> int:
+        f: Any = self.tar.fileobj  # the archive, as tarfile.open opened it
+        return f.fileno()
+
     def blob(self, desc: Descriptor, offset: int = 0, what: str = "blob") -> Tuple[Any, int]:
         name = self.files.get(desc.digest)
         if name is None:
             raise NotFound("%s has no %s %s" % (self.name, what, desc.digest))
-        f = self.tar.extractfile(self._member(name))
-        assert f is not None
-        f.seek(offset)
-        return _TarAnswer(f), offset
+        member = self._member(name)
+        if member.isreg() and member.sparse is None and hasattr(os, "pread"):
+            # Read at its own offset: parallel downloads share the archive, not a file position
+            # (tarfile's file objects seek the one file the TarFile holds, then read it).
+            start = member.offset_data + offset
+            return _TarAnswer(_ArchivedFile(self.fileno(), start, member.size - offset)), offset
+        with self.lock:
+            f = self.tar.extractfile(member)
+            assert f is not None
+            f.seek(offset)
+        return _TarAnswer(_Locked(f, self.lock)), offset
 
     def small_blob(self, desc: Descriptor, what: str = "blob") -> bytes:
         answer, _ = self.blob(desc, 0, what)
@@ -2772,6 +2784,37 @@ def _archive_name(name: str) -> str:
     out of the archive keep their .. and so match nothing)."""
     name = posixpath.normpath(name)
     return name[2:] if name.startswith("./") else name
+
+
+class _ArchivedFile:
+    """A plain member's bytes, read with pread from the archive's descriptor."""
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        self.fd, self.pos, self.end = fd, start, start + max(0, size)
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.end - self.pos if n < 0 else min(n, self.end - self.pos)
+        data = os.pread(self.fd, n, self.pos) if n > 0 else b""
+        self.pos += len(data)
+        return data  # short where the archive is: the download's size check says so
+
+    def close(self) -> None:
+        pass
+
+
+class _Locked:
+    """Any other member's file object (a sparse one): its reads one at a time."""
+
+    def __init__(self, f: Any, lock: threading.Lock) -> None:
+        self.f, self.lock = f, lock
+
+    def read(self, n: int = -1) -> bytes:
+        with self.lock:
+            return self.f.read(n)
+
+    def close(self) -> None:
+        with self.lock:
+            self.f.close()
 
 
 class _TarAnswer:
@@ -3115,8 +3158,17 @@ CREATE INDEX IF NOT EXISTS idx_manifest_layers_layer_id ON manifest_layers(layer
 _NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "sshfs", "afs", "ceph", "glusterfs", "lustre", "gpfs")
 
 
+_FS_TYPES: Dict[str, str] = {}
+
+
 def _fs_type(path: str) -> str:
-    """The file system type of ``path`` from /proc/self/mounts (Linux), or ""."""
+    """The file system type of ``path`` from /proc/self/mounts (Linux), or "" (read once a path)."""
+    if path not in _FS_TYPES:
+        _FS_TYPES[path] = _read_fs_type(path)
+    return _FS_TYPES[path]
+
+
+def _read_fs_type(path: str) -> str:
     best, kind = "", ""
     try:
         with open("/proc/self/mounts") as f:
@@ -3701,22 +3753,17 @@ class _Store:
                 kept = self._index_lines(top) if reference is not None else None
                 sql = ("SELECT i.reference, i.manifest_digest, m.media_type, i.platform FROM images i "
                        "JOIN manifests m ON m.image_id = i.id")
-                if kept is None:
-                    rows = conn.execute(sql + " ORDER BY i.reference").fetchall()
-                else:
+                parts: Optional[List[bytes]] = None
+                if kept is not None and reference is not None:
                     rows = conn.execute(sql + " WHERE i.reference = ? ORDER BY i.platform", (reference,)).fetchall()
-                made = [self._index_line(top, blobs, *row) for row in rows]
-                lines = [line for line in made if line is not None]
-                if kept is not None:
-                    prefix = self._ENTRY_HEAD + json.dumps(reference) + "},"
-                    if any(line.startswith(prefix) for line in kept):  # (else a name new to the store)
-                        kept = [line for line in kept if not line.startswith(prefix)]
-                    at = _bisect(kept, reference, self._line_name)
-                    lines = kept[:at] + lines + kept[at:]
+                    parts = self._splice(kept, reference, self._lines_of(top, blobs, rows))
+                if parts is None:  # from scratch
+                    parts = self._lines_of(top, blobs, conn.execute(sql + " ORDER BY i.reference").fetchall())
                 if not _is_regular_at(top, "oci-layout"):
                     _write_atomic(top, "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-                _write_atomic(top, "index.json", (self._INDEX_HEAD + ",\n".join(lines) + self._INDEX_TAIL
-                                                  if lines else self._INDEX_HEAD[:-1] + self._INDEX_TAIL[1:]).encode())
+                _write_atomic(top, "index.json", (self._INDEX_HEAD.encode() + b",\n".join(parts)
+                                                  + self._INDEX_TAIL.encode() if parts else
+                                                  (self._INDEX_HEAD[:-1] + self._INDEX_TAIL[1:]).encode()))
         except OSError as e:
             raise StorageError("cannot write %s: %s" % (os.path.join(self.home, "index.json"), e.strerror or e)) \
                 from None
@@ -3727,31 +3774,74 @@ class _Store:
             if not keep:
                 conn.close()
 
-    def _index_lines(self, top: int) -> Optional[List[str]]:
-        """index.json's entry lines, or None when it is absent or not as write_index writes it."""
+    def _lines_of(self, top: int, blobs: Dict[str, int], rows: List[Any]) -> List[bytes]:
+        made = [self._index_line(top, blobs, *row) for row in rows]
+        return [line.encode() for line in made if line is not None]
+
+    def _index_lines(self, top: int) -> Optional[bytes]:
+        """index.json's entry lines (as the file has them, between its head and tail), or None
+        when it is absent or not as write_index writes it."""
         try:
             fd = os.open("index.json", os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=top)
             with os.fdopen(fd, "rb") as f:
-                text = f.read(MAX_MANIFEST_BYTES * 64).decode("utf-8")
-        except (OSError, UnicodeDecodeError):
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_MANIFEST_BYTES * 64:
+                    return None
+                data = f.read(size + 1)  # (one more: a file that grew is read whole, not cut)
+        except OSError:
             return None
-        if not (text.startswith(self._INDEX_HEAD) and text.endswith(self._INDEX_TAIL)):
+        head, tail = self._INDEX_HEAD.encode(), self._INDEX_TAIL.encode()
+        if not (data.startswith(head) and data.endswith(tail)) or len(data) < len(head) + len(tail):
             return None
-        body = text[len(self._INDEX_HEAD):-len(self._INDEX_TAIL)]
-        lines = body.split(",\n")
-        # Every line an entry: each newline a separator, each separator between "}" and an entry's head.
-        if not (body.startswith(self._ENTRY_HEAD) and body.endswith("}") and body.count("\n") == len(lines) - 1
-                and body.count("},\n" + self._ENTRY_HEAD) == len(lines) - 1):
-            return None
-        return lines
+        return data[len(head):len(data) - len(tail)]
 
-    def _line_name(self, line: str) -> str:
+    def _line_name(self, line: bytes) -> str:
         """The image name an entry line of index.json is for ("" if it cannot be read)."""
         try:
-            name, _ = json.JSONDecoder().raw_decode(line, len(self._ENTRY_HEAD))
-        except ValueError:
+            name, _ = json.JSONDecoder().raw_decode(line.decode("utf-8"), len(self._ENTRY_HEAD))
+        except ValueError:  # (UnicodeDecodeError included)
             return ""
         return name if isinstance(name, str) else ""
+
+    def _splice(self, body: bytes, reference: str, lines: List[bytes]) -> Optional[List[bytes]]:
+        """``body``'s lines with ``reference``'s replaced by ``lines`` (in name order), as pieces
+        to join with ",\\n"; None when a line it reads is not one compact entry (a file edited by
+        hand: rebuilt whole). The lines are found by a binary search on byte offsets, so only a
+        dozen of a store of thousands are read, and the rest is copied as it is."""
+        entry = self._ENTRY_HEAD.encode()
+
+        def line_at(pos: int) -> Tuple[int, int]:  # (start, end) of the line holding offset pos
+            start = body.rfind(b",\n", 0, pos)
+            start = 0 if start < 0 else start + 2
+            end = body.find(b",\n", start)
+            end = len(body) if end < 0 else end
+            # One entry a line: compact JSON has no newline inside, so a line that starts as an
+            # entry and ends its object is a whole entry, and a cut beside it cuts no entry.
+            if not (body.startswith(entry, start, end) and body.endswith(b"}", start, end)):
+                raise ValueError("not an entry line")
+            return start, end
+        try:
+            lo, hi = 0, len(body) + 2  # line starts; len(body) + 2 stands for the end
+            while lo < hi:  # after the lines of names up to ``reference`` (bisect_right)
+                start, end = line_at((lo + hi) // 2)
+                if reference < self._line_name(body[start:end]):
+                    hi = start
+                else:
+                    lo = end + 2
+            at = cut = lo  # the old lines of this name are the ones just before
+            prefix = (self._ENTRY_HEAD + json.dumps(reference) + "},").encode()
+            while cut > 0:
+                start, end = line_at(cut - 2)
+                if not body.startswith(prefix, start, end):
+                    break
+                cut = start
+            if at < len(body):
+                line_at(at)  # the line after the cut is an entry too
+        except ValueError:
+            return None
+        before = [body[:cut - 2]] if cut > 0 else []
+        after = [body[at:]] if at < len(body) else []
+        return before + lines + after
 
     def _index_line(self, top: int, blobs: Dict[str, int], reference: str, digest: str, media_type: str,
                     plat: Optional[str]) -> Optional[str]:
@@ -3766,19 +3856,6 @@ class _Store:
         except OSError:
             return None  # a blob removed by hand: leave the image out rather than lie
         return self._compact(_layout_entry(media_type, digest, size, _recorded_platform(plat), reference))
-
-
-def _bisect(items: List[Any], value: Any, key: Callable[[Any], Any]) -> int:
-    """Where ``value`` goes in ``items`` (sorted by ``key``): after its equals (bisect_right;
-    Python 3.8's bisect takes no key)."""
-    lo, hi = 0, len(items)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if value < key(items[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 def _str_or_none(v):
@@ -4660,9 +4737,10 @@ class _Flattener:
         out.write(head)
         written = len(head)
         if data is not None:
+            read = getattr(data, "read1", None) or data.read  # no join of a chunk's tail and the next's head
             left = info.size
             while left:
-                chunk = data.read(min(CHUNK, left))
+                chunk = read(min(CHUNK, left))
                 if not chunk:
                     raise tarfile.ReadError("unexpected end of data")
                 out.write(chunk)
@@ -4796,7 +4874,7 @@ def export_tar(result: PullResult, target: Any) -> str:
         stream.start()
         for layer, diff_id in zip(layers, reversed(diff_ids)):
             try:
-                tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_layer_tarinfo())
+                tar = tarfile.open(fileobj=stream, mode="r:", tarinfo=_layer_tarinfo())
             except tarfile.ReadError as e:
                 if str(e) != "empty file":
                     raise IntegrityError("layer %s is not a tar archive: %s" % (layer.digest, e)) from None
@@ -5010,6 +5088,7 @@ def _layer_tarinfo() -> Any:
 
 
 _OPAQUE = ".wh..wh..opq"
+_DIR_FDS = 256  # directory descriptors the extractor keeps open between entries
 _READ_AHEAD = 4  # decompressed chunks (at most CHUNK each) buffered ahead of the extractor
 
 
@@ -5148,6 +5227,7 @@ class _LayerStream(threading.Thread):
         self.buf: bytes = b""
         self.pos: int = 0
         self.end: Optional[str] = None
+        self.offset = 0  # bytes of the current layer read so far (tarfile's tell())
 
     def run(self):
         try:
@@ -5178,6 +5258,23 @@ class _LayerStream(threading.Thread):
                 continue
 
     def read(self, n: int = -1) -> bytes:
+        """``n`` bytes, fewer only where the layer ends (tarfile takes a short header read for
+        the end of the archive); n < 0: what is left of the current chunk."""
+        out = self.read1(n)
+        if n is None or n < 0 or len(out) == n or not out:
+            return out
+        parts = [out]
+        left = n - len(out)
+        while left:
+            more = self.read1(left)
+            if not more:
+                break
+            parts.append(more)
+            left -= len(more)
+        return b"".join(parts)
+
+    def read1(self, n: int = -1) -> bytes:
+        """At most ``n`` bytes, from the current chunk (a file's data is copied from it as it is)."""
         while self.pos >= len(self.buf):
             if self.end is not None:
                 return b""
@@ -5196,13 +5293,31 @@ class _LayerStream(threading.Thread):
         end = len(self.buf) if n is None or n < 0 else self.pos + n
         out = self.buf[self.pos:end]
         self.pos += len(out)
+        self.offset += len(out)
         return out
+
+    # tell() and a forward seek() are all tarfile's "r:" mode asks of a file: it reads members
+    # straight from these chunks, not through the 10 KiB records of its "r|" stream.
+    def tell(self) -> int:
+        return self.offset
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self.offset
+        if whence not in (0, 1) or offset < self.offset:
+            raise OSError(errno.ESPIPE, "a layer stream seeks forward only")
+        while self.offset < offset and self.read1(min(CHUNK, offset - self.offset)):
+            pass
+        return self.offset
+
+    def seekable(self) -> bool:
+        return False
 
     def finish(self) -> str:
         """Read what is left of the current layer (tar padding); its diff_id."""
-        while self.read(CHUNK):
+        while self.read1(CHUNK):
             pass
-        digest, self.end = self.end, None
+        digest, self.end, self.offset = self.end, None, 0
         return digest or ""
 
 
@@ -5286,9 +5401,11 @@ class _Unpacker:
         # created, and single entries it made in directories that were there before.
         self.new_dirs: Set[str] = set()
         self.added: Set[str] = set()
-        # The last entry's directory (as written, resolved, descriptor): the next entry is most
-        # often in the same one. A descriptor, unlike a name, cannot be redirected by a rename.
-        self.last: Optional[Tuple[str, str, int]] = None
+        # Descriptors of the directories walked lately, by resolved name (every key a real
+        # directory reached without a symlink at its end, until _clear forgets it): the next entry
+        # is most often in one of them, and a descriptor, unlike a name, cannot be redirected by a
+        # rename. At most _DIR_FDS, the least used let go first (closed once its entry is done).
+        self.fds: Dict[str, int] = {}
         self.stale: List[int] = []  # descriptors to close once the entry using them is done
         self.handlers: Dict[bytes, Callable[[tarfile.TarFile, tarfile.TarInfo, str, int, str], None]] = {
             tarfile.DIRTYPE: self._make_dir, tarfile.SYMTYPE: self._make_symlink,
@@ -5305,7 +5422,7 @@ class _Unpacker:
         self.layer = name
         self.new_dirs, self.added = set(), set()
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_layer_tarinfo())
+            tar = tarfile.open(fileobj=stream, mode="r:", tarinfo=_layer_tarinfo())
         except tarfile.ReadError as e:
             if str(e) == "empty file":  # only end-of-archive blocks: a layer that changes nothing
                 self.lower = True
@@ -5335,7 +5452,8 @@ class _Unpacker:
         self.lower = True
 
     def close(self) -> None:
-        self._forget_last()
+        self.stale.extend(self.fds.values())
+        self.fds = {}
         for fd in self.stale:
             os.close(fd)
         self.stale = []
@@ -5363,45 +5481,53 @@ class _Unpacker:
     # -- names, resolved through descriptors ------------------------------------------------
 
     def _parent(self, head: str) -> Tuple[str, int]:
-        """(resolved name, descriptor) of the directory ``head`` names, made where missing; the
-        descriptor stays ours (valid until this entry is done)."""
+        """(resolved name, descriptor) of the directory ``head`` (a clean name) names, made where
+        missing; the descriptor stays ours (valid until this entry is done)."""
         if not head:
             return "", self.root_fd
-        if self.last is not None and self.last[0] == head:
-            return self.last[1], self.last[2]
+        fd = self.fds.pop(head, None)
+        if fd is not None:  # a key is its own resolved name: nothing on the way is a symlink
+            self.fds[head] = fd  # the most recently used, last
+            return head, fd
         walked = self._walk(head, make=True)
         assert walked is not None
-        self._forget_last()
-        self.last = (head, walked[0], walked[1])
         return walked
 
-    def _forget_last(self) -> None:
-        if self.last is not None:
-            self.stale.append(self.last[2])
-            self.last = None
+    def _keep_fd(self, rel: str, fd: int) -> None:
+        self.fds[rel] = fd
+        if len(self.fds) > _DIR_FDS:
+            oldest = next(iter(self.fds))
+            self.stale.append(self.fds.pop(oldest))
+
+    def _forget_dir(self, rel: str) -> None:
+        fd = self.fds.pop(rel, None)
+        if fd is not None:
+            self.stale.append(fd)  # it may still be the descriptor this entry works in
 
     def _walk(self, rel: str, make: bool) -> Optional[Tuple[str, int]]:
-        """(``rel`` resolved inside the root, a new descriptor of that directory). Each component
-        is opened O_NOFOLLOW from its parent's descriptor; a symlink is read and its target
-        resolved inside the root (absolute ones from the root); with ``make``, a missing
-        directory is made 0700 (recorded 0755 root-owned, as umoci makes parents). Without
-        ``make``: None when something on the way is missing or no directory."""
+        """(``rel`` resolved inside the root, a descriptor of that directory: ours, valid until
+        this entry is done). Each component is opened O_NOFOLLOW from its parent's descriptor
+        (or taken from the ones kept); a symlink is read and its target resolved inside the
+        root (absolute ones from the root); with ``make``, a missing directory is made 0700
+        (recorded 0755 root-owned, as umoci makes parents). Without ``make``: None when
+        something on the way is missing or no directory."""
         parts = rel.split("/")
         done: List[str] = []
-        fds: List[int] = []
+        fds: List[int] = []  # the descriptors of ``done``, each kept in self.fds or self.stale
         hops = 0
-        try:
-            while parts:
-                part = parts.pop(0)
-                if part in ("", "."):
-                    continue
-                if part == "..":
-                    if done:
-                        done.pop()
-                        os.close(fds.pop())
-                    continue
-                at = fds[-1] if fds else self.root_fd
-                here = "/".join(done + [part])
+        while parts:
+            part = parts.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if done:
+                    done.pop()
+                    fds.pop()
+                continue
+            at = fds[-1] if fds else self.root_fd
+            here = "/".join(done + [part])
+            fd = self.fds.get(here)
+            if fd is None:
                 try:
                     fd = os.open(part, _O_DIR, dir_fd=at)
                 except FileNotFoundError:
@@ -5424,22 +5550,17 @@ class _Unpacker:
                     if hops > 40:
                         raise _hostile(self.layer, "too many levels of symbolic links in %r" % rel[:200])
                     if target.startswith("/"):
-                        while fds:
-                            os.close(fds.pop())
-                        done = []
+                        fds, done = [], []
                     parts = target.split("/") + parts
                     continue
-                fds.append(fd)
-                done.append(part)
-                if len(done) > _MAX_DEPTH:
-                    raise _hostile(self.layer, "%r is more than %d directories deep" % (rel[:200], _MAX_DEPTH))
-                if make and here not in self.dirs:
-                    self.dirs[here] = (0o755, 0, 0, None)
-            result = fds.pop() if fds else os.open(".", _O_DIR, dir_fd=self.root_fd)
-            return "/".join(done), result
-        finally:
-            for fd in fds:
-                os.close(fd)
+                self._keep_fd(here, fd)
+            fds.append(fd)
+            done.append(part)
+            if len(done) > _MAX_DEPTH:
+                raise _hostile(self.layer, "%r is more than %d directories deep" % (rel[:200], _MAX_DEPTH))
+            if make and here not in self.dirs:
+                self.dirs[here] = (0o755, 0, 0, None)
+        return "/".join(done), fds[-1] if fds else self.root_fd
 
     # -- what this layer made -------------------------------------------------------------
 
@@ -5467,12 +5588,13 @@ class _Unpacker:
             st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
-        self._forget_last()  # what was resolved through it may be gone
         if stat.S_ISDIR(st.st_mode):
             # Forget what was removed, and only that: a scan of every remembered directory
             # per removal made a layer that whites out thousands of directories quadratic.
             for path in _rmtree_at(dir_fd, base):
-                self.dirs.pop(rel + path[len(base):], None)
+                removed = rel + path[len(base):]
+                self.dirs.pop(removed, None)
+                self._forget_dir(removed)
         else:
             os.unlink(base, dir_fd=dir_fd)
 
@@ -5488,18 +5610,15 @@ class _Unpacker:
         if walked is None:
             return  # nothing there to hide
         parent, fd = walked
-        try:
-            if base == _OPAQUE:
-                # A directory this layer declared again (overlay writers list "x/" before
-                # "x/.wh..wh..opq") still hides its lower contents; one it created has none.
-                if (not parent or parent in self.dirs) and not self._in_new_tree(parent):
-                    self._hide_lower(parent, fd)
-                return
-            rel = parent + "/" + name if parent else name
-            if not self._is_own(rel):  # a whiteout hides lower layers only (layer.md)
-                self._clear(rel, fd, name)
-        finally:
-            os.close(fd)
+        if base == _OPAQUE:
+            # A directory this layer declared again (overlay writers list "x/" before
+            # "x/.wh..wh..opq") still hides its lower contents; one it created has none.
+            if (not parent or parent in self.dirs) and not self._in_new_tree(parent):
+                self._hide_lower(parent, fd)
+            return
+        rel = parent + "/" + name if parent else name
+        if not self._is_own(rel):  # a whiteout hides lower layers only (layer.md)
+            self._clear(rel, fd, name)
 
     def _hide_lower(self, rel: str, fd: int) -> None:
         """Opaque directory: remove what lower layers put below ``rel``; keep this layer's entries."""
@@ -5592,7 +5711,7 @@ class _Unpacker:
                 # Straight from the stream (tarfile's file object adds two buffers per byte).
                 left = info.size
                 while left:
-                    chunk = tar.fileobj.read(min(CHUNK, left))
+                    chunk = tar.fileobj.read1(min(CHUNK, left))
                     if not chunk:
                         raise IntegrityError("layer %s is truncated inside %r" % (self.layer, rel[:200]))
                     left -= len(chunk)
@@ -5602,7 +5721,7 @@ class _Unpacker:
             else:  # a sparse file: its data segments, in order; the holes stay holes
                 for offset, length in info.sparse:
                     while length:
-                        chunk = tar.fileobj.read(min(CHUNK, length))
+                        chunk = tar.fileobj.read1(min(CHUNK, length))
                         if not chunk:
                             raise IntegrityError("layer %s is truncated inside %r" % (self.layer, rel[:200]))
                         os.lseek(out, offset, os.SEEK_SET)
@@ -5640,21 +5759,18 @@ class _Unpacker:
             raise _hostile(self.layer, "hard link %r -> %r points at nothing in the image"
                            % (info.name[:100], info.linkname[:100]))
         tparent, tfd = walked
+        if (tparent + "/" + tbase if tparent else tbase) == rel:
+            return  # a link to itself: nothing to do
+        self._clear(rel, fd, base)
         try:
-            if (tparent + "/" + tbase if tparent else tbase) == rel:
-                return  # a link to itself: nothing to do
-            self._clear(rel, fd, base)
-            try:
-                st = os.stat(tbase, dir_fd=tfd, follow_symlinks=False)
-            except FileNotFoundError:
-                st = None
-            if st is None or stat.S_ISDIR(st.st_mode):
-                raise _hostile(self.layer, "hard link %r -> %r points at nothing in the image"
-                               % (info.name[:100], info.linkname[:100]))
-            # Shares its target's inode and metadata.
-            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=fd, follow_symlinks=False)
-        finally:
-            os.close(tfd)
+            st = os.stat(tbase, dir_fd=tfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None or stat.S_ISDIR(st.st_mode):
+            raise _hostile(self.layer, "hard link %r -> %r points at nothing in the image"
+                           % (info.name[:100], info.linkname[:100]))
+        # Shares its target's inode and metadata.
+        os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=fd, follow_symlinks=False)
         self._mark(rel)
 
     def _make_fifo(self, tar, info, rel, fd, base):
