@@ -32,7 +32,6 @@ It needs only the standard library of Python 3.8 or newer: copy this one file to
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import errno
@@ -58,7 +57,8 @@ import zlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-if _TYPE_CHECKING:  # for annotations: tarfile is imported where a tar is read or written, not at start
+if _TYPE_CHECKING:  # for annotations: tarfile is imported where a tar is read or written, argparse in main
+    import argparse
     import tarfile
 
 __all__ = [
@@ -5230,15 +5230,38 @@ class _LayerStream(threading.Thread):
         self.offset = 0  # bytes of the current layer read so far (tarfile's tell())
 
     def run(self):
+        # The diff_id is hashed on a third thread (hashlib lets go of the GIL, as zlib does):
+        # decompressing and hashing on one thread made it the extraction's slowest.
+        import queue
+        chunks: queue.Queue = queue.Queue(_READ_AHEAD * 2)
+        digests: queue.Queue = queue.Queue()
+
+        def hash_all():
+            hasher = None
+            while True:
+                item = chunks.get()
+                if item is None:
+                    return
+                if isinstance(item, str):  # a layer begins (its algorithm) or ends ("")
+                    if item:
+                        hasher = hashlib.new(item)
+                    else:
+                        assert hasher is not None
+                        digests.put("%s:%s" % (hasher.name, hasher.hexdigest()))
+                    continue
+                assert hasher is not None
+                hasher.update(item)
+        hashing = threading.Thread(target=hash_all, name="registry_pull-diff-id", daemon=True)
+        hashing.start()
         try:
             for layer, algo in zip(self.layers, self.algos):
                 if self.ready is not None:
                     self.ready(layer)
-                hasher = hashlib.new(algo)
+                chunks.put(algo)
                 for chunk in _decompressed(layer.path, layer.digest):
-                    hasher.update(chunk)
-                    self._put(chunk)
-                self._put(("end", "%s:%s" % (algo, hasher.hexdigest())))
+                    self._put(chunk, chunks)
+                chunks.put("")
+                self._put(("end", digests.get()))
         except _Stopped:
             pass
         except BaseException as e:  # handed to the extracting thread
@@ -5246,8 +5269,12 @@ class _LayerStream(threading.Thread):
                 self._put(("error", e))
             except _Stopped:
                 pass
+        finally:
+            chunks.put(None)
 
-    def _put(self, item):
+    def _put(self, item, also=None):
+        if also is not None:
+            also.put(item)  # (never waits long: the hashing thread only hashes)
         while True:
             if self.stop.is_set():
                 raise _Stopped()
@@ -7900,23 +7927,33 @@ class _Formatter:
         return "registry_pull: " + _printable(record.getMessage(), 2000)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse without abbreviations (``--password`` is never read as ``--password-stdin``),
-    and a usage error in one line, not the whole usage block."""
+_PARSER_CLASS: List[Any] = []
 
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
-    def error(self, message: str) -> Any:
-        # Never repeat a value the user typed after an option that was not understood: it may be
-        # a password (``--pass=s3cret``, ``--password-stdin=s3cret``).
-        message = re.sub(r"ignored explicit argument '.*'", "ignored the value given to it", message)
-        m = re.match(r"unrecognized arguments: (.*)", message)
-        if m:
-            flags = [a.split("=", 1)[0] for a in m.group(1).split() if a.startswith("-")]
-            message = "unrecognized arguments: %s" % (" ".join(flags) or "(values not shown)")
-        sys.stderr.write("registry_pull: error: %s (see %s --help)\n" % (_printable(message, 500), self.prog))
-        sys.exit(2)
+def _argument_parser(**kw: Any) -> argparse.ArgumentParser:
+    """A parser of the command line (argparse is imported here: a library user never needs it)."""
+    if not _PARSER_CLASS:
+        import argparse
+
+        class _ArgumentParser(argparse.ArgumentParser):
+            """argparse without abbreviations (``--password`` is never read as ``--password-stdin``),
+            and a usage error in one line, not the whole usage block."""
+
+            def __init__(self, **kw: Any) -> None:
+                super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+            def error(self, message: str) -> Any:
+                # Never repeat a value the user typed after an option that was not understood: it may be
+                # a password (``--pass=s3cret``, ``--password-stdin=s3cret``).
+                message = re.sub(r"ignored explicit argument '.*'", "ignored the value given to it", message)
+                m = re.match(r"unrecognized arguments: (.*)", message)
+                if m:
+                    flags = [a.split("=", 1)[0] for a in m.group(1).split() if a.startswith("-")]
+                    message = "unrecognized arguments: %s" % (" ".join(flags) or "(values not shown)")
+                sys.stderr.write("registry_pull: error: %s (see %s --help)\n" % (_printable(message, 500), self.prog))
+                sys.exit(2)
+        _PARSER_CLASS.append(_ArgumentParser)
+    return _PARSER_CLASS[0](**kw)
 
 
 def _common_options(p: argparse.ArgumentParser, json_help: str = "print the result as JSON on stdout") -> None:
@@ -7928,6 +7965,7 @@ def _common_options(p: argparse.ArgumentParser, json_help: str = "print the resu
 
 
 def _registry_options(p: argparse.ArgumentParser) -> None:
+    import argparse
     p.add_argument("--insecure", action="store_true",
                    help="allow plain HTTP and unverified TLS for this registry (loopback may use HTTP anyway)")
     p.add_argument("--ca-file", metavar="FILE", help="extra trusted CA bundle (besides SSL_CERT_FILE)")
@@ -7984,7 +8022,7 @@ def _pull_options(p: argparse.ArgumentParser) -> None:
 
 def _verb_parser(verb: str) -> argparse.ArgumentParser:
     """The parser of one verb (``registry_pull VERB --help``)."""
-    p = _ArgumentParser(prog="registry_pull " + verb, description=_VERBS[verb] + ".", epilog=_EXIT_CODES)
+    p = _argument_parser(prog="registry_pull " + verb, description=_VERBS[verb] + ".", epilog=_EXIT_CODES)
     if verb == "copy":
         p.add_argument("reference", metavar="SRC", nargs="?", help="[docker://]REFERENCE, oci:DIR[:NAME] or "
                        "docker-archive:FILE[:REF]")
@@ -8033,7 +8071,7 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
 def _parser() -> argparse.ArgumentParser:
     """``registry_pull [OPTIONS] REFERENCE``: a pull, as always; the --inspect-style actions of
     0.1 still work here (deprecated: the verbs replace them)."""
-    p = _ArgumentParser(
+    p = _argument_parser(
         prog="registry_pull",
         usage="registry_pull [OPTIONS] REFERENCE\n       registry_pull VERB [OPTIONS] ...  (VERB --help for each)",
         description="Pull a container image from an OCI/Docker registry into a verified local store.\n\nverbs:\n"
