@@ -365,6 +365,8 @@ def _printable(text: object, limit: int = 300) -> str:
     text = str(text)
     if len(text) > limit:
         text = text[:limit] + "..."
+    if text.isprintable():  # every character of _UNPRINTABLE is one isprintable() refuses
+        return text  # (and the pattern, compiled, costs 3 ms of a warm re-pull)
     return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()) if ord(m.group()) < 0x100
                             else "\\u%04x" % ord(m.group()), text)
 

@@ -4177,6 +4177,20 @@ class HostileInputTests(Base):
             with self.subTest(header=buf[:40]):
                 self.assertEqual(parsed_header(fast, buf), parsed_header(tarfile.TarInfo, buf))
 
+    def test_every_terminal_control_character_is_escaped(self):
+        """What a server says reaches the terminal with C0/C1 controls, line separators and
+        bidi overrides escaped (the fast path for printable text skips none of them)."""
+        controls = [chr(c) for c in list(range(0x20)) + list(range(0x7f, 0xa0))] + \
+            ["\u2028", "\u2029"] + [chr(c) for c in range(0x202a, 0x202f)] + [chr(c) for c in range(0x2066, 0x206a)]
+        for c in controls:
+            with self.subTest(char=hex(ord(c))):
+                shown = rp._printable("a" + c + "b")
+                self.assertNotIn(c, shown)
+                self.assertEqual(shown, "a\\x%02xb" % ord(c) if ord(c) < 0x100 else "a\\u%04xb" % ord(c))
+        for text in ("plain text", "caf\u00e9 \u65e5\u672c", "tab-free; 100% {json}"):
+            self.assertEqual(rp._printable(text), text)
+        self.assertEqual(rp._printable("x" * 400), "x" * 300 + "...")
+
     def serve_manifest(self, reg, name, data, media_type=rp.MT_OCI_MANIFEST):
         reg.manifests[(name, "v1")] = (media_type, data)
 
