@@ -2891,9 +2891,17 @@ class AuthTests(Base):
         img = reg.push("slow2/app", "v1", Image(layers=[make_layer({"f%d" % i: os.urandom(50000)})
                                                         for i in range(4)]))
 
+        held = []
+
         def slow(h, method, path):
-            if "/blobs/" in path:
-                time.sleep(0.6)  # the token dies between sending the request and the server checking it
+            # The first blob request is held until the token it carries has died, then checked:
+            # a token that was good when sent and is expired when it arrives (however loaded the
+            # machine, unlike a fixed sleep the client's early renewal could outrun).
+            auth = h.headers.get("Authorization", "")
+            expiry = reg.tokens.get(auth[7:]) if auth.startswith("Bearer ") else None
+            if "/blobs/" in path and expiry and not held:
+                held.append(path)
+                time.sleep(max(0.0, expiry - time.time()) + 0.05)
             return False
         reg.fault = slow
         self.pull(reg, "slow2/app:v1", jobs=1)
