@@ -6960,6 +6960,24 @@ class FlatTarTests(Base):
             self.assertTrue(tar.getmember("dev/null").ischr())
             self.assertTrue(tar.getmember("bin/ping6").islnk())
 
+    def test_what_a_layer_puts_below_its_own_new_file_is_not_written(self):
+        """The flattener remembers the directories it found visible for the rest of a layer;
+        a file the same layer then puts at such a name hides what follows below it."""
+        reg = self.registry()
+        reg.push("flat/own", "v1", layered_image(
+            [("q/keep", "file", b"k", 0o644), ("q/r/s1", "file", b"1", 0o644)],
+            [("top", "file", b"t", 0o644), ("q/r/s0", "file", b"0", 0o644), ("q/r", "file", b"now a file", 0o644),
+             ("q/r/s2", "file", b"2", 0o644)]))
+        flat = os.path.join(self.home, "own.tar")
+        self.pull(reg, "flat/own:v1", tar=flat)
+        with tarfile.open(flat) as tar:
+            members = dict((m.name, m) for m in tar.getmembers())
+        self.assertTrue(members["q/r"].isreg())
+        self.assertIn("q/r/s0", members)  # written before the file came (a contradictory layer, kept as met)
+        self.assertNotIn("q/r/s2", members)
+        self.assertNotIn("q/r/s1", members)  # the lower layer's, below the upper layer's file
+        self.assertIn("q/keep", members)
+
     def test_a_write_through_a_lower_symlink_is_refused_not_flattened_wrong(self):
         reg = self.registry()
         reg.push("flat/app", "v1", layered_image(*ROOTFS_LAYERS))
