@@ -7521,6 +7521,22 @@ class ManyImagesTests(Base):
                                       stderr=subprocess.PIPE, timeout=60)
                 self.assertEqual(proc.returncode, 0, proc.stderr)
 
+    def test_a_reference_named_twice_is_one_entry_of_the_layout_and_the_archive(self):
+        reg = self.registry()
+        reg.push("many/twice", "v1", Image())
+        layout, archive = os.path.join(self.home, "layout"), os.path.join(self.home, "all.tar")
+        ref = reg.host + "/many/twice:v1"
+        code, out, err = self.main("--home", self.home, "pull", "--platform", "linux/amd64", "--json",
+                                   "--oci-layout", layout, "--docker-archive", archive, ref, ref)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(json.loads(out)), 2)  # a result for each reference given, in order
+        with open(os.path.join(layout, "index.json")) as f:
+            names = [e["annotations"][rp._REF_NAME] for e in json.load(f)["manifests"]]
+        self.assertEqual(names, [ref])
+        with tarfile.open(archive) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))
+        self.assertEqual([m["RepoTags"] for m in manifest], [[ref]])
+
     def test_every_reference_is_tried_and_the_first_failure_is_the_exit_code(self):
         reg = self.registry()
         img = reg.push("many/ok", "v1", Image())
