@@ -7011,7 +7011,8 @@ def pull_many(references: List[Any], *, home: Optional[str] = None, platform: An
                         raise
                     log.warning("%s: %s", ref, e)
                     results.append(e)
-        pulled = [r for r in results if isinstance(r, PullResult)]
+        # A reference given twice is one image of the layout and the archive (each name once).
+        pulled = list(dict((r.reference, r) for r in results if isinstance(r, PullResult)).values())
         if oci_layout is not None and pulled:
             _export_blobs([p for r in pulled for p in r.blob_paths()], oci_layout,
                           [_result_entry(r, r.reference) for r in pulled])
