@@ -299,10 +299,9 @@ class DigestMismatch(IntegrityError):
 class SizeMismatch(IntegrityError):
     """A blob's length differs from its descriptor (``expected``, ``actual``); exit 5."""
 
-    def __init__(self, what, digest, expected, actual):
+    def __init__(self, what, digest, expected, actual, sent="the registry sent %s: discarded"):
         super().__init__(
-            "%s %s: expected %d bytes, the registry sent %s: discarded"
-            % (what, digest, expected, actual)
+            "%s %s: expected %d bytes, %s" % (what, digest, expected, sent % (actual,))
         )
         self.digest, self.expected, self.actual = digest, expected, actual
 
@@ -2617,7 +2616,7 @@ class _LayoutRepository:
         size = os.fstat(fd).st_size
         if size != desc.size:
             os.close(fd)
-            raise SizeMismatch(what, desc.digest, desc.size, size)
+            raise SizeMismatch(what, desc.digest, desc.size, size, "its file in %s has %%s: refused" % self.name)
         return _FileAnswer(fd, offset), offset
 
     def small_blob(self, desc: Descriptor, what: str = "blob") -> bytes:

@@ -5305,6 +5305,13 @@ class LocalSourceTests(Base):
         code, out, err = self.main("--home", os.path.join(self.home, "s1"), "oci:%s:app" % layout)
         self.assertEqual(code, 5, err)
         os.unlink(blob)
+        with open(blob, "wb") as f:
+            f.write(img.layers[1][:-3])  # cut short: the layout's file is named, not a registry
+        code, out, err = self.main("--home", os.path.join(self.home, "s3"), "oci:%s:app" % layout)
+        self.assertEqual(code, 5, err)
+        self.assertIn("its file in oci:%s has %d: refused" % (layout, len(img.layers[1]) - 3), err)
+        self.assertNotIn("the registry sent", err)
+        os.unlink(blob)
         os.symlink("/etc/passwd", blob)  # a link in blobs/: refused, never followed
         code, out, err = self.main("--home", os.path.join(self.home, "s2"), "oci:%s:app" % layout)
         self.assertEqual(code, 5, err)
