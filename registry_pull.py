@@ -7521,14 +7521,14 @@ def copy(src: Any, dst: Any, *, home: Optional[str] = None, platform: Any = None
         mount = src_ref.repository if same else None
         _push_tree(store, repo, top, dst_ref.digest or tag, mount, chunk_size, done, set(), 0, jobs)
         if referrers:
-            done["referrers"] = _push_referrers(store, repo, str(src_ref), mount, chunk_size, done)
+            done["referrers"] = _push_referrers(store, repo, str(src_ref), mount, chunk_size, done, jobs)
     log.info("copied %s to %s (%s): %d blobs uploaded, %d mounted, %d there already", src_ref, dst_ref, top,
              len(done["uploaded"]), len(done["mounted"]), len(done["skipped"]))
     return dict(source=str(src_ref), destination=str(dst_ref), digest=top, **done)
 
 
 def _push_referrers(store: _Store, repo: _Repository, reference: str, mount_from: Optional[str], chunk_size: int,
-                    done: Dict[str, List[str]]) -> List[str]:
+                    done: Dict[str, List[str]], jobs: int = JOBS) -> List[str]:
     """Push what was pulled with ``reference`` because it refers to it: each by digest, a cosign
     tag's also by its tag; and, where the destination has no referrers API, the referrers tag
     (``sha256-HEX``: an index of them) for each subject, as a client pushing to such a registry must."""
@@ -7536,7 +7536,7 @@ def _push_referrers(store: _Store, repo: _Repository, reference: str, mount_from
     by_subject: Dict[str, List[Dict[str, Any]]] = {}
     for subject, digest, media_type, artifact_type, tag in rows:
         sent = set(done["skipped"] + done["uploaded"] + done["mounted"])
-        _push_tree(store, repo, digest, tag, mount_from, chunk_size, done, sent, 0)
+        _push_tree(store, repo, digest, tag, mount_from, chunk_size, done, sent, 0, jobs)
         if not tag:
             entry: Dict[str, Any] = {"mediaType": media_type, "digest": digest,
                                      "size": len(store.read(digest) or b"")}
