@@ -8440,5 +8440,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.command_line(None)
 
 
+def _exit(code: int) -> None:
+    """The command line's end: atexit's functions run, the standard streams are flushed, and the
+    process ends at once. The interpreter's own teardown (freeing every module and object: 20-30
+    ms, a fifth of a warm re-pull) has nothing left to do for this process, whose files are all
+    closed by now. Under a tracer, a profiler or ``python -i`` (which go on after the script
+    returns) it exits as usual."""
+    import atexit
+    run = getattr(atexit, "_run_exitfuncs", None)  # CPython's, since 3.0
+    monitoring = getattr(sys, "monitoring", None)  # 3.12+: coverage and debuggers without a trace function
+    if run is None or sys.gettrace() is not None or sys.getprofile() is not None or sys.flags.inspect or \
+            (monitoring is not None and any(monitoring.get_tool(i) for i in range(6))):
+        sys.exit(code)
+    run()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # a closed pipe: the interpreter's exit says so as it always has
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -7627,6 +7627,36 @@ class CliTests(Base):
             self.assertTrue(os.path.isfile(x["path"]))
             self.assertEqual(x["media_type"], OCI["layer"])
 
+    def test_the_process_ends_at_once_and_still_does_what_an_exit_does(self):
+        """Run as a program, it skips the interpreter's teardown, yet its exit status, its whole
+        output through a pipe, other code's atexit functions and a profiler's report survive."""
+        script = os.path.join(HERE, "registry_pull.py")
+        reg = self.registry()
+        img = reg.push("exit/app", "v1", Image(layers=[make_layer({"big": os.urandom(3 * 1024 * 1024)})]))
+        proc = subprocess.run([sys.executable, script, *self.cli_args("-q", "--tar", "-", reg.host + "/exit/app:v1")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:  # every byte of a 3 MiB file, then the end
+            self.assertEqual(tar.extractfile("big").read(), tarfile.open(fileobj=io.BytesIO(
+                gzip.decompress(img.layers[0]))).extractfile("big").read())
+        proc = subprocess.run([sys.executable, script, "pull", "no such!"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual((proc.returncode, proc.stdout), (2, b""))
+        self.assertIn(b"invalid reference", proc.stderr)
+        wrapper = ("import atexit, runpy, sys\n"
+                   "atexit.register(lambda: sys.stdout.write('atexit ran\\n'))\n"
+                   "sys.argv = [%r, '--version']\n"
+                   "runpy.run_path(%r, run_name='__main__')\n" % (script, script))
+        proc = subprocess.run([sys.executable, "-c", wrapper], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.decode().split("\n")[-2:], ["atexit ran", ""])
+        self.assertIn("registry_pull %s" % rp.__version__, proc.stdout.decode())
+        proc = subprocess.run([sys.executable, "-m", "cProfile", script, "--version"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(b"function calls", proc.stdout)  # the profiler's report, printed after the script
+
     def test_exit_codes(self):
         reg = self.registry(auth="basic")
         reg.push("x/app", "v1", Image())
