@@ -4640,6 +4640,7 @@ class _Flattener:
         self.out, self.offset = out, 0  # the tar is written here, as tarfile's PAX format writes one
         self.layer = self.count = 0
         self.open_dirs: Set[str] = set()  # directories of the current layer known visible (fewer queries)
+        self.root_hidden = False  # an upper layer's root is opaque
         self.spilled: Dict[str, Any] = {}  # name -> its bytes on disk, or (the name it was written as,)
 
     def close(self) -> None:
@@ -4654,6 +4655,8 @@ class _Flattener:
 
     def _visible(self, name: str) -> bool:
         """Is a lower layer's ``name`` still in the tree the layers above made?"""
+        if name and self.root_hidden:
+            return False
         parts = name.split("/")
         for i in range(1, len(parts) + 1):
             here, below = "/".join(parts[:i]), i < len(parts)
@@ -4679,6 +4682,9 @@ class _Flattener:
         import tarfile
         self.layer += 1
         self.open_dirs = set()
+        # An upper layer's opaque root hides every entry below it but the root's own.
+        self.root_hidden = self.db.execute("SELECT 1 FROM hidden WHERE name = '' AND layer < ?",
+                                           (self.layer,)).fetchone() is not None
         while True:
             info = tar.next()
             if info is None:
@@ -4694,7 +4700,11 @@ class _Flattener:
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 0, ?)", (gone, self.layer))
                 continue
             key = rel or "."
-            if self._seen(key) is not None or not self._visible(rel):
+            seen = self._seen(key)
+            if seen is not None or not self._visible(rel):
+                if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
+                    # what the layers below put under this name was gone before that directory came
+                    self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
                 if info.isreg():  # gone from the tree, but a later hard link of this layer may still be it
                     self._spill(tar, info, key)
                 continue

@@ -6967,6 +6967,30 @@ class FlatTarTests(Base):
             self.assertTrue(tar.getmember("dev/null").ischr())
             self.assertTrue(tar.getmember("bin/ping6").islnk())
 
+    def test_corner_stacks_give_the_rootfs_tree(self):
+        """Shapes a differential fuzz of --tar against --rootfs found: a middle layer's file or
+        link under an upper layer's directory of the same name hides what is below it; an opaque
+        root hides every lower entry."""
+        if not IS_ROOT or not shutil.which("tar"):
+            self.skipTest("needs root (owners) and GNU tar")
+        stacks = {
+            "middle link": [[("a", "dir", None, 0o755), ("a/d", "dir", None, 0o755), ("a/d/f", "file", b"0", 0o644)],
+                            [("a", "symlink", "missing", 0o777)],
+                            [("a", "dir", None, 0o755), ("a/new", "file", b"2", 0o644)]],
+            "middle file": [[("b", "dir", None, 0o755), ("b/e", "file", b"0", 0o644)],
+                            [("b", "file", b"1", 0o644)],
+                            [("b", "dir", None, 0o755)]],
+            "opaque root": [[("b", "dir", None, 0o755), ("b/d", "file", b"0", 0o644), ("top", "file", b"0", 0o644)],
+                            [(".wh..wh..opq", "file", b"", 0o644), ("kept", "file", b"1", 0o644)]],
+        }
+        reg = self.registry()
+        for i, (what, layers) in enumerate(stacks.items()):
+            with self.subTest(stack=what):
+                reg.push("flat/corner%d" % i, "v1", layered_image(*layers))
+                root, flat = os.path.join(self.home, "root%d" % i), os.path.join(self.home, "flat%d.tar" % i)
+                self.pull(reg, "flat/corner%d:v1" % i, rootfs=root, tar=flat)
+                self.assertEqual(tree(self.extract(flat)), tree(root))
+
     def test_what_a_layer_puts_below_its_own_new_file_is_not_written(self):
         """The flattener remembers the directories it found visible for the rest of a layer;
         a file the same layer then puts at such a name hides what follows below it."""
