@@ -4634,13 +4634,16 @@ class _Flattener:
         self.db.execute("PRAGMA cache_size = -2048")  # 2 MiB of pages: the rest is on disk
         self.db.execute("CREATE TABLE seen (name TEXT PRIMARY KEY, isdir INTEGER, layer INTEGER)")
         self.db.execute("CREATE TABLE hidden (name TEXT PRIMARY KEY, children INTEGER, layer INTEGER)")
-        self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT)")
+        self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT, layer INTEGER)")
         self.db.execute("CREATE TABLE dirs (name TEXT PRIMARY KEY, meta TEXT)")
         self.db.execute("BEGIN")
         self.out, self.offset = out, 0  # the tar is written here, as tarfile's PAX format writes one
         self.layer = self.count = 0
         self.open_dirs: Set[str] = set()  # directories of the current layer known visible (fewer queries)
         self.root_hidden = False  # an upper layer's root is opaque
+        # Hard links to a lower layer's file whose name an upper layer (or the link's own, later)
+        # gave to another file: the links wait for that lower file (by its name) to come by.
+        self.capture: Dict[str, List[Any]] = {}
         self.spilled: Dict[str, Any] = {}  # name -> its bytes on disk, or (the name it was written as,)
 
     def close(self) -> None:
@@ -4651,6 +4654,11 @@ class _Flattener:
 
     def _seen(self, name: str) -> Optional[int]:
         row = self.db.execute("SELECT isdir FROM seen WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def _seen_in(self, name: str) -> Optional[int]:
+        """The layer whose entry ``name`` is in the tree (1 the top), or None."""
+        row = self.db.execute("SELECT layer FROM seen WHERE name = ?", (name,)).fetchone()
         return None if row is None else row[0]
 
     def _visible(self, name: str) -> bool:
@@ -4705,7 +4713,9 @@ class _Flattener:
                 if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
                     # what the layers below put under this name was gone before that directory came
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
-                if info.isreg():  # gone from the tree, but a later hard link of this layer may still be it
+                if info.isreg() and key in self.capture:  # the file upper layers' hard links are
+                    self._captured(tar, info, key)
+                elif info.isreg():  # gone from the tree, but a later hard link of this layer may still be it
                     self._spill(tar, info, key)
                 continue
             self.db.execute("INSERT INTO seen VALUES (?, ?, ?)", (key, 1 if info.isdir() else 2 if info.issym() else 0,
@@ -4722,10 +4732,14 @@ class _Flattener:
                 if kept is not None:  # its target's name now holds something else: this is the inode's name
                     self._unspill(info, kept)
                     continue
-                if self._seen(info.linkname) is None:  # its target comes from a lower layer: written at the end
+                held_by = self._seen_in(info.linkname)
+                if held_by is None:  # its target comes from a lower layer: written at the end
                     meta = json.dumps([info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname])
-                    self.db.execute("INSERT INTO links (name, target, meta) VALUES (?, ?, ?)",
-                                    (key, info.linkname, meta))
+                    self.db.execute("INSERT INTO links (name, target, meta, layer) VALUES (?, ?, ?, ?)",
+                                    (key, info.linkname, meta, self.layer))
+                    continue
+                if held_by != self.layer:  # an upper layer's file holds the name: this is a lower one's inode
+                    self.capture.setdefault(info.linkname, []).append(info)
                     continue
             if info.isdir():  # written last, after everything below it (tar -x then leaves its time alone)
                 self.db.execute("INSERT INTO dirs VALUES (?, ?)", (key, json.dumps(
@@ -4746,6 +4760,37 @@ class _Flattener:
             if isinstance(kept, str):
                 _unlink(kept)
         self.spilled = {}
+        # This layer's links left for the end whose target it then replaced itself: they wait
+        # for the lower file instead (the name at the end is another file).
+        for lid, lname, target, meta in self.db.execute(
+                "SELECT l.id, l.name, l.target, l.meta FROM links l JOIN seen s ON s.name = l.target"
+                " WHERE l.layer = ? AND s.layer = ?", (self.layer, self.layer)).fetchall():
+            self.db.execute("DELETE FROM links WHERE id = ?", (lid,))
+            link = tarfile.TarInfo(lname)
+            link.type, link.linkname = tarfile.LNKTYPE, target
+            link.mode, link.uid, link.gid, link.mtime, link.uname, link.gname = json.loads(meta)
+            self.capture.setdefault(target, []).append(link)
+
+    def _captured(self, tar: tarfile.TarFile, info: tarfile.TarInfo, key: str) -> None:
+        """The lower file ``key`` that upper layers' hard links name: the first link becomes the
+        file (its bytes from here), the others links to it, as are this layer's later links."""
+        import tarfile
+        links = self.capture.pop(key)
+        first = links[0]
+        first.type, first.linkname, first.size = tarfile.REGTYPE, "", info.size
+        # The inode's metadata is the file's (as --rootfs links to it), not the link entry's.
+        first.mode, first.uid, first.gid, first.mtime = info.mode, info.uid, info.gid, info.mtime
+        first.uname, first.gname = info.uname, info.gname
+        first.pax_headers = dict((k, v) for k, v in info.pax_headers.items()
+                                 if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))
+        if info.sparse is None:
+            self._add(first, tar.fileobj)
+        else:
+            self._add(first, tar.extractfile(info))
+        for link in links[1:]:
+            link.linkname = first.name
+            self._add(link)
+        self.spilled[key] = (first.name,)
 
     def _add(self, info: tarfile.TarInfo, data: Any = None) -> None:
         """``info`` (and ``data``, a file object, for a file) into the tar, as tarfile's addfile
@@ -4816,6 +4861,12 @@ class _Flattener:
             info.type, info.linkname = tarfile.LNKTYPE, target
             info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname = json.loads(meta)
             self._add(info)
+        for target, links in sorted(self.capture.items()):  # no lower file of that name came by
+            for link in links:
+                log.info("hard link %s: no lower layer has the file %s it was made to; linked to the one there is",
+                         link.name, target)
+                self._add(link)
+        self.capture = {}
         for name, meta in self.db.execute("SELECT name, meta FROM dirs ORDER BY name").fetchall():
             info = tarfile.TarInfo(name)
             info.type = tarfile.DIRTYPE

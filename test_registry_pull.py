@@ -6982,6 +6982,19 @@ class FlatTarTests(Base):
                             [("b", "dir", None, 0o755)]],
             "opaque root": [[("b", "dir", None, 0o755), ("b/d", "file", b"0", 0o644), ("top", "file", b"0", 0o644)],
                             [(".wh..wh..opq", "file", b"", 0o644), ("kept", "file", b"1", 0o644)]],
+            # A hard link names the inode its target was when the link was made, not the file an
+            # upper layer (or the link's own, after it) later put under that name.
+            "link, then its target replaced in its layer": [
+                [("f", "dir", None, 0o755), ("f/e", "file", b"lower", 0o640)],
+                [("c", "link", "f/e", 0o640), ("f/e", "file", b"upper", 0o644)]],
+            "links, then their target replaced above": [
+                [("a", "file", b"lower", 0o600), ("z", "file", b"z", 0o644)],
+                [("b", "link", "a", 0o600), ("sub", "dir", None, 0o755), ("sub/c", "link", "a", 0o600)],
+                [("a", "file", b"upper", 0o644)]],
+            "a link in the lower layer too": [
+                [("a", "file", b"lower", 0o600), ("a2", "link", "a", 0o600)],
+                [("b", "link", "a", 0o600)],
+                [("a", "file", b"upper", 0o644)]],
         }
         reg = self.registry()
         for i, (what, layers) in enumerate(stacks.items()):
