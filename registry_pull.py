@@ -4706,6 +4706,8 @@ class _Flattener:
                 elif not base.startswith(_WHITEOUT + _WHITEOUT):
                     gone = (head + "/" if head else "") + base[len(_WHITEOUT):]
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 0, ?)", (gone, self.layer))
+                    # (the name whited out wins over its own opaque marker in the same layer)
+                    self.db.execute("UPDATE hidden SET children = 0 WHERE name = ? AND layer = ?", (gone, self.layer))
                 continue
             key = rel or "."
             seen = self._seen(key)

@@ -6991,6 +6991,9 @@ class FlatTarTests(Base):
                 [("a", "file", b"lower", 0o600), ("z", "file", b"z", 0o644)],
                 [("b", "link", "a", 0o600), ("sub", "dir", None, 0o755), ("sub/c", "link", "a", 0o600)],
                 [("a", "file", b"upper", 0o644)]],
+            "whiteout and opaque marker of one name": [
+                [("b", "dir", None, 0o755), ("b/f", "dir", None, 0o755), ("b/f/x", "file", b"0", 0o644)],
+                [("b/f/.wh..wh..opq", "file", b"", 0o644), ("b/.wh.f", "file", b"", 0o644)]],
             "a link in the lower layer too": [
                 [("a", "file", b"lower", 0o600), ("a2", "link", "a", 0o600)],
                 [("b", "link", "a", 0o600)],
