@@ -5505,6 +5505,7 @@ class _Unpacker:
         # created, and single entries it made in directories that were there before.
         self.new_dirs: Set[str] = set()
         self.added: Set[str] = set()
+        self.own_parents: Set[str] = set()  # lower directories that hold some of these
         # Descriptors of the directories walked lately, by resolved name (every key a real
         # directory reached without a symlink at its end, until _clear forgets it): the next entry
         # is most often in one of them, and a descriptor, unlike a name, cannot be redirected by a
@@ -5524,7 +5525,7 @@ class _Unpacker:
     def apply(self, stream: Any, name: str) -> None:
         import tarfile
         self.layer = name
-        self.new_dirs, self.added = set(), set()
+        self.new_dirs, self.added, self.own_parents = set(), set(), set()
         try:
             tar = tarfile.open(fileobj=stream, mode="r:", tarinfo=_layer_tarinfo())
         except tarfile.ReadError as e:
@@ -5670,7 +5671,14 @@ class _Unpacker:
 
     def _mark(self, rel: str, new_dir: bool = False) -> None:
         if self.lower and not self._is_own(rel.rpartition("/")[0]):
-            (self.new_dirs if new_dir else self.added).add(rel)
+            self._own(rel, new_dir)
+
+    def _own(self, rel: str, new_dir: bool = False) -> None:
+        (self.new_dirs if new_dir else self.added).add(rel)
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in self.own_parents:  # (each directory once: O(1) an entry)
+            self.own_parents.add(parent)
+            parent = parent.rpartition("/")[0]
 
     def _is_own(self, rel: str) -> bool:
         """Did this layer make ``rel`` (or a tree it is in)?"""
@@ -5721,8 +5729,27 @@ class _Unpacker:
                 self._hide_lower(parent, fd)
             return
         rel = parent + "/" + name if parent else name
-        if not self._is_own(rel):  # a whiteout hides lower layers only (layer.md)
-            self._clear(rel, fd, name)
+        if self._is_own(rel):
+            return  # a whiteout hides lower layers only (layer.md)
+        if rel in self.own_parents:  # a lower directory this layer already wrote into: what it
+            self._keep_own_only(rel, fd, name)  # wrote stays, in a directory of no metadata of its own
+            return
+        self._clear(rel, fd, name)
+
+    def _keep_own_only(self, rel: str, fd: int, base: str) -> None:
+        """Hide a lower directory's contents but for what this layer put below it; the directory
+        stays only as their parent (recorded as a made parent is: 0755, root's)."""
+        try:
+            sub = os.open(base, _O_DIR, dir_fd=fd)
+        except OSError:  # no directory there now: nothing of this layer's can be below it
+            self._clear(rel, fd, base)
+            return
+        try:
+            self._hide_lower(rel, sub)
+        finally:
+            os.close(sub)
+        self.dirs[rel] = (0o755, 0, 0, None)
+        self.dir_xattrs.pop(rel, None)
 
     def _hide_lower(self, rel: str, fd: int) -> None:
         """Opaque directory: remove what lower layers put below ``rel``; keep this layer's entries."""
@@ -5737,6 +5764,9 @@ class _Unpacker:
                         self._hide_lower(crel, cfd)
                     finally:
                         os.close(cfd)
+                continue
+            if crel in self.own_parents:  # a lower directory this layer wrote into, not declared
+                self._keep_own_only(crel, fd, child)
                 continue
             self._clear(crel, fd, child)
 
@@ -5755,7 +5785,7 @@ class _Unpacker:
                 os.mkdir(base, 0o700, dir_fd=fd)
                 self._mark(rel, new_dir=True)
         elif self.lower and not self._is_own(rel):
-            self.added.add(rel)  # declared again here: its lower contents may be hidden (opaque)
+            self._own(rel)  # declared again here: its lower contents may be hidden (opaque)
         self.dirs[rel] = (info.mode & 0o7777, info.uid, info.gid, info.mtime)
         self.dir_xattrs[rel] = self._xattrs(info, "dir")
 

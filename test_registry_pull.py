@@ -1440,6 +1440,16 @@ class TreeAssertions:
         return tree(os.path.join(bundle, "rootfs"), owners)
 
 
+def gnu_tar_extract(test, tar_path):
+    """GNU tar's tree of ``tar_path`` (as root: owners, modes, xattrs), in a directory removed after ``test``."""
+    out = tempfile.mkdtemp(prefix="rp-flat-")
+    test.addCleanup(shutil.rmtree, out, True)
+    proc = subprocess.run(["tar", "-xpPf", tar_path, "-C", out, "--numeric-owner", "--xattrs",
+                           "--xattrs-include=*"], stderr=subprocess.PIPE)
+    test.assertEqual(proc.returncode, 0, proc.stderr)
+    return out
+
+
 def untimed_dirs(t):
     """A tree() without the times of its directories: make_layer lists none, so each extraction
     makes them when it runs (a second apart, now and then)."""
@@ -5977,6 +5987,36 @@ class SignedPullTests(Base):
 
 
 class RootfsTests(Base):
+    def test_a_whiteout_or_opaque_marker_after_a_layers_own_entries_keeps_them(self):
+        """A whiteout hides lower layers only, wherever the layer lists it: what the same layer
+        wrote below the name before it stays (in a parent of no metadata of its own), as --tar
+        gives it; only the lower contents go."""
+        stacks = [
+            ("whiteout", [[("b", "dir", None, 0o700), ("b/b", "dir", None, 0o755), ("b/b/f", "file", b"0", 0o644),
+                           ("b/old", "file", b"0", 0o644)],
+                          [("b/b", "symlink", "elsewhere", 0o777), ("b/new", "file", b"1", 0o600), (".wh.b", "file",
+                                                                                                    b"", 0o644)]],
+             {"b": "dir", "b/b": "symlink", "b/new": "file"}),
+            ("opaque", [[("c", "dir", None, 0o755), ("c/e", "dir", None, 0o711), ("c/e/lower", "file", b"0", 0o644),
+                         ("c/gone", "file", b"0", 0o644)],
+                        [("c/e/e/d/a", "symlink", "../a", 0o777), ("c/.wh..wh..opq", "file", b"", 0o644)]],
+             {"c": "dir", "c/e": "dir", "c/e/e": "dir", "c/e/e/d": "dir", "c/e/e/d/a": "symlink"}),
+        ]
+        reg = self.registry()
+        for i, (what, layers, want) in enumerate(stacks):
+            with self.subTest(stack=what):
+                reg.push("fs/own%d" % i, "v1", layered_image(*layers))
+                root = os.path.join(self.home, "own%d" % i)
+                self.pull(reg, "fs/own%d:v1" % i, rootfs=root)
+                entries, _ = tree(root)
+                self.assertEqual(dict((k, e["type"]) for k, e in entries.items()), want)
+                kept_as_parent = "b" if what == "whiteout" else "c/e"
+                self.assertEqual(entries[kept_as_parent]["mode"], "0755")  # the lower directory's own is gone
+                if IS_ROOT and shutil.which("tar"):
+                    flat = os.path.join(self.home, "own%d.tar" % i)
+                    self.pull(reg, "fs/own%d:v1" % i, tar=flat)
+                    self.assertEqual(untimed_dirs(tree(gnu_tar_extract(self, flat))), untimed_dirs(tree(root)))
+
     def test_rootfs_whiteouts_links_modes(self):
         reg = self.registry()
         reg.push("fs/app", "v1", layered_image(*ROOTFS_LAYERS))
@@ -6924,12 +6964,7 @@ class FlatTarTests(Base):
         self.assertGreater(made, 40)
 
     def extract(self, tar_path):
-        out = tempfile.mkdtemp(prefix="rp-flat-")
-        self.addCleanup(shutil.rmtree, out, True)
-        proc = subprocess.run(["tar", "-xpPf", tar_path, "-C", out, "--numeric-owner", "--xattrs",
-                               "--xattrs-include=*"], stderr=subprocess.PIPE)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        return out
+        return gnu_tar_extract(self, tar_path)
 
     def test_the_tar_gives_the_rootfs_tree(self):
         if not IS_ROOT or not shutil.which("tar"):
