@@ -2659,10 +2659,20 @@ class _ArchiveRepository:
         self.client, self.path, self.name = client, path, "docker-archive:" + path
         self.lock = threading.Lock()
         try:
-            self.tar = tarfile.open(path, mode="r:")
+            self.tar = tarfile.open(path, mode="r:", tarinfo=_layer_tarinfo())  # headers read as a layer's
         except (OSError, tarfile.TarError) as e:
             raise NotFound("%s cannot be read as a tar: %s" % (self.name, getattr(e, "strerror", None) or e)) from None
-        self.members = dict((_archive_name(m.name), m) for m in self.tar.getmembers())
+        except IntegrityError as e:
+            raise IntegrityError("%s: %s" % (self.name, str(e).replace("a layer", "the archive"))) from None
+        try:
+            self.members = dict((_archive_name(m.name), m) for m in self.tar.getmembers())
+            self.size = os.fstat(self.fileno()).st_size
+        except IntegrityError as e:
+            self.tar.close()
+            raise IntegrityError("%s: %s" % (self.name, str(e).replace("a layer", "the archive"))) from None
+        except (tarfile.TarError, EOFError) as e:  # a member that runs past the end, a broken header
+            self.tar.close()
+            raise IntegrityError("%s is not a whole tar (truncated?): %s" % (self.name, _printable(e, 200))) from None
         try:
             entries = json.loads(self._bytes("manifest.json", MAX_MANIFEST_BYTES).decode("utf-8"))
         except RecursionError:
@@ -2695,6 +2705,13 @@ class _ArchiveRepository:
             member = self.members.get(_archive_name(name))
             if member is None:
                 raise IntegrityError("%s: %r is not in the archive" % (self.name, _printable(name, 200)))
+            if member.isfile() and (member.sparse is not None or member.issparse()):
+                # docker save writes none; its holes would come out as any number of zeros,
+                # hashed and stored, from a few bytes of archive
+                raise IntegrityError("%s: %r is a sparse member: refused" % (self.name, _printable(name, 200)))
+            if member.isfile() and member.offset_data + member.size > self.size:
+                raise IntegrityError("%s: %r runs past the end of the archive (%d bytes): it is truncated"
+                                     % (self.name, _printable(name, 200), self.size))
             if member.isfile():
                 return member
             if not (member.issym() or member.islnk()):
@@ -5078,16 +5095,40 @@ class _HeaderBudget:
 
     def __init__(self, stream: Any, left: int) -> None:
         self.stream, self.left = stream, left
+        self.pax: Optional[int] = None  # the size of the pax header body read next, to check first
 
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self.left:
             raise IntegrityError("a layer's tar headers (a sparse map?) run past %d bytes: refused (hostile)"
                                  % _MAX_TAR_HEADER)
         self.left -= n
-        return self.stream.read(n)
+        data = self.stream.read(n)
+        if self.pax is not None:
+            size, self.pax = self.pax, None
+            _check_pax_records(data[:size])
+        return data
 
     def __getattr__(self, name: str) -> Any:  # tell(), seek(): the stream's own
         return getattr(self.stream, name)
+
+
+def _check_pax_records(body: bytes) -> None:
+    """A pax header body must be whole records, each "LENGTH KEYWORD=VALUE\n" of its own length
+    (zeros may pad the end). tarfile before 3.12.6 / 3.11.10 matches its record pattern from
+    every start to the first "=" anywhere: a 200-byte gzip layer of "2 2 2 ...=" made it hold
+    gigabytes. Checked here in one pass, whatever the Python."""
+    pos, end = 0, len(body)
+    while pos < end:
+        if body[pos] == 0 and not body[pos:].strip(b"\0"):
+            return  # padding
+        space = body.find(b" ", pos, min(end, pos + 21))
+        if space <= pos or not body[pos:space].isdigit():
+            raise IntegrityError("a layer has a malformed pax header record at byte %d: refused (hostile)" % pos)
+        length = int(body[pos:space])
+        if length < 5 or pos + length > end or body[pos + length - 1] != 0x0a or \
+                body.find(b"=", space + 2, pos + length - 1) < 0:
+            raise IntegrityError("a layer has a malformed pax header record at byte %d: refused (hostile)" % pos)
+        pos += length
 
 
 _LAYER_TARINFO: List[Any] = []
@@ -5153,6 +5194,8 @@ def _layer_tarinfo() -> Any:
             stream = tar.fileobj
             if not isinstance(stream, _HeaderBudget):  # the outermost header of this member
                 tar.fileobj = _HeaderBudget(stream, _MAX_TAR_HEADER + 16 * tarfile.BLOCKSIZE)
+            if self.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+                tar.fileobj.pax = self.size  # tarfile's next read is its body: checked before it parses
             try:
                 member = getattr(super(), "_proc_member")(tar)  # tarfile's own hook, which this extends
             finally:
@@ -7115,14 +7158,17 @@ def pull_many(references: List[Any], *, home: Optional[str] = None, platform: An
 
 def _references_from(path: str) -> List[str]:
     """One reference per line of ``path`` ("-": standard input); blank lines and # comments ignored."""
+    limit = 16 * 1024 * 1024
     try:
         if path == "-":
-            text = sys.stdin.read()
+            text = sys.stdin.read(limit + 1)
         else:
             with open(path, encoding="utf-8") as f:
-                text = f.read(16 * 1024 * 1024)
+                text = f.read(limit + 1)
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError("cannot read --from-file %s: %s" % (path, getattr(e, "strerror", None) or e)) from None
+    if len(text) > limit:  # cut, its last line could name another image
+        raise UsageError("--from-file %s is longer than %d characters: refused" % (path, limit))
     return [ln.split("#", 1)[0].strip() for ln in text.splitlines() if ln.split("#", 1)[0].strip()]
 
 

@@ -4212,6 +4212,36 @@ class HostileInputTests(Base):
     def serve_manifest(self, reg, name, data, media_type=rp.MT_OCI_MANIFEST):
         reg.manifests[(name, "v1")] = (media_type, data)
 
+    def test_a_pax_header_of_one_long_keyword_is_refused_in_one_pass(self):
+        """A 200-byte gzip layer of "2 2 2 ...=" made tarfile before 3.12.6 / 3.11.10 hold
+        gigabytes (its record pattern ran from every start to the one "="): refused as hostile,
+        in layers and in a docker-archive's own headers, whatever the Python."""
+        body = b"2 " * 20000 + b"="
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tarfile.XHDTYPE, len(body)
+        f = tarfile.TarInfo("f")
+        raw = pax.tobuf(tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512) + f.tobuf(tarfile.USTAR_FORMAT) + \
+            b"\0" * 1024
+        layer = gzip.compress(raw, mtime=0)
+        self.assertLess(len(layer), 1000)
+        reg = self.registry()
+        reg.push("pax/app", "v1", Image(layers=[(layer, sha256(raw))]))
+        for out in ("--rootfs", "--tar"):
+            with self.subTest(output=out):
+                code, _, err = self.main(*self.cli_args(out, os.path.join(self.home, "out" + out),
+                                                        reg.host + "/pax/app:v1"))
+                self.assertEqual(code, 5, err)
+                self.assertIn("malformed pax header record", err)
+                self.assertFalse(os.path.exists(os.path.join(self.home, "out" + out)))
+        archive = os.path.join(self.home, "pax.tar")
+        with open(archive, "wb") as a:
+            a.write(raw)
+        code, _, err = self.main("--home", self.home, "docker-archive:" + archive)
+        self.assertEqual(code, 5, err)
+        self.assertIn("the archive has a malformed pax header record", err)
+        # Well-formed records of every kind still pass the check (the xattr and long-name tests read them too).
+        rp._check_pax_records(b"30 path=" + b"a" * 21 + b"\n" + b"19 SCHILY.xattr.k=\n" + b"\0" * 100)
+
     def test_malformed_manifests(self):
         # Where the traversal digest would land: another program's file may be there already.
         stray = os.path.join(os.path.dirname(self.home), "x")
@@ -5338,6 +5368,37 @@ class LocalSourceTests(Base):
         code, out, err = self.main("--home", os.path.join(self.home, "s"), "oci:" + layout)
         self.assertEqual(code, 2, err)
         self.assertIn("a, b", err)
+
+    def test_a_docker_archive_of_a_sparse_or_a_cut_member_is_refused(self):
+        """A few KiB of archive must not become gigabytes of zeros in the store (a sparse member's
+        holes), and a member cut short is an integrity error naming the archive, not a crash."""
+        cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers",
+                                                                               "diff_ids": ["sha256:" + "0" * 64]}})
+        manifest = json.dumps([{"Config": "c.json", "RepoTags": ["img:v1"], "Layers": ["l.tar"]}]).encode()
+
+        def member(name, data, size=None):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data) if size is None else size, 0o644
+            return info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % 512)
+        head = member("manifest.json", manifest) + member("c.json", cfg.encode())
+        sparse = tarfile.TarInfo("l.tar")
+        sparse.mode, sparse.pax_headers = 0o644, {"GNU.sparse.map": "0,0", "GNU.sparse.size": str(1 << 30),
+                                                  "GNU.sparse.numblocks": "1"}
+        cases = {"sparse": (head + sparse.tobuf(tarfile.PAX_FORMAT) + b"\0" * 1024, "is a sparse member: refused"),
+                 "cut": (head + member("l.tar", b"x" * 600, size=7 << 30), "is not a whole tar (truncated?)")}
+        for what, (data, said) in cases.items():
+            with self.subTest(archive=what):
+                archive = os.path.join(self.home, what + ".tar")
+                with open(archive, "wb") as f:
+                    f.write(data)
+                store = os.path.join(self.home, "store-" + what)
+                code, _, err = self.main("--home", store, "docker-archive:" + archive)
+                self.assertEqual(code, 5, err)
+                self.assertIn("docker-archive:%s" % archive, err)
+                self.assertIn(said, err)
+                stored = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(store) for n in ns
+                             if not n.startswith("oci.db"))
+                self.assertLess(stored, 1 << 20)
 
     def test_a_docker_archive_gives_its_layers_to_parallel_downloads(self):
         # Six layers read at once from one archive: each must be read at its own offset (one
@@ -7602,6 +7663,14 @@ class ManyImagesTests(Base):
                 proc = subprocess.run([SKOPEO, "inspect", "oci:%s:%s" % (layout, name)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, timeout=60)
                 self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def test_a_list_too_long_to_read_whole_is_refused_not_cut(self):
+        listing = os.path.join(self.home, "long.txt")
+        with open(listing, "w") as f:
+            f.write("# padding\n" * (1700 * 1024) + "127.0.0.1:9/app:v1.2\n")  # cut at 16 MiB: "...:v1"
+        code, out, err = self.main("--home", self.home, "pull", "--from-file", listing)
+        self.assertEqual(code, 2, err)
+        self.assertIn("longer than", err)
 
     def test_a_reference_named_twice_is_one_entry_of_the_layout_and_the_archive(self):
         reg = self.registry()
