@@ -2554,7 +2554,9 @@ class _LayoutRepository:
 
     def _read(self, name: str, dir_fd: int, limit: int) -> bytes:
         try:
-            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+            fd = _open_regular_at(name, dir_fd)
+        except _NotRegular:
+            raise IntegrityError("%s: %s is not a regular file: refused" % (self.name, name)) from None
         except FileNotFoundError:
             raise NotFound("%s: %s is missing" % (self.name, name)) from None
         except OSError as e:
@@ -2577,9 +2579,11 @@ class _LayoutRepository:
             finally:
                 os.close(blobs)
             try:
-                fd = os.open(hexpart, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=sub)
+                fd = _open_regular_at(hexpart, sub)
             finally:
                 os.close(sub)
+        except _NotRegular:
+            raise IntegrityError("%s: blob %s is not a regular file: refused" % (self.name, digest)) from None
         except FileNotFoundError:
             raise NotFound("%s: blob %s is missing" % (self.name, digest)) from None
         except OSError as e:  # a link (ELOOP), a directory...: not a blob
@@ -2761,6 +2765,8 @@ class _ArchiveRepository:
         if name is None:
             raise NotFound("%s has no %s %s" % (self.name, what, desc.digest))
         member = self._member(name)
+        if member.offset_data + member.size > os.fstat(self.fileno()).st_size:  # shrunk since it was opened
+            raise SizeMismatch(what, desc.digest, desc.size, "less", "%s has %%s: refused" % self.name)
         if member.isreg() and member.sparse is None and hasattr(os, "pread"):
             # Read at its own offset: parallel downloads share the archive, not a file position
             # (tarfile's file objects seek the one file the TarFile holds, then read it).
@@ -4432,6 +4438,23 @@ def _copy_into(src_path: str, dir_fd: int, name: str, link: bool = True) -> None
         raise
 
 
+class _NotRegular(Exception):
+    pass
+
+
+def _open_regular_at(name: str, dir_fd: int) -> int:
+    """A descriptor of the regular file ``name`` in ``dir_fd`` (read-only, no link followed).
+    Anything else is refused before it is opened (opening a device can act: a watchdog arms,
+    a tape rewinds; a FIFO blocks), and checked again after (in case it was swapped)."""
+    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        raise _NotRegular(name)
+    fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _NotRegular(name)
+    return fd
+
+
 class _DirLock:
     """An exclusive advisory lock on a directory (flock on its descriptor): no lock file."""
 
@@ -4477,13 +4500,15 @@ def _update_layout_index(dir_fd: int, directory: str, entries: List[dict]) -> No
     with _DirLock(dir_fd, directory):
         path = os.path.join(directory, "index.json")
         try:
-            fd = os.open("index.json", os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+            fd = _open_regular_at("index.json", dir_fd)  # (a FIFO there would hang the open)
             with os.fdopen(fd, "rb") as f:
                 index = json.loads(f.read(MAX_MANIFEST_BYTES * 16).decode("utf-8"))
+            if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+                raise ValueError("not an index")
             manifests = [m for m in index.get("manifests", []) if isinstance(m, dict)]
         except FileNotFoundError:
             index, manifests = {}, []
-        except (ValueError, AttributeError, OSError):
+        except (ValueError, OSError, RecursionError, _NotRegular):
             raise StorageError("%s is not a valid OCI index: refusing to overwrite it" % path) from None
         names = set((e.get("annotations") or {}).get(_REF_NAME) for e in entries) - {None}
         unnamed = set(e["digest"] for e in entries if not (e.get("annotations") or {}).get(_REF_NAME))

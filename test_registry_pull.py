@@ -2058,7 +2058,8 @@ class StructureTests(unittest.TestCase):
                     own = isinstance(value, ast.Name) and (value.id in ("self", "cls") or
                                                            (self.classes and value.id == self.classes[-1]))
                     parent = isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super"
-                    if not (own or parent):
+                    documented = isinstance(value, ast.Name) and (value.id, name) in {("os", "_exit")}  # public API
+                    if not (own or parent or documented):
                         found.append((node.lineno, name))
                 self.generic_visit(node)
         Visit().visit(ast.parse(source))
@@ -7188,6 +7189,32 @@ class OutputTests(Base):
 
 class OciLayoutTemporaryTests(Base):
     """Blobs copied into the layout through BLOB.tmp-PID, a name anyone can predict."""
+
+    def test_an_existing_index_that_is_no_index_is_refused_and_kept(self):
+        """An existing layout's index.json of the wrong shape (deep, manifests not a list) or no
+        file at all (a FIFO would hang the open) is refused with exit 7 and left as it is."""
+        reg = self.registry()
+        reg.push("lay/idx", "v1", Image())
+        cases = {"deep": b"[" * 100000 + b"]" * 100000, "int": b'{"manifests": 5}',
+                 "dict": b'{"manifests": {"a": {"digest": "x"}}}', "fifo": None}
+        for what, content in cases.items():
+            with self.subTest(index=what):
+                layout = os.path.join(self.home, "L-" + what)
+                os.makedirs(layout)
+                index = os.path.join(layout, "index.json")
+                if content is None:
+                    os.mkfifo(index)
+                else:
+                    with open(index, "wb") as f:
+                        f.write(content)
+                code, _, err = self.main(*self.cli_args("--oci-layout", layout, reg.host + "/lay/idx:v1"))
+                self.assertEqual(code, 7, err)
+                self.assertIn("is not a valid OCI index: refusing to overwrite it", err)
+                if content is None:
+                    self.assertTrue(stat.S_ISFIFO(os.lstat(index).st_mode))
+                else:
+                    with open(index, "rb") as f:
+                        self.assertEqual(f.read(), content)
 
     def test_oci_layout_never_writes_through_a_planted_temporary_link(self):
         """Symlinks planted (and re-planted) at BLOB.tmp-PID in the layout never make the export write the
