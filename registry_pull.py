@@ -4563,7 +4563,7 @@ def _split_layout_arg(text: str, default_name: str) -> Tuple[str, str]:
 
 def export_oci_layout(result: PullResult, target: str) -> str:
     """Write the pulled image into the OCI layout ``DIR[:NAME]`` (hard links where possible)."""
-    default = parse_reference(result.reference).tag or "latest"
+    default = _reference(result.reference).tag or "latest"  # (a local source's NAME too)
     directory, name = _split_layout_arg(target, default)
     _export_blobs(result.blob_paths(), directory, [_result_entry(result, name)])
     return directory
@@ -5047,8 +5047,9 @@ def _docker_archive(results: List[PullResult], path: str, overwrite: bool = Fals
     blob_name = lambda d: "blobs/%s/%s" % tuple(d.split(":"))  # noqa: E731
     manifest, entries = [], []
     for result in results:
-        ref = parse_reference(result.reference)
-        tags = ["%s:%s" % (_familiar(ref), ref.tag)] if ref.tag else []
+        ref = _reference(result.reference)
+        local = isinstance(ref, (_LayoutReference, _ArchiveReference))  # no registry name to load it as
+        tags = ["%s:%s" % (_familiar(ref), ref.tag)] if ref.tag and not local else []
         manifest.append({"Config": blob_name(result.config.digest), "RepoTags": tags,
                          "Layers": [blob_name(layer.digest) for layer in result.layers]})
         entry = _result_entry(result, ref.tag or "latest")

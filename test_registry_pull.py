@@ -5370,6 +5370,31 @@ class LocalSourceTests(Base):
         self.assertEqual(code, 2, err)
         self.assertIn("a, b", err)
 
+    def test_every_output_works_from_a_local_source(self):
+        """README: from oci: and docker-archive: sources every output works as for a registry pull."""
+        reg = self.registry()
+        img = reg.push("src/out", "v1", Image())
+        layout = os.path.join(self.home, "carried")
+        self.assertEqual(self.main(*self.cli_args("--oci-layout", layout + ":app", reg.host + "/src/out:v1"))[0], 0)
+        for i, source in enumerate(("oci:%s:app" % layout, None)):
+            if source is None:  # the archive written from the layout is the next source
+                source = "docker-archive:" + os.path.join(self.home, "out0.tar")
+            with self.subTest(source=source.split(":")[0]):
+                out_layout, archive = os.path.join(self.home, "lay%d" % i), os.path.join(self.home, "out%d.tar" % i)
+                code, _, err = self.main("--home", os.path.join(self.home, "s%d" % i), "--oci-layout", out_layout,
+                                         "--docker-archive", archive, source)
+                self.assertEqual(code, 0, err)
+                with open(os.path.join(out_layout, "index.json")) as f:
+                    entries = json.load(f)["manifests"]
+                self.assertEqual([(e["digest"], e["annotations"][rp._REF_NAME]) for e in entries],
+                                 [(img.digest, "app")] if i == 0 else [(entries[0]["digest"], "latest")])
+                with tarfile.open(archive) as tar:
+                    manifest = json.load(tar.extractfile("manifest.json"))
+                self.assertEqual([m["RepoTags"] for m in manifest], [[]])  # no registry name to load it as
+                code, _, err = self.main("--home", os.path.join(self.home, "s%d" % i), "copy", source,
+                                         "oci:%s:copied" % out_layout)
+                self.assertEqual(code, 0, err)
+
     def test_a_docker_archive_of_a_sparse_or_a_cut_member_is_refused(self):
         """A few KiB of archive must not become gigabytes of zeros in the store (a sparse member's
         holes), and a member cut short is an integrity error naming the archive, not a crash."""
