@@ -2663,6 +2663,8 @@ class _ArchiveRepository:
         self.client, self.path, self.name = client, path, "docker-archive:" + path
         self.lock = threading.Lock()
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would hang the open, a device act on it
+                raise IntegrityError("it is not a regular file: refused")
             self.tar = tarfile.open(path, mode="r:", tarinfo=_layer_tarinfo())  # headers read as a layer's
         except (OSError, tarfile.TarError) as e:
             raise NotFound("%s cannot be read as a tar: %s" % (self.name, getattr(e, "strerror", None) or e)) from None

@@ -5425,6 +5425,11 @@ class LocalSourceTests(Base):
                 stored = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(store) for n in ns
                              if not n.startswith("oci.db"))
                 self.assertLess(stored, 1 << 20)
+        fifo = os.path.join(self.home, "fifo.tar")  # (a --from-file list can name one): no open that hangs
+        os.mkfifo(fifo)
+        code, _, err = self.main("--home", os.path.join(self.home, "store-fifo"), "docker-archive:" + fifo)
+        self.assertEqual(code, 5, err)
+        self.assertIn("it is not a regular file: refused", err)
 
     def test_a_docker_archive_gives_its_layers_to_parallel_downloads(self):
         # Six layers read at once from one archive: each must be read at its own offset (one
