@@ -113,7 +113,7 @@ __all__ = [
     "Interrupted",
     "__version__",
 ]
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 
 
 class _Log:
@@ -5741,7 +5741,9 @@ class _Unpacker:
     # -- what this layer made -------------------------------------------------------------
 
     def _mark(self, rel: str, new_dir: bool = False) -> None:
-        if self.lower and not self._is_own(rel.rpartition("/")[0]):
+        # Below a tree this layer made everything is its own already; below a lower directory it
+        # declared again (its own too) the lower contents are not, so what it makes there is marked.
+        if self.lower and not self._in_new_tree(rel.rpartition("/")[0]):
             self._own(rel, new_dir)
 
     def _own(self, rel: str, new_dir: bool = False) -> None:

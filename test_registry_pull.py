@@ -6109,6 +6109,28 @@ class RootfsTests(Base):
                     self.pull(reg, "fs/own%d:v1" % i, tar=flat)
                     self.assertEqual(untimed_dirs(tree(gnu_tar_extract(self, flat))), untimed_dirs(tree(root)))
 
+    def test_what_a_layer_makes_below_a_directory_it_declares_again_is_its_own(self):
+        """A lower directory the layer lists again is no tree of its own: what the layer then
+        makes below it is still marked its own, so an opaque marker listed after them keeps it
+        (a directory it declares, with its mode; a new one with what it holds) and hides only
+        the lower contents."""
+        layers = [[("a", "dir", None, 0o755), ("a/b", "dir", None, 0o700), ("a/b/old", "file", b"0", 0o644),
+                   ("a/x", "file", b"0", 0o644)],
+                  [("a", "dir", None, 0o750), ("a/b", "dir", None, 0o711), ("a/b/f", "file", b"1", 0o600),
+                   ("a/n", "dir", None, 0o701), ("a/n/g", "file", b"2", 0o640), ("a/.wh..wh..opq", "file", b"", 0o644)]]
+        reg = self.registry()
+        reg.push("fs/again", "v1", layered_image(*layers))
+        root = os.path.join(self.home, "again")
+        self.pull(reg, "fs/again:v1", rootfs=root)
+        entries, _ = tree(root)
+        self.assertEqual(dict((k, (e["type"], e["mode"])) for k, e in entries.items()),
+                         {"a": ("dir", "0750"), "a/b": ("dir", "0711"), "a/b/f": ("file", "0600"),
+                          "a/n": ("dir", "0701"), "a/n/g": ("file", "0640")})
+        if IS_ROOT and shutil.which("tar"):
+            flat = os.path.join(self.home, "again.tar")
+            self.pull(reg, "fs/again:v1", tar=flat)
+            self.assertEqual(untimed_dirs(tree(gnu_tar_extract(self, flat))), untimed_dirs(tree(root)))
+
     def test_rootfs_whiteouts_links_modes(self):
         reg = self.registry()
         reg.push("fs/app", "v1", layered_image(*ROOTFS_LAYERS))
