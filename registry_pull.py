@@ -4761,6 +4761,8 @@ class _Flattener:
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
                 if info.isreg() and key in self.capture:  # the file upper layers' hard links are
                     self._captured(tar, info, key)
+                elif info.islnk() and key in self.capture:  # a link itself: theirs is its target's inode
+                    self._pass_on(self.capture.pop(key), _clean_name(info.linkname, name))
                 elif info.isreg():  # gone from the tree, but a later hard link of this layer may still be it
                     self._spill(tar, info, key)
                 continue
@@ -4838,6 +4840,28 @@ class _Flattener:
             self._add(link)
         self.spilled[key] = (first.name,)
 
+    def _pass_on(self, links: List[Any], target: str) -> None:
+        """Upper layers' hard links to a name whose lower entry is a hard link to ``target``
+        (this layer's): they are links to what ``target`` is here, now or once it comes by."""
+        import tarfile
+        kept = self.spilled.get(target)
+        if isinstance(kept, tuple):  # that inode was already written, under another name
+            target = kept[0]
+        elif kept is not None:  # the bytes of a file of this layer whose name an upper layer took
+            first = links[0]
+            first.type, first.linkname, first.size = tarfile.REGTYPE, "", os.path.getsize(kept)
+            with open(kept, "rb") as f:
+                self._add(first, f)
+            _unlink(kept)
+            self.spilled[target] = (first.name,)
+            links, target = links[1:], first.name
+        elif self._seen_in(target) != self.layer:  # a lower layer's (or an upper layer holds the name)
+            self.capture.setdefault(target, []).extend(links)
+            return
+        for link in links:
+            link.linkname = target
+            self._add(link)
+
     def _add(self, info: tarfile.TarInfo, data: Any = None) -> None:
         """``info`` (and ``data``, a file object, for a file) into the tar, as tarfile's addfile
         writes it: a plain ustar header made here in one go when nothing needs a PAX record
@@ -4886,6 +4910,31 @@ class _Flattener:
         _unlink(kept)
         self.spilled[link.linkname] = (link.name,)
 
+    def _write_links(self, pending: Dict[str, Any]) -> None:
+        """Write the links left for the end, each after the link it names when that is one of
+        them too (tar -x links to what is already there); a link whose chain ends at no file
+        (nothing of that name, a directory, or a ring of links) is left out, said at -v."""
+        done: Set[str] = set()
+        dropped: Set[str] = set()
+        for name in pending:
+            chain: List[str] = []
+            on_chain: Set[str] = set()
+            end = name
+            while end in pending and end not in done and end not in on_chain:
+                chain.append(end)
+                on_chain.add(end)
+                end = pending[end].linkname
+            if end in on_chain or end in dropped or (end not in done and self._seen(end) in (None, 1)):
+                for link in chain:
+                    log.info("skipping hard link %s: its target %s is not a file in the image",
+                             link, pending[link].linkname)
+                dropped.update(chain)
+                done.update(chain)
+                continue
+            for link in reversed(chain):
+                self._add(pending[link])
+                done.add(link)
+
     def finish(self) -> None:
         """The hard links left for the end, where their target was written; then the tar's end.
         A layer that wrote below a lower layer's symbolic link (through it, in --rootfs) cannot be
@@ -4899,20 +4948,19 @@ class _Flattener:
         if through is not None:
             raise UnsupportedError("--tar cannot flatten this image yet: a layer writes %s through the symbolic "
                                    "link %s of a lower one; --rootfs extracts it" % (through[1], through[0]))
+        pending: Dict[str, Any] = {}  # the links left for the end, by name, in the order met
         for name, target, meta in self.db.execute("SELECT name, target, meta FROM links ORDER BY id").fetchall():
-            if self._seen(target) is None:
-                log.info("skipping hard link %s: its target %s is not in the image", name, target)
-                continue
             info = tarfile.TarInfo(name)
             info.type, info.linkname = tarfile.LNKTYPE, target
             info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname = json.loads(meta)
-            self._add(info)
+            pending[name] = info
         for target, links in sorted(self.capture.items()):  # no lower file of that name came by
             for link in links:
                 log.info("hard link %s: no lower layer has the file %s it was made to; linked to the one there is",
                          link.name, target)
-                self._add(link)
+                pending[link.name] = link
         self.capture = {}
+        self._write_links(pending)
         for name, meta in self.db.execute("SELECT name, meta FROM dirs ORDER BY name").fetchall():
             info = tarfile.TarInfo(name)
             info.type = tarfile.DIRTYPE
