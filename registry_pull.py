@@ -4689,6 +4689,10 @@ class _Flattener:
         # gave to another file: the links wait for that lower file (by its name) to come by.
         self.capture: Dict[str, List[Any]] = {}
         self.spilled: Dict[str, Any] = {}  # name -> its bytes on disk, or (the name it was written as,)
+        # Directories in the tree only as the parents of hidden entries (no layer listed them yet),
+        # and this layer's parents of hidden entries already looked at.
+        self.implicit: Set[str] = set()
+        self.implied: Dict[str, bool] = {}  # -> whether it is a directory of the tree
 
     def close(self) -> None:
         try:
@@ -4734,6 +4738,7 @@ class _Flattener:
         import tarfile
         self.layer += 1
         self.open_dirs = set()
+        self.implied = {}
         # An upper layer's opaque root hides every entry below it but the root's own.
         self.root_hidden = self.db.execute("SELECT 1 FROM hidden WHERE name = '' AND layer < ?",
                                            (self.layer,)).fetchone() is not None
@@ -4755,7 +4760,16 @@ class _Flattener:
                 continue
             key = rel or "."
             seen = self._seen(key)
+            if seen == 1 and key in self.implicit and info.isdir() and self._visible(rel):
+                self.implicit.discard(key)  # a directory made only as a parent: a lower layer lists it
+                self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (json.dumps(
+                    [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname,
+                     dict((k, v) for k, v in info.pax_headers.items()
+                          if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))]), key))
+                continue
             if seen is not None or not self._visible(rel):
+                if seen is None and head and head not in self.implied:
+                    self._imply_parents(head)
                 if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
                     # what the layers below put under this name was gone before that directory came
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
@@ -4818,6 +4832,31 @@ class _Flattener:
             link.type, link.linkname = tarfile.LNKTYPE, target
             link.mode, link.uid, link.gid, link.mtime, link.uname, link.gname = json.loads(meta)
             self.capture.setdefault(target, []).append(link)
+
+    def _imply_parents(self, head: str) -> None:
+        """The directories above a hidden entry (whited out itself, or below an opaque directory)
+        that no layer lists: its layer made them, and they stay (as in --rootfs), 0755 and root's
+        unless a lower layer lists them."""
+        parts = head.split("/")
+        for i in range(1, len(parts) + 1):
+            here = "/".join(parts[:i])
+            if here in self.implied:
+                if self.implied[here]:
+                    continue
+                return
+            seen = self._seen(here)
+            if seen is None:
+                if not self._visible(here):
+                    self.implied[here] = False  # (hidden: so is all below it)
+                    return
+                self.db.execute("INSERT INTO seen VALUES (?, 1, ?)", (here, self.layer))
+                self.db.execute("INSERT INTO dirs VALUES (?, ?)", (here, json.dumps(
+                    [0o755, 0, 0, int(time.time()), "", "", {}])))
+                self.implicit.add(here)
+            elif seen != 1:
+                self.implied[here] = False
+                return
+            self.implied[here] = True
 
     def _captured(self, tar: tarfile.TarFile, info: tarfile.TarInfo, key: str) -> None:
         """The lower file ``key`` that upper layers' hard links name: the first link becomes the
