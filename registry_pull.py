@@ -4677,7 +4677,7 @@ class _Flattener:
         self.db.execute("PRAGMA synchronous = OFF")
         self.db.execute("PRAGMA cache_size = -2048")  # 2 MiB of pages: the rest is on disk
         self.db.execute("CREATE TABLE seen (name TEXT PRIMARY KEY, isdir INTEGER, layer INTEGER)")
-        self.db.execute("CREATE TABLE hidden (name TEXT PRIMARY KEY, children INTEGER, layer INTEGER)")
+        self.db.execute("CREATE TABLE hidden (name TEXT, children INTEGER, layer INTEGER, PRIMARY KEY (name, layer))")
         self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT, layer INTEGER)")
         self.db.execute("CREATE TABLE dirs (name TEXT PRIMARY KEY, meta TEXT)")
         self.db.execute("BEGIN")
@@ -4718,9 +4718,10 @@ class _Flattener:
             here, below = "/".join(parts[:i]), i < len(parts)
             if below and here in self.open_dirs:
                 continue  # a directory this layer's entries were already found visible below
-            row = self.db.execute("SELECT children FROM hidden WHERE name = ? AND layer < ?",
+            # (a row per layer: an upper layer's opaque marker must not mask a lower one's whiteout)
+            row = self.db.execute("SELECT MIN(children) FROM hidden WHERE name = ? AND layer < ?",
                                   (here, self.layer)).fetchone()
-            if row is not None and (row[0] == 0 or below):
+            if row[0] is not None and (row[0] == 0 or below):
                 return False  # whited out (itself or a directory above it), or below an opaque directory
             if below:
                 if self._seen(here) in (0, 2):

@@ -7161,6 +7161,11 @@ class FlatTarTests(Base):
                 [("a/b/f", "file", b"0", 0o644)], [("a/b/.wh.f", "file", b"", 0o644)]],
             "an implicit directory made opaque": [
                 [("c/d/e", "file", b"0", 0o644)], [("c/d/.wh..wh..opq", "file", b"", 0o644)]],
+            # A whiteout below an upper layer's opaque marker of the same name still hides the
+            # lower directory itself (its mode, not only its contents).
+            "a whiteout below an opaque marker": [
+                [("a", "dir", None, 0o700), ("a/x", "file", b"0", 0o644)], [(".wh.a", "file", b"", 0o644)],
+                [("a/.wh..wh..opq", "file", b"", 0o644), ("a/y", "file", b"1", 0o644)]],
             "an implicit parent that a lower layer lists": [
                 [("a", "dir", None, 0o700)], [("a/b/f", "file", b"0", 0o644)], [("a/b/.wh.f", "file", b"", 0o644)]],
         }
