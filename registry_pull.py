@@ -4680,6 +4680,7 @@ class _Flattener:
         self.db.execute("CREATE TABLE hidden (name TEXT, children INTEGER, layer INTEGER, PRIMARY KEY (name, layer))")
         self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT, layer INTEGER)")
         self.db.execute("CREATE TABLE dirs (name TEXT PRIMARY KEY, meta TEXT)")
+        self.db.execute("CREATE INDEX links_target ON links (target)")
         self.db.execute("BEGIN")
         self.out, self.offset = out, 0  # the tar is written here, as tarfile's PAX format writes one
         self.layer = self.count = 0
@@ -4774,6 +4775,8 @@ class _Flattener:
                 if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
                     # what the layers below put under this name was gone before that directory came
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
+                if seen is None and (info.isreg() or info.islnk()):
+                    self._take_waiting(key)  # upper layers' links to what is hidden now: theirs still
                 if info.isreg() and key in self.capture:  # the file upper layers' hard links are
                     self._captured(tar, info, key)
                 elif info.islnk() and key in self.capture:  # a link itself: theirs is its target's inode
@@ -4879,6 +4882,22 @@ class _Flattener:
             link.linkname = first.name
             self._add(link)
         self.spilled[key] = (first.name,)
+
+    def _take_waiting(self, key: str) -> None:
+        """The links of upper layers left for the end whose target ``key`` is hidden (whited out,
+        or below an opaque directory): they wait on this entry instead (the inode they name)."""
+        import tarfile
+        rows = self.db.execute("SELECT id, name, meta FROM links WHERE target = ? ORDER BY id", (key,)).fetchall()
+        if not rows:
+            return
+        links = []
+        for lid, lname, meta in rows:
+            link = tarfile.TarInfo(lname)
+            link.type, link.linkname = tarfile.LNKTYPE, key
+            link.mode, link.uid, link.gid, link.mtime, link.uname, link.gname = json.loads(meta)
+            links.append(link)
+        self.db.execute("DELETE FROM links WHERE target = ?", (key,))
+        self.capture.setdefault(key, [])[:0] = links
 
     def _pass_on(self, links: List[Any], target: str) -> None:
         """Upper layers' hard links to a name whose lower entry is a hard link to ``target``

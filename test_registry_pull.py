@@ -7166,6 +7166,11 @@ class FlatTarTests(Base):
             "a whiteout below an opaque marker": [
                 [("a", "dir", None, 0o700), ("a/x", "file", b"0", 0o644)], [(".wh.a", "file", b"", 0o644)],
                 [("a/.wh..wh..opq", "file", b"", 0o644), ("a/y", "file", b"1", 0o644)]],
+            # A link keeps the inode an upper layer whites out the name of (or hides, opaque).
+            "a link to a file whited out above": [
+                [("t", "file", b"t", 0o640), ("d", "dir", None, 0o755), ("d/u", "file", b"u", 0o600)],
+                [("l", "link", "t", 0o640), ("m", "link", "d/u", 0o600)],
+                [(".wh.t", "file", b"", 0o644), ("d/.wh..wh..opq", "file", b"", 0o644)]],
             "an implicit parent that a lower layer lists": [
                 [("a", "dir", None, 0o700)], [("a/b/f", "file", b"0", 0o644)], [("a/b/.wh.f", "file", b"", 0o644)]],
         }
