@@ -4761,7 +4761,20 @@ class _Flattener:
                     self.db.execute("UPDATE hidden SET children = 0 WHERE name = ? AND layer = ?", (gone, self.layer))
                 continue
             key = rel or "."
-            seen = self._seen(key)
+            row = self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (key,)).fetchone()
+            seen = None if row is None else row[0]
+            again = False
+            if row is not None and row[1] == self.layer and rel and (seen == 1) == info.isdir():
+                # The same name twice in one layer: the later entry wins, as tar -x (and --rootfs)
+                # give it: a directory's metadata replaced, another entry written again over the first.
+                if info.isdir():
+                    self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (json.dumps(
+                        [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname,
+                         dict((k, v) for k, v in info.pax_headers.items()
+                              if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))]), key))
+                    continue
+                self.db.execute("DELETE FROM links WHERE name = ?", (key,))
+                again, seen = True, None
             if seen == 1 and key in self.implicit and info.isdir() and self._visible(rel):
                 self.implicit.discard(key)  # a directory made only as a parent: a lower layer lists it
                 self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (json.dumps(
@@ -4769,7 +4782,7 @@ class _Flattener:
                      dict((k, v) for k, v in info.pax_headers.items()
                           if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))]), key))
                 continue
-            if seen is not None or not self._visible(rel):
+            if not again and (seen is not None or not self._visible(rel)):
                 if seen is None and head and head not in self.implied:
                     self._imply_parents(head)
                 if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
@@ -4784,8 +4797,8 @@ class _Flattener:
                 elif info.isreg():  # gone from the tree, but a later hard link of this layer may still be it
                     self._spill(tar, info, key)
                 continue
-            self.db.execute("INSERT INTO seen VALUES (?, ?, ?)", (key, 1 if info.isdir() else 2 if info.issym() else 0,
-                                                                  self.layer))
+            self.db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)",
+                            (key, 1 if info.isdir() else 2 if info.issym() else 0, self.layer))
             if key in self.open_dirs and not info.isdir():
                 self.open_dirs = set()  # what was below it is hidden now (the set holds every prefix it has)
             # The name as the tree has it; of the PAX records only the extended attributes carry on.

@@ -7171,6 +7171,12 @@ class FlatTarTests(Base):
                 [("t", "file", b"t", 0o640), ("d", "dir", None, 0o755), ("d/u", "file", b"u", 0o600)],
                 [("l", "link", "t", 0o640), ("m", "link", "d/u", 0o600)],
                 [(".wh.t", "file", b"", 0o644), ("d/.wh..wh..opq", "file", b"", 0o644)]],
+            # The same name twice in one layer: the later entry wins (as tar -x gives it).
+            "a name twice in a layer": [
+                [("o", "file", b"lower", 0o644)],
+                [("d", "dir", None, 0o700), ("f", "file", b"first", 0o600), ("s", "symlink", "f", 0o777),
+                 ("o", "file", b"first", 0o600), ("d", "dir", None, 0o750), ("f", "file", b"second", 0o644),
+                 ("s", "file", b"now a file", 0o640), ("o", "link", "f", 0o644)]],
             "an implicit parent that a lower layer lists": [
                 [("a", "dir", None, 0o700)], [("a/b/f", "file", b"0", 0o644)], [("a/b/.wh.f", "file", b"", 0o644)]],
         }
