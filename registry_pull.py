@@ -4406,6 +4406,36 @@ def _is_regular_at(dir_fd: int, name: str) -> bool:
         return False
 
 
+def _same_blob_at(dir_fd: int, name: str, src_path: str, algo: str) -> bool:
+    """Is ``name`` in ``dir_fd`` (a layout's blob) the store's file at ``src_path``, or a
+    regular file of its bytes? A name proves nothing: a file of other bytes is to be replaced."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    src = os.stat(src_path, follow_symlinks=False)
+    if (st.st_dev, st.st_ino) == (src.st_dev, src.st_ino):
+        return True
+    if not stat.S_ISREG(st.st_mode) or st.st_size != src.st_size:
+        return False
+    try:
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        h = hashlib.new(algo)
+        while True:
+            chunk = os.read(fd, CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest() == name
+
+
 def _copy_into(src_path: str, dir_fd: int, name: str, link: bool = True) -> None:
     """The file ``src_path`` (the store's) as ``name`` in ``dir_fd``: a hard link where the file
     system allows (and ``link``), else a copy into a new O_EXCL file; renamed into place (a
@@ -4539,7 +4569,7 @@ def _export_blobs(paths: List[str], directory: str, entries: List[dict]) -> None
                 check_digest("%s:%s" % (algo, name), "blob")
                 if algo not in algos:
                     algos[algo] = _open_dir(algo, blobs, create=True)
-                if not _is_regular_at(algos[algo], name):
+                if not _same_blob_at(algos[algo], name, path, algo):
                     _copy_into(path, algos[algo], name)
         finally:
             for fd in algos.values():

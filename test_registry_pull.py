@@ -7277,6 +7277,37 @@ class OutputTests(Base):
                 store_path = os.path.join(self.home, "blobs", "sha256", digest.split(":")[1])
                 self.assertEqual(os.stat(path).st_ino, os.stat(store_path).st_ino)  # hard linked
 
+    def test_an_existing_layout_blob_is_checked_not_trusted_by_name(self):
+        """A blob already in the output layout under the right name but with other bytes (of
+        the same size too) is replaced by the store's; one that is the store's file or the same
+        bytes is kept as it is."""
+        reg = self.registry()
+        img = reg.push("exp/c", "v1", Image())
+        layout = os.path.join(self.home, "layout")
+        self.pull(reg, "exp/c:v1", oci_layout=layout)
+        digests = [sha256(b) for b in img.layers + [img.config]]
+        layers = [os.path.join(layout, "blobs", "sha256", d.split(":")[1]) for d in digests]
+        wrong_size, same_size, copied = layers[0], layers[1], layers[-1]
+        os.unlink(wrong_size)
+        with open(wrong_size, "wb") as f:
+            f.write(b"planted")
+        with open(same_size, "rb") as f:
+            size = len(f.read())
+        os.unlink(same_size)
+        with open(same_size, "wb") as f:
+            f.write(b"x" * size)
+        with open(copied, "rb") as f:
+            data = f.read()
+        os.unlink(copied)
+        with open(copied, "wb") as f:
+            f.write(data)
+        copied_ino = os.stat(copied).st_ino
+        self.pull(reg, "exp/c:v1", oci_layout=layout)
+        for path, digest in zip(layers, digests):
+            with open(path, "rb") as f:
+                self.assertEqual("sha256:" + hashlib.sha256(f.read()).hexdigest(), digest)
+        self.assertEqual(os.stat(copied).st_ino, copied_ino)  # the same bytes: kept, not rewritten
+
     def test_docker_archive(self):
         reg = self.registry()
         img = reg.push("arch/app", "v3", Image())
