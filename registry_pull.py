@@ -4490,12 +4490,16 @@ def _open_regular_at(name: str, dir_fd: int) -> int:
 class _DirLock:
     """An exclusive advisory lock on a directory (flock on its descriptor): no lock file."""
 
-    def __init__(self, dir_fd: int, what: str) -> None:
-        self.dir_fd, self.what = dir_fd, what
+    def __init__(self, dir_fd: int, what: str, cancel: Optional[_Cancel] = None) -> None:
+        self.dir_fd, self.what, self.cancel = dir_fd, what, cancel
 
     def __enter__(self) -> "_DirLock":
         self.fd = os.open(".", _O_DIR, dir_fd=self.dir_fd)
-        _flock(self.fd, self.what)
+        try:
+            _flock(self.fd, self.what, self.cancel)  # (Ctrl-C and --timeout end the wait)
+        except BaseException:
+            os.close(self.fd)
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -4527,9 +4531,9 @@ def _write_layout(dir_fd: int, index: dict) -> None:
     _write_atomic(dir_fd, "index.json", json.dumps(index, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def _update_layout_index(dir_fd: int, directory: str, entries: List[dict]) -> None:
+def _update_layout_index(dir_fd: int, directory: str, entries: List[dict], cancel: Optional[_Cancel] = None) -> None:
     """Add ``entries`` to DIR/index.json, replacing those with the same ref.name; atomic, locked."""
-    with _DirLock(dir_fd, directory):
+    with _DirLock(dir_fd, directory, cancel):
         path = os.path.join(directory, "index.json")
         try:
             fd = _open_regular_at("index.json", dir_fd)  # (a FIFO there would hang the open)
@@ -4550,7 +4554,7 @@ def _update_layout_index(dir_fd: int, directory: str, entries: List[dict]) -> No
         _write_layout(dir_fd, index)
 
 
-def _export_blobs(paths: List[str], directory: str, entries: List[dict]) -> None:
+def _export_blobs(paths: List[str], directory: str, entries: List[dict], cancel: Optional[_Cancel] = None) -> None:
     """Blobs into the OCI layout DIR (hard links where possible) and ``entries`` into its index.
     Below DIR every name is reached through descriptors opened without following links, and
     files are made O_EXCL under unpredictable names: whoever can write DIR's subdirectories
@@ -4575,7 +4579,7 @@ def _export_blobs(paths: List[str], directory: str, entries: List[dict]) -> None
             for fd in algos.values():
                 os.close(fd)
             os.close(blobs)
-        _update_layout_index(top, directory, entries)
+        _update_layout_index(top, directory, entries, cancel)
     except OSError as e:
         raise StorageError("cannot write the OCI layout %s: %s" % (directory, e.strerror or e)) from None
     finally:
@@ -4595,9 +4599,13 @@ def _split_layout_arg(text: str, default_name: str) -> Tuple[str, str]:
 
 def export_oci_layout(result: PullResult, target: str) -> str:
     """Write the pulled image into the OCI layout ``DIR[:NAME]`` (hard links where possible)."""
+    return _export_layout(result, target)
+
+
+def _export_layout(result: PullResult, target: str, cancel: Optional[_Cancel] = None) -> str:
     default = _reference(result.reference).tag or "latest"  # (a local source's NAME too)
     directory, name = _split_layout_arg(target, default)
-    _export_blobs(result.blob_paths(), directory, [_result_entry(result, name)])
+    _export_blobs(result.blob_paths(), directory, [_result_entry(result, name)], cancel)
     return directory
 
 
@@ -7275,9 +7283,10 @@ def pull(
     with store.shared(session.attempt()):
         with session:  # one pool for the whole pull: registry, token service, blob CDN, mirrors
             result, found, paths = _pull_one(session, ref, opts, job)
-        outputs = _write_outputs(result, oci_layout, docker_archive, job, overwrite)
+        outputs = _write_outputs(result, oci_layout, docker_archive, job, overwrite, session.attempt())
         if found and oci_layout is not None:
-            _export_blobs(paths, _split_layout_arg(oci_layout, "latest")[0], [_descriptor_entry(d) for _, d in found])
+            _export_blobs(paths, _split_layout_arg(oci_layout, "latest")[0], [_descriptor_entry(d) for _, d in found],
+                          session.attempt())
         if output is not None:
             export_files(result, output)
             outputs.append(("output", os.path.abspath(output)))
@@ -7330,7 +7339,7 @@ def pull_many(references: List[Any], *, home: Optional[str] = None, platform: An
         pulled = list(dict((r.reference, r) for r in results if isinstance(r, PullResult)).values())
         if oci_layout is not None and pulled:
             _export_blobs([p for r in pulled for p in r.blob_paths()], oci_layout,
-                          [_result_entry(r, r.reference) for r in pulled])
+                          [_result_entry(r, r.reference) for r in pulled], session.attempt())
         if docker_archive is not None and pulled:
             _docker_archive(pulled, docker_archive, overwrite)
     return results
@@ -7458,7 +7467,8 @@ def _descriptor_entry(d: Descriptor) -> Dict[str, Any]:
 
 
 def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive: Optional[str],
-                   job: Optional[_RootfsJob], overwrite: bool = False) -> List[Tuple[str, str]]:
+                   job: Optional[_RootfsJob], overwrite: bool = False,
+                   cancel: Optional[_Cancel] = None) -> List[Tuple[str, str]]:
     """The pull's outputs, now that the image is verified; the rootfs is put in place last."""
     outputs = []
     if result.artifact_type is not None and (docker_archive is not None or job is not None):
@@ -7466,7 +7476,7 @@ def _write_outputs(result: PullResult, oci_layout: Optional[str], docker_archive
                                % (result.reference, _printable(result.artifact_type, 100)))
     try:
         if oci_layout is not None:
-            outputs.append(("oci_layout", os.path.abspath(export_oci_layout(result, oci_layout))))
+            outputs.append(("oci_layout", os.path.abspath(_export_layout(result, oci_layout, cancel))))
         if docker_archive is not None:
             outputs.append(("docker_archive", os.path.abspath(export_docker_archive(result, docker_archive,
                                                                                     overwrite))))
@@ -7540,7 +7550,7 @@ def pull_platforms(reference: Any, platforms: Any = "all", *, home: Optional[str
             directory, name = _split_layout_arg(oci_layout, ref.tag or "latest")
             entry = {"mediaType": top.media_type, "digest": index_digest, "size": len(index_data),
                      "annotations": {_REF_NAME: name}}
-            _export_blobs(blobs, directory, [entry])
+            _export_blobs(blobs, directory, [entry], session.attempt())
     return index_digest, results
 
 

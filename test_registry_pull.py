@@ -7351,6 +7351,26 @@ class OciLayoutTemporaryTests(Base):
                     with open(index, "rb") as f:
                         self.assertEqual(f.read(), content)
 
+    def test_a_layout_locked_by_another_process_ends_at_the_timeout(self):
+        """The layout's lock is waited for (another writer finishing), but --timeout still ends
+        the wait: exit 6 and the index as it was, not a pull that never returns."""
+        if rp._fcntl is None:
+            self.skipTest("no flock here")
+        reg = self.registry()
+        reg.push("lock/app", "v1", Image())
+        layout = os.path.join(self.home, "locked")
+        os.makedirs(layout)
+        fd = os.open(layout, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        rp._fcntl.flock(fd, rp._fcntl.LOCK_EX)
+        started = time.monotonic()
+        with self.assertRaises(rp.RegistryError) as cm:
+            self.pull(reg, "lock/app:v1", oci_layout=layout, timeout=2)
+        self.assertIn("timeout", str(cm.exception))
+        self.assertLess(time.monotonic() - started, 30)
+        self.assertEqual(cm.exception.exit_code, 6)
+        self.assertFalse(os.path.exists(os.path.join(layout, "index.json")))
+
     def test_oci_layout_never_writes_through_a_planted_temporary_link(self):
         """Symlinks planted (and re-planted) at BLOB.tmp-PID in the layout never make the export write the
         victim file."""
