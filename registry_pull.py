@@ -4637,24 +4637,62 @@ def export_files(result: PullResult, directory: str) -> List[str]:
         top = _open_dir(directory)
     except OSError as e:
         raise StorageError("cannot write into %s: %s" % (directory, e.strerror or e)) from None
-    written = []
+    written: List[str] = []
+    made: List[Tuple[int, str]] = []  # (a descriptor of its directory, name) of each file written
     try:
+        for name in names:  # every name checked before the first file is written: all or nothing
+            _check_free(top, name, directory, result.reference)
         for (desc, _), name in zip(titled, names):
             head, _, base = name.rpartition("/")
             fd = _walk_dirs(top, head, result.reference)
             try:
                 _copy_new(os.path.join(result.home, "blobs", *desc.digest.split(":")), fd, base)
             except FileExistsError:
+                os.close(fd)
                 raise StorageError("%s exists: refused (a pulled file never replaces one)"
                                    % os.path.join(directory, name)) from None
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            made.append((fd, base))
             written.append(os.path.join(os.path.abspath(directory), name))
+        for fd, _ in made:
+            os.close(fd)
+        made = []
     except OSError as e:
         raise StorageError("cannot write into %s: %s" % (directory, e.strerror or e)) from None
     finally:
+        for fd, base in made:  # a later file failed (made meanwhile by someone else): none stays
+            _unlink_at(fd, base)
+            os.close(fd)
         os.close(top)
     return written
+
+
+def _check_free(top: int, name: str, directory: str, what: str) -> None:
+    """Refuse (StorageError) a title whose file exists below ``top``, or whose directory is a
+    file; a link on the way is refused as _walk_dirs refuses it (IntegrityError)."""
+    parts = name.split("/")
+    fd = os.open(".", _O_DIR, dir_fd=top)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return  # nothing there yet: free
+            here = os.path.join(directory, *parts[:i + 1])
+            if i == len(parts) - 1:
+                raise StorageError("%s exists: refused (a pulled file never replaces one)" % here)
+            if stat.S_ISLNK(st.st_mode):
+                raise IntegrityError("%s: a title leads through %r, which is a link or no directory: refused"
+                                     % (what, part[:100]))
+            if not stat.S_ISDIR(st.st_mode):
+                raise StorageError("%s exists and is no directory: refused (a title needs it to be one)" % here)
+            nfd = os.open(part, _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
 
 
 def _read_blob(path: str) -> bytes:

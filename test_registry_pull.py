@@ -4583,6 +4583,24 @@ class ArtifactTests(Base):
         self.assertEqual(code, 7, err)
         self.assertIn("exists", err)
 
+    def test_output_is_all_or_nothing(self):
+        """One title that names an existing file (or a file where a directory must be) refuses
+        the whole --output, before any file is written: no half of an artifact next to the user's."""
+        reg = self.registry()
+        push_artifact(reg, "art/three", "v1", Artifact({"a.txt": b"a", "b.txt": b"b", "d/c.txt": b"c"}))
+        for blocker, code_wanted in (("b.txt", 7), ("d", 7)):
+            with self.subTest(blocker=blocker):
+                out_dir = os.path.join(self.home, "out-" + blocker.replace("/", "_"))
+                os.makedirs(out_dir)
+                with open(os.path.join(out_dir, blocker), "wb") as f:
+                    f.write(b"mine")
+                code, out, err = self.main(*self.cli_args("--output", out_dir, reg.host + "/art/three:v1"))
+                self.assertEqual(code, code_wanted, err)
+                self.assertIn(os.path.join(out_dir, blocker), err)
+                self.assertEqual(os.listdir(out_dir), [blocker])
+                with open(os.path.join(out_dir, blocker), "rb") as f:
+                    self.assertEqual(f.read(), b"mine")
+
     def test_titles_are_checked_as_tar_names(self):
         reg = self.registry()
         for title in ("../escape", "/etc/passwd", "a/../../b"):
