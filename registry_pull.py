@@ -8552,7 +8552,14 @@ def _cmd_inspect(args: Any) -> int:
                            **_registry_kw(args))
         sys.stdout.flush()
         binary = getattr(sys.stdout, "buffer", None)
-        if binary is not None:
+        text = data.decode("utf-8", "replace")
+        if _isatty(sys.stdout) and not text.replace("\n", "").replace("\t", "").isprintable():
+            # A terminal reads escape sequences (C1 controls are valid JSON): shown escaped; a
+            # pipe or a file still gets the bytes.
+            log.warning("control characters escaped for the terminal: redirect the output for the exact bytes")
+            shown = [_printable(line, len(line)).replace("\\x09", "\t") for line in text.split("\n")]
+            sys.stdout.write("\n".join(shown))
+        elif binary is not None:
             binary.write(data)
         else:  # a text stream (an embedding program's): the same bytes, as text
             sys.stdout.write(data.decode("utf-8", "surrogateescape"))
@@ -8574,6 +8581,13 @@ def _cmd_inspect(args: Any) -> int:
                                      " (%s)" % r["Tag"] if r.get("Tag") else "") for r in doc.get("Referrers", [])]
     _out(args, doc, lines)
     return 0
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _one_platform(args: Any) -> Optional[str]:

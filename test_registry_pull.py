@@ -4651,6 +4651,46 @@ class ArtifactTests(Base):
         self.assertEqual(index, sha256(served))
 
 
+    def test_raw_to_a_terminal_escapes_control_characters(self):
+        """--raw to a terminal: a C1 control (valid JSON, and CSI to many terminals) is shown
+        escaped, with a warning; through a pipe the bytes stay exact."""
+        import pty
+        reg = self.registry()
+        img = Image()
+        doc = json.loads(img.manifest)
+        doc["annotations"] = {"note": "\u009b31mred\u009b0m"}
+        img.manifest = json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        img.digest = sha256(img.manifest)
+        reg.push("raw/tty", "v1", img)
+        ref = reg.host + "/raw/tty:v1"
+        argv = [sys.executable, os.path.join(HERE, "registry_pull.py"), "inspect", "--home", self.home, "--raw", ref]
+        piped = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual((piped.returncode, piped.stdout), (0, img.manifest), piped.stderr)
+        leader, follower = pty.openpty()
+        try:
+            proc = subprocess.Popen(argv, stdout=follower, stderr=subprocess.PIPE)
+            os.close(follower)
+            follower = -1
+            shown = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the program closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            err = proc.communicate(timeout=60)[1]
+        finally:
+            os.close(leader)
+            if follower != -1:
+                os.close(follower)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertNotIn("\u009b".encode("utf-8"), shown)
+        self.assertIn(b"\\x9b31mred", shown)
+        self.assertIn(b"control characters escaped", err)
+
+
 class ReferrersTests(Base):
     def subject_with_referrers(self, reg, n=3):
         img = reg.push("ref/app", "v1", Image())
