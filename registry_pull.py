@@ -4737,6 +4737,13 @@ def _copy_new(src_path: str, dir_fd: int, name: str) -> None:
 # -- one flattened tar -------------------------------------------------------------------------
 
 
+def _dir_meta(info: Any) -> str:
+    """What the flattener keeps of a directory entry until it writes it at the end."""
+    return json.dumps([info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname,
+                       dict((k, v) for k, v in info.pax_headers.items()
+                            if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))])
+
+
 class _Flattener:
     """The image's final tree as one tar, streamed from the layers, the top one first: an entry
     is written the first time its name is met (an upper layer's wins), unless an upper layer's
@@ -4844,19 +4851,13 @@ class _Flattener:
                 # The same name twice in one layer: the later entry wins, as tar -x (and --rootfs)
                 # give it: a directory's metadata replaced, another entry written again over the first.
                 if info.isdir():
-                    self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (json.dumps(
-                        [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname,
-                         dict((k, v) for k, v in info.pax_headers.items()
-                              if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))]), key))
+                    self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (_dir_meta(info), key))
                     continue
                 self.db.execute("DELETE FROM links WHERE name = ?", (key,))
                 again, seen = True, None
             if seen == 1 and key in self.implicit and info.isdir() and self._visible(rel):
                 self.implicit.discard(key)  # a directory made only as a parent: a lower layer lists it
-                self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (json.dumps(
-                    [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname,
-                     dict((k, v) for k, v in info.pax_headers.items()
-                          if k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")))]), key))
+                self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (_dir_meta(info), key))
                 continue
             if not again and (seen is not None or not self._visible(rel)):
                 if seen is None and head and head not in self.implied:
@@ -4897,8 +4898,7 @@ class _Flattener:
                     self.capture.setdefault(info.linkname, []).append(info)
                     continue
             if info.isdir():  # written last, after everything below it (tar -x then leaves its time alone)
-                self.db.execute("INSERT INTO dirs VALUES (?, ?)", (key, json.dumps(
-                    [info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname, info.pax_headers])))
+                self.db.execute("INSERT INTO dirs VALUES (?, ?)", (key, _dir_meta(info)))
             elif info.issym() or info.islnk() or info.ischr() or info.isblk() or info.isfifo():
                 self._add(info)
             elif info.sparse is None:  # straight from the stream (tarfile's file object adds two buffers per byte)

@@ -1450,6 +1450,20 @@ def gnu_tar_extract(test, tar_path):
     return out
 
 
+def read_terminal(fd):
+    """Everything a program writes to the pseudo-terminal whose leader is ``fd``, until it closes it."""
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the program closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def untimed_dirs(t):
     """A tree() without the times of its directories: make_layer lists none, so each extraction
     makes them when it runs (a second apart, now and then)."""
@@ -4671,15 +4685,7 @@ class ArtifactTests(Base):
             proc = subprocess.Popen(argv, stdout=follower, stderr=subprocess.PIPE)
             os.close(follower)
             follower = -1
-            shown = b""
-            while True:
-                try:
-                    chunk = os.read(leader, 65536)
-                except OSError:  # EIO: the program closed the terminal
-                    break
-                if not chunk:
-                    break
-                shown += chunk
+            shown = read_terminal(leader)
             err = proc.communicate(timeout=60)[1]
         finally:
             os.close(leader)
@@ -8135,18 +8141,9 @@ class CliTests(Base):
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "registry_pull.py"),
                                  *self.cli_args(reg.host + "/bars/app:v1")], stdout=subprocess.PIPE, stderr=slave)
         os.close(slave)
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
+        screen = read_terminal(master).decode()
         proc.communicate(timeout=60)
         self.assertEqual(proc.returncode, 0)
-        screen = b"".join(chunks).decode()
         for blob in [img.config] + img.layers:
             self.assertIn(sha256(blob)[7:19], screen)  # a bar per blob, named by its digest
         self.assertIn("/s", screen)  # the rate
