@@ -4419,12 +4419,10 @@ def _same_blob_at(dir_fd: int, name: str, src_path: str, algo: str) -> bool:
     if not stat.S_ISREG(st.st_mode) or st.st_size != src.st_size:
         return False
     try:
-        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
-    except OSError:
+        fd = _open_regular_at(name, dir_fd)
+    except (OSError, _NotRegular):
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         h = hashlib.new(algo)
         while True:
             chunk = os.read(fd, CHUNK)
