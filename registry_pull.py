@@ -4859,7 +4859,7 @@ class _Flattener:
                 continue
             if not again and (seen is not None or not self._visible(rel)):
                 if seen is None and head and head not in self.implied:
-                    self._imply_parents(head)
+                    self._imply_parents(head, info.mtime)
                 if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
                     # what the layers below put under this name was gone before that directory came
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
@@ -4924,10 +4924,10 @@ class _Flattener:
             link.mode, link.uid, link.gid, link.mtime, link.uname, link.gname = json.loads(meta)
             self.capture.setdefault(target, []).append(link)
 
-    def _imply_parents(self, head: str) -> None:
+    def _imply_parents(self, head: str, mtime: float) -> None:
         """The directories above a hidden entry (whited out itself, or below an opaque directory)
         that no layer lists: its layer made them, and they stay (as in --rootfs), 0755 and root's
-        unless a lower layer lists them."""
+        unless a lower layer lists them, with the entry's time (the same tar every time)."""
         parts = head.split("/")
         for i in range(1, len(parts) + 1):
             here = "/".join(parts[:i])
@@ -4942,7 +4942,7 @@ class _Flattener:
                     return
                 self.db.execute("INSERT INTO seen VALUES (?, 1, ?)", (here, self.layer))
                 self.db.execute("INSERT INTO dirs VALUES (?, ?)", (here, json.dumps(
-                    [0o755, 0, 0, int(time.time()), "", "", {}])))
+                    [0o755, 0, 0, mtime, "", "", {}])))
                 self.implicit.add(here)
             elif seen != 1:
                 self.implied[here] = False
@@ -5996,6 +5996,11 @@ class _Unpacker:
                 self._hide_lower(parent, fd)
             return
         rel = parent + "/" + name if parent else name
+        if rel in self.added and rel in self.dirs and not self._in_new_tree(parent):
+            # A lower directory this layer listed again, then whited out (a name sorting before
+            # ".wh.", e.g. "-c"): the lower contents go; the layer's directory and its own stay.
+            self._keep_own_only(rel, fd, name, declared=True)
+            return
         if self._is_own(rel):
             return  # a whiteout hides lower layers only (layer.md)
         if rel in self.own_parents:  # a lower directory this layer already wrote into: what it
@@ -6003,9 +6008,10 @@ class _Unpacker:
             return
         self._clear(rel, fd, name)
 
-    def _keep_own_only(self, rel: str, fd: int, base: str) -> None:
+    def _keep_own_only(self, rel: str, fd: int, base: str, declared: bool = False) -> None:
         """Hide a lower directory's contents but for what this layer put below it; the directory
-        stays only as their parent (recorded as a made parent is: 0755, root's)."""
+        stays only as their parent (recorded as a made parent is: 0755, root's), or, ``declared``
+        by this layer, with what it said."""
         try:
             sub = os.open(base, _O_DIR, dir_fd=fd)
         except OSError:  # no directory there now: nothing of this layer's can be below it
@@ -6015,8 +6021,9 @@ class _Unpacker:
             self._hide_lower(rel, sub)
         finally:
             os.close(sub)
-        self.dirs[rel] = (0o755, 0, 0, None)
-        self.dir_xattrs.pop(rel, None)
+        if not declared:
+            self.dirs[rel] = (0o755, 0, 0, None)
+            self.dir_xattrs.pop(rel, None)
 
     def _hide_lower(self, rel: str, fd: int) -> None:
         """Opaque directory: remove what lower layers put below ``rel``; keep this layer's entries."""

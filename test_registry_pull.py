@@ -6153,6 +6153,12 @@ class RootfsTests(Base):
                           [("b/b", "symlink", "elsewhere", 0o777), ("b/new", "file", b"1", 0o600), (".wh.b", "file",
                                                                                                     b"", 0o644)]],
              {"b": "dir", "b/b": "symlink", "b/new": "file"}),
+            # A lower directory the layer lists again and then whites out ("-c" sorts before
+            # ".wh.-c"): its lower contents go; the layer's directory (its mode) and entries stay.
+            ("declared, then whited out", [[("-c", "dir", None, 0o700), ("-c/x", "file", b"0", 0o644)],
+                                           [("-c", "dir", None, 0o750), ("-c/new", "file", b"1", 0o600),
+                                            (".wh.-c", "file", b"", 0o644)]],
+             {"-c": "dir", "-c/new": "file"}),
             ("opaque", [[("c", "dir", None, 0o755), ("c/e", "dir", None, 0o711), ("c/e/lower", "file", b"0", 0o644),
                          ("c/gone", "file", b"0", 0o644)],
                         [("c/e/e/d/a", "symlink", "../a", 0o777), ("c/.wh..wh..opq", "file", b"", 0o644)]],
@@ -6166,8 +6172,11 @@ class RootfsTests(Base):
                 self.pull(reg, "fs/own%d:v1" % i, rootfs=root)
                 entries, _ = tree(root)
                 self.assertEqual(dict((k, e["type"]) for k, e in entries.items()), want)
-                kept_as_parent = "b" if what == "whiteout" else "c/e"
-                self.assertEqual(entries[kept_as_parent]["mode"], "0755")  # the lower directory's own is gone
+                if what == "declared, then whited out":
+                    self.assertEqual(entries["-c"]["mode"], "0750")  # the layer's own, not the lower one's
+                else:
+                    kept_as_parent = "b" if what == "whiteout" else "c/e"
+                    self.assertEqual(entries[kept_as_parent]["mode"], "0755")  # the lower directory's own is gone
                 if IS_ROOT and shutil.which("tar"):
                     flat = os.path.join(self.home, "own%d.tar" % i)
                     self.pull(reg, "fs/own%d:v1" % i, tar=flat)
@@ -7252,6 +7261,21 @@ class FlatTarTests(Base):
                 self.pull(reg, "flat/corner%d:v1" % i, rootfs=root, tar=flat)
                 # (a parent no layer lists is made when each extraction runs: its time is not compared)
                 self.assertEqual(untimed_dirs(tree(self.extract(flat))), untimed_dirs(tree(root)))
+
+    def test_a_parent_kept_for_hidden_entries_has_their_time_not_the_pulls(self):
+        """The tar is the same bytes every time: a directory kept only as the parent of entries
+        an upper layer hides takes the hidden entry's time, not the clock's."""
+        reg = self.registry()
+        reg.push("flat/implied", "v1", layered_image([("a/b/f", "file", b"0", 0o644)],
+                                                     [("a/b/.wh.f", "file", b"", 0o644)]))
+        flat = os.path.join(self.home, "implied.tar")
+        self.pull(reg, "flat/implied:v1", tar=flat)
+        with tarfile.open(flat) as tar:
+            members = dict((m.name, m) for m in tar.getmembers())
+        self.assertEqual(sorted(members), ["a", "a/b"])
+        for name in ("a", "a/b"):
+            self.assertTrue(members[name].isdir())
+            self.assertEqual(members[name].mtime, 1600000000 + len("a/b/f"))
 
     def test_a_link_to_a_link_that_waits_for_the_end_follows_it(self):
         """A hard link whose lower target never comes by is linked at the end to the file that
