@@ -4759,7 +4759,8 @@ class _Flattener:
         self.db.execute("PRAGMA cache_size = -2048")  # 2 MiB of pages: the rest is on disk
         self.db.execute("CREATE TABLE seen (name TEXT PRIMARY KEY, isdir INTEGER, layer INTEGER)")
         self.db.execute("CREATE TABLE hidden (name TEXT, children INTEGER, layer INTEGER, PRIMARY KEY (name, layer))")
-        self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT, layer INTEGER)")
+        self.db.execute("CREATE TABLE links (id INTEGER PRIMARY KEY, name TEXT, target TEXT, meta TEXT, layer INTEGER,"
+                        " ahead INTEGER DEFAULT 0)")  # ahead: its target was this layer's already
         self.db.execute("CREATE TABLE dirs (name TEXT PRIMARY KEY, meta TEXT)")
         self.db.execute("CREATE INDEX links_target ON links (target)")
         self.db.execute("BEGIN")
@@ -4775,6 +4776,7 @@ class _Flattener:
         # and this layer's parents of hidden entries already looked at.
         self.implicit: Set[str] = set()
         self.implied: Dict[str, bool] = {}  # -> whether it is a directory of the tree
+        self.waiting: Set[str] = set()  # this layer's links not written yet (left for later)
 
     def close(self) -> None:
         try:
@@ -4822,6 +4824,7 @@ class _Flattener:
         self.layer += 1
         self.open_dirs = set()
         self.implied = {}
+        self.waiting = set()
         # An upper layer's opaque root hides every entry below it but the root's own.
         self.root_hidden = self.db.execute("SELECT 1 FROM hidden WHERE name = '' AND layer < ?",
                                            (self.layer,)).fetchone() is not None
@@ -4887,13 +4890,17 @@ class _Flattener:
                     self._unspill(info, kept)
                     continue
                 held_by = self._seen_in(info.linkname)
-                if held_by is None:  # its target comes from a lower layer: written at the end
+                later = held_by == self.layer and info.linkname in self.waiting
+                if held_by is None or later:  # its target comes from a lower layer (or is a link that
+                    # waits for one): written at the end, after it
                     meta = json.dumps([info.mode, info.uid, info.gid, info.mtime, info.uname, info.gname])
-                    self.db.execute("INSERT INTO links (name, target, meta, layer) VALUES (?, ?, ?, ?)",
-                                    (key, info.linkname, meta, self.layer))
+                    self.db.execute("INSERT INTO links (name, target, meta, layer, ahead) VALUES (?, ?, ?, ?, ?)",
+                                    (key, info.linkname, meta, self.layer, int(later)))
+                    self.waiting.add(key)
                     continue
                 if held_by != self.layer:  # an upper layer's file holds the name: this is a lower one's inode
                     self.capture.setdefault(info.linkname, []).append(info)
+                    self.waiting.add(key)
                     continue
             if info.isdir():  # written last, after everything below it (tar -x then leaves its time alone)
                 self.db.execute("INSERT INTO dirs VALUES (?, ?)", (key, _dir_meta(info)))
@@ -4917,7 +4924,7 @@ class _Flattener:
         # for the lower file instead (the name at the end is another file).
         for lid, lname, target, meta in self.db.execute(
                 "SELECT l.id, l.name, l.target, l.meta FROM links l JOIN seen s ON s.name = l.target"
-                " WHERE l.layer = ? AND s.layer = ?", (self.layer, self.layer)).fetchall():
+                " WHERE l.layer = ? AND s.layer = ? AND l.ahead = 0", (self.layer, self.layer)).fetchall():
             self.db.execute("DELETE FROM links WHERE id = ?", (lid,))
             link = tarfile.TarInfo(lname)
             link.type, link.linkname = tarfile.LNKTYPE, target

@@ -7229,6 +7229,12 @@ class FlatTarTests(Base):
                 [("u", "file", b"lower", 0o600), ("t", "link", "u", 0o600)],
                 [("m", "link", "t", 0o600)],
                 [("t", "file", b"upper", 0o644), ("l", "link", "m", 0o600)]],
+            # A link to a link of its own layer that waits for its target: written after it.
+            "a link to a waiting link of its layer": [
+                [("b", "file", b"b", 0o644)], [("x", "link", "b", 0o644), ("y", "link", "x", 0o644)]],
+            "a link to a link waiting for a replaced file": [
+                [("b", "file", b"lower", 0o644)], [("x", "link", "b", 0o644), ("y", "link", "x", 0o644)],
+                [("b", "file", b"upper", 0o600)]],
             # Parents no layer lists stay when all below them is hidden (--rootfs made them).
             "all below implicit parents whited out": [
                 [("a/b/f", "file", b"0", 0o644)], [("a/b/.wh.f", "file", b"", 0o644)]],
