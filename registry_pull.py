@@ -4808,7 +4808,11 @@ class _Flattener:
             if row[0] is not None and (row[0] == 0 or below):
                 return False  # whited out (itself or a directory above it), or below an opaque directory
             if below:
-                if self._seen(here) in (0, 2):
+                found = self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (here,)).fetchone()
+                if found is not None and found[0] == 2 and found[1] == self.layer:
+                    raise UnsupportedError("--tar cannot flatten this image yet: a layer writes %s through its "
+                                           "own symbolic link %s; --rootfs extracts it" % (name, here))
+                if found is not None and found[0] in (0, 2):
                     return False  # an upper layer put a file (or a link) where this has a directory
                 # Holds for the rest of this layer: the upper layers' rows are all in, and a
                 # name's row never changes (the one change, this layer's own non-directory at

@@ -7328,6 +7328,13 @@ class FlatTarTests(Base):
         self.assertEqual(code, 1, err)
         self.assertIn("symbolic link", err)
         self.assertFalse(os.path.exists(flat))
+        # Through a link of the entry's own layer: refused too (it was left out without a word).
+        reg.push("flat/own-link", "v1", layered_image([("t", "dir", None, 0o755)],
+                                                      [("a", "symlink", "t", 0o777), ("a/b/c", "file", b"c", 0o644)]))
+        code, out, err = self.main(*self.cli_args("--tar", flat, reg.host + "/flat/own-link:v1"))
+        self.assertEqual(code, 1, err)
+        self.assertIn("own symbolic link a", err)
+        self.assertFalse(os.path.exists(flat))
 
 
 # --------------------------------------------------------------------------- outputs
