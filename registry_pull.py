@@ -4893,7 +4893,10 @@ class _Flattener:
                 if kept is not None:  # its target's name now holds something else: this is the inode's name
                     self._unspill(info, kept)
                     continue
-                held_by = self._seen_in(info.linkname)
+                found = self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (info.linkname,)).fetchone()
+                held_by = None if found is None else found[1]
+                if held_by == self.layer and found[0] == 1:  # (--rootfs refuses it the same way)
+                    raise _hostile(name, "hard link %r -> %r points at a directory" % (key[:100], info.linkname[:100]))
                 later = held_by == self.layer and info.linkname in self.waiting
                 if held_by is None or later:  # its target comes from a lower layer (or is a link that
                     # waits for one): written at the end, after it
@@ -5070,9 +5073,8 @@ class _Flattener:
     def _write_links(self, pending: Dict[str, Any]) -> None:
         """Write the links left for the end, each after the link it names when that is one of
         them too (tar -x links to what is already there); a link whose chain ends at no file
-        (nothing of that name, a directory, or a ring of links) is left out, said at -v."""
+        (nothing of that name, a directory, or a ring of links) is hostile, as --rootfs has it."""
         done: Set[str] = set()
-        dropped: Set[str] = set()
         for name in pending:
             chain: List[str] = []
             on_chain: Set[str] = set()
@@ -5081,13 +5083,10 @@ class _Flattener:
                 chain.append(end)
                 on_chain.add(end)
                 end = pending[end].linkname
-            if end in on_chain or end in dropped or (end not in done and self._seen(end) in (None, 1)):
-                for link in chain:
-                    log.info("skipping hard link %s: its target %s is not a file in the image",
-                             link, pending[link].linkname)
-                dropped.update(chain)
-                done.update(chain)
-                continue
+            if end in on_chain or (end not in done and self._seen(end) in (None, 1)):
+                raise IntegrityError("the image is hostile: hard link %r -> %r points at nothing in the image "
+                                     "(no file at the end of its links); nothing was written"
+                                     % (name[:100], pending[name].linkname[:100]))
             for link in reversed(chain):
                 self._add(pending[link])
                 done.add(link)

@@ -7320,6 +7320,23 @@ class FlatTarTests(Base):
         self.assertNotIn("q/r/s1", members)  # the lower layer's, below the upper layer's file
         self.assertIn("q/keep", members)
 
+    def test_hard_links_to_nothing_or_a_directory_are_refused_as_by_rootfs(self):
+        """What --rootfs refuses as hostile, --tar refuses too (exit 5, no file), not a tar that
+        GNU tar cannot extract or one with the link left out."""
+        reg = self.registry()
+        stacks = {"to a directory": [[("a", "dir", None, 0o755), ("b", "link", "a", 0o644)]],
+                  "to nothing, through a link": [[("x", "link", "missing", 0o644), ("y", "link", "x", 0o644)]],
+                  "to nothing": [[("f", "file", b"f", 0o644)], [("x", "link", "missing", 0o644)]]}
+        for i, (what, layers) in enumerate(stacks.items()):
+            with self.subTest(link=what):
+                reg.push("flat/hostile%d" % i, "v1", layered_image(*layers))
+                flat = os.path.join(self.home, "hostile%d.tar" % i)
+                for flag, path in (("--tar", flat), ("--rootfs", os.path.join(self.home, "root%d" % i))):
+                    code, out, err = self.main(*self.cli_args(flag, path, reg.host + "/flat/hostile%d:v1" % i))
+                    self.assertEqual(code, 5, (flag, err))
+                    self.assertIn("hostile", err)
+                    self.assertFalse(os.path.exists(path))
+
     def test_a_write_through_a_lower_symlink_is_refused_not_flattened_wrong(self):
         reg = self.registry()
         reg.push("flat/app", "v1", layered_image(*ROOTFS_LAYERS))
