@@ -4852,13 +4852,28 @@ class _Flattener:
             row = self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (key,)).fetchone()
             seen = None if row is None else row[0]
             again = False
-            if row is not None and row[1] == self.layer and rel and (seen == 1) == info.isdir():
+            if row is not None and row[1] == self.layer and rel:
                 # The same name twice in one layer: the later entry wins, as tar -x (and --rootfs)
                 # give it: a directory's metadata replaced, another entry written again over the first.
-                if info.isdir():
+                if info.isdir() and seen == 1:
                     self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (_dir_meta(info), key))
                     continue
                 self.db.execute("DELETE FROM links WHERE name = ?", (key,))
+                if info.isdir():  # over a file of its layer: written now too (tar -x replaces the file
+                    # before what follows below it), and again at the end with the rest
+                    self.db.execute("UPDATE seen SET isdir = 1 WHERE name = ?", (key,))
+                    self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
+                    self.db.execute("INSERT INTO dirs VALUES (?, ?)", (key, _dir_meta(info)))
+                    info.name = key
+                    info.pax_headers = {}
+                    self._add(info)
+                    continue
+                if seen == 1:  # a directory of its layer, now a file or a link: all below it goes
+                    self._nothing_written_below(key, rel)
+                    self.db.execute("DELETE FROM dirs WHERE name = ?", (key,))
+                    self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
+                    self.implicit.discard(key)
+                    self.open_dirs = set()
                 again, seen = True, None
             if seen == 1 and key in self.implicit and info.isdir() and self._visible(rel):
                 self.implicit.discard(key)  # a directory made only as a parent: a lower layer lists it
@@ -4882,6 +4897,7 @@ class _Flattener:
             self.db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)",
                             (key, 1 if info.isdir() else 2 if info.issym() else 0, self.layer))
             if key in self.open_dirs and not info.isdir():
+                self._nothing_written_below(key, rel)
                 self.open_dirs = set()  # what was below it is hidden now (the set holds every prefix it has)
             # The name as the tree has it; of the PAX records only the extended attributes carry on.
             info.name = key
@@ -4937,6 +4953,15 @@ class _Flattener:
             link.type, link.linkname = tarfile.LNKTYPE, target
             link.mode, link.uid, link.gid, link.mtime, link.uname, link.gname = json.loads(meta)
             self.capture.setdefault(target, []).append(link)
+
+    def _nothing_written_below(self, key: str, rel: str) -> None:
+        """A layer replaces ``key`` (a directory it wrote below) by a file or a link: what it put
+        there is in the tar already, and tar -x cannot then make the file (UnsupportedError)."""
+        below = self.db.execute("SELECT name FROM seen WHERE name > ? AND name < ? AND layer = ? LIMIT 1",
+                                (key + "/", key + "0", self.layer)).fetchone()
+        if below is not None:
+            raise UnsupportedError("--tar cannot flatten this image yet: a layer puts %s below %s, then makes %s "
+                                   "a file or a link; --rootfs extracts it" % (below[0], rel, rel))
 
     def _imply_parents(self, head: str, mtime: float) -> None:
         """The directories above a hidden entry (whited out itself, or below an opaque directory)

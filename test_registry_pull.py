@@ -7304,21 +7304,47 @@ class FlatTarTests(Base):
 
     def test_what_a_layer_puts_below_its_own_new_file_is_not_written(self):
         """The flattener remembers the directories it found visible for the rest of a layer;
-        a file the same layer then puts at such a name hides what follows below it."""
+        a file the same layer then puts at such a name hides what follows below it. A layer that
+        wrote below the name first cannot be flattened (tar -x cannot make the file then): refused."""
         reg = self.registry()
         reg.push("flat/own", "v1", layered_image(
             [("q/keep", "file", b"k", 0o644), ("q/r/s1", "file", b"1", 0o644)],
-            [("top", "file", b"t", 0o644), ("q/r/s0", "file", b"0", 0o644), ("q/r", "file", b"now a file", 0o644),
-             ("q/r/s2", "file", b"2", 0o644)]))
+            [("top", "file", b"t", 0o644), ("q/r", "file", b"now a file", 0o644), ("q/r/s2", "file", b"2", 0o644)]))
         flat = os.path.join(self.home, "own.tar")
         self.pull(reg, "flat/own:v1", tar=flat)
         with tarfile.open(flat) as tar:
             members = dict((m.name, m) for m in tar.getmembers())
         self.assertTrue(members["q/r"].isreg())
-        self.assertIn("q/r/s0", members)  # written before the file came (a contradictory layer, kept as met)
         self.assertNotIn("q/r/s2", members)
         self.assertNotIn("q/r/s1", members)  # the lower layer's, below the upper layer's file
         self.assertIn("q/keep", members)
+        for i, (first, then) in enumerate(((("q/r/s0", "file", b"0", 0o644), ("q/r", "file", b"f", 0o644)),
+                                           (("d", "dir", None, 0o755), ("d/x", "file", b"x", 0o644)))):
+            layers = [[("q/keep", "file", b"k", 0o644)], [first, then] + ([("d", "symlink", "q", 0o777)] if i else [])]
+            reg.push("flat/contra%d" % i, "v1", layered_image(*layers))
+            path = os.path.join(self.home, "contra%d.tar" % i)
+            code, out, err = self.main(*self.cli_args("--tar", path, reg.host + "/flat/contra%d:v1" % i))
+            self.assertEqual(code, 1, err)
+            self.assertIn("cannot flatten", err)
+            self.assertFalse(os.path.exists(path))
+
+    def test_a_name_a_layer_lists_as_a_file_and_then_a_directory_is_the_directory(self):
+        """The later entry of a name wins within a layer, a file over its directory (nothing
+        below it yet) or a directory over its file: GNU tar's extraction is the --rootfs tree."""
+        if not IS_ROOT or not shutil.which("tar"):
+            self.skipTest("needs root (owners) and GNU tar")
+        reg = self.registry()
+        layers = [[("a", "dir", None, 0o700), ("a/lower", "file", b"0", 0o644), ("b", "dir", None, 0o755),
+                   ("b/lower", "file", b"0", 0o644)],
+                  [("a", "file", b"first", 0o644), ("a", "dir", None, 0o750), ("a/new", "file", b"n", 0o600),
+                   ("b", "dir", None, 0o711), ("b", "file", b"now a file", 0o640)]]
+        reg.push("flat/both", "v1", layered_image(*layers))
+        root, flat = os.path.join(self.home, "both"), os.path.join(self.home, "both.tar")
+        self.pull(reg, "flat/both:v1", rootfs=root, tar=flat)
+        entries, _ = tree(root)
+        self.assertEqual(dict((k, (e["type"], e.get("mode"))) for k, e in entries.items()),
+                         {"a": ("dir", "0750"), "a/new": ("file", "0600"), "b": ("file", "0640")})
+        self.assertEqual(untimed_dirs(tree(gnu_tar_extract(self, flat))), untimed_dirs(tree(root)))
 
     def test_hard_links_to_nothing_or_a_directory_are_refused_as_by_rootfs(self):
         """What --rootfs refuses as hostile, --tar refuses too (exit 5, no file), not a tar that
