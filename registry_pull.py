@@ -4882,6 +4882,8 @@ class _Flattener:
             if not again and (seen is not None or not self._visible(rel)):
                 if seen is None and head and head not in self.implied:
                     self._imply_parents(head, info.mtime)
+                if seen == 1 and not info.isdir() and key in self.implicit:
+                    self._below_lower_nondir(info, key, name)
                 if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
                     # what the layers below put under this name was gone before that directory came
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
@@ -4894,6 +4896,8 @@ class _Flattener:
                 elif info.isreg():  # gone from the tree, but a later hard link of this layer may still be it
                     self._spill(tar, info, key)
                 continue
+            if head and head not in self.implied:  # parents no layer listed yet: this layer's
+                self._imply_parents(head, info.mtime)  # (a lower file of their name is below them)
             self.db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)",
                             (key, 1 if info.isdir() else 2 if info.issym() else 0, self.layer))
             if key in self.open_dirs and not info.isdir():
@@ -4954,6 +4958,18 @@ class _Flattener:
             link.mode, link.uid, link.gid, link.mtime, link.uname, link.gname = json.loads(meta)
             self.capture.setdefault(target, []).append(link)
 
+    def _below_lower_nondir(self, info: tarfile.TarInfo, key: str, layer: str) -> None:
+        """An upper layer wrote below ``key`` without listing it as a directory, and this lower
+        layer has a file, link or symbolic link there: written through the symbolic link (which
+        --tar cannot flatten), or below a file (hostile), as --rootfs has it."""
+        below = self.db.execute("SELECT name FROM seen WHERE name > ? AND name < ? ORDER BY name LIMIT 1",
+                                (key + "/", key + "0")).fetchone()
+        what = below[0] if below is not None else key + "/..."
+        if info.issym():
+            raise UnsupportedError("--tar cannot flatten this image yet: a layer writes %s through the symbolic "
+                                   "link %s of a lower one; --rootfs extracts it" % (what, key))
+        raise _hostile(layer, "%r is below %r, which is not a directory" % (what[:200], key[:200]))
+
     def _nothing_written_below(self, key: str, rel: str) -> None:
         """A layer replaces ``key`` (a directory it wrote below) by a file or a link: what it put
         there is in the tar already, and tar -x cannot then make the file (UnsupportedError)."""
@@ -4964,9 +4980,10 @@ class _Flattener:
                                    "a file or a link; --rootfs extracts it" % (below[0], rel, rel))
 
     def _imply_parents(self, head: str, mtime: float) -> None:
-        """The directories above a hidden entry (whited out itself, or below an opaque directory)
-        that no layer lists: its layer made them, and they stay (as in --rootfs), 0755 and root's
-        unless a lower layer lists them, with the entry's time (the same tar every time)."""
+        """The directories above an entry that no layer listed so far: its layer made them, and
+        they stay (as in --rootfs) even when the entry is hidden (whited out itself, or below an
+        opaque directory), 0755 and root's unless a lower layer lists them, with the entry's time
+        (the same tar every time); a lower layer's file or link of their name is below them."""
         parts = head.split("/")
         for i in range(1, len(parts) + 1):
             here = "/".join(parts[:i])

@@ -7346,15 +7346,17 @@ class FlatTarTests(Base):
                          {"a": ("dir", "0750"), "a/new": ("file", "0600"), "b": ("file", "0640")})
         self.assertEqual(untimed_dirs(tree(gnu_tar_extract(self, flat))), untimed_dirs(tree(root)))
 
-    def test_hard_links_to_nothing_or_a_directory_are_refused_as_by_rootfs(self):
+    def test_what_rootfs_refuses_as_hostile_tar_refuses_too(self):
         """What --rootfs refuses as hostile, --tar refuses too (exit 5, no file), not a tar that
-        GNU tar cannot extract or one with the link left out."""
+        GNU tar cannot extract or one with a link left out: hard links to a directory or to
+        nothing, an upper layer's entry below a lower file (no directory listed)."""
         reg = self.registry()
-        stacks = {"to a directory": [[("a", "dir", None, 0o755), ("b", "link", "a", 0o644)]],
-                  "to nothing, through a link": [[("x", "link", "missing", 0o644), ("y", "link", "x", 0o644)]],
-                  "to nothing": [[("f", "file", b"f", 0o644)], [("x", "link", "missing", 0o644)]]}
+        stacks = {"link to a directory": [[("a", "dir", None, 0o755), ("b", "link", "a", 0o644)]],
+                  "link to nothing, through a link": [[("x", "link", "missing", 0o644), ("y", "link", "x", 0o644)]],
+                  "link to nothing": [[("f", "file", b"f", 0o644)], [("x", "link", "missing", 0o644)]],
+                  "below a lower file": [[("a", "file", b"a", 0o644)], [("a/b", "file", b"b", 0o644)]]}
         for i, (what, layers) in enumerate(stacks.items()):
-            with self.subTest(link=what):
+            with self.subTest(stack=what):
                 reg.push("flat/hostile%d" % i, "v1", layered_image(*layers))
                 flat = os.path.join(self.home, "hostile%d.tar" % i)
                 for flag, path in (("--tar", flat), ("--rootfs", os.path.join(self.home, "root%d" % i))):
