@@ -4857,6 +4857,7 @@ class _Flattener:
                 # give it: a directory's metadata replaced, another entry written again over the first.
                 if info.isdir() and seen == 1:
                     self.db.execute("UPDATE dirs SET meta = ? WHERE name = ?", (_dir_meta(info), key))
+                    self.implicit.discard(key)  # (listed now: a lower file there is replaced by it)
                     continue
                 self.db.execute("DELETE FROM links WHERE name = ?", (key,))
                 if info.isdir():  # over a file of its layer: written now too (tar -x replaces the file
@@ -4882,8 +4883,8 @@ class _Flattener:
             if not again and (seen is not None or not self._visible(rel)):
                 if seen is None and head and head not in self.implied:
                     self._imply_parents(head, info.mtime)
-                if seen == 1 and not info.isdir() and key in self.implicit:
-                    self._below_lower_nondir(info, key, name)
+                if seen == 1 and info.issym() and key in self.implicit and self._visible(rel):
+                    self._below_lower_symlink(key)  # (not whited out above: still there)
                 if seen == 1 and not info.isdir():  # an upper layer's directory over this file or link:
                     # what the layers below put under this name was gone before that directory came
                     self.db.execute("INSERT OR IGNORE INTO hidden VALUES (?, 1, ?)", (key, self.layer))
@@ -4958,17 +4959,15 @@ class _Flattener:
             link.mode, link.uid, link.gid, link.mtime, link.uname, link.gname = json.loads(meta)
             self.capture.setdefault(target, []).append(link)
 
-    def _below_lower_nondir(self, info: tarfile.TarInfo, key: str, layer: str) -> None:
+    def _below_lower_symlink(self, key: str) -> None:
         """An upper layer wrote below ``key`` without listing it as a directory, and this lower
-        layer has a file, link or symbolic link there: written through the symbolic link (which
-        --tar cannot flatten), or below a file (hostile), as --rootfs has it."""
+        layer has a symbolic link there: --rootfs writes through it, --tar cannot (a lower file
+        there is hidden by the upper layer's directory instead, which --rootfs refuses)."""
         below = self.db.execute("SELECT name FROM seen WHERE name > ? AND name < ? ORDER BY name LIMIT 1",
                                 (key + "/", key + "0")).fetchone()
-        what = below[0] if below is not None else key + "/..."
-        if info.issym():
-            raise UnsupportedError("--tar cannot flatten this image yet: a layer writes %s through the symbolic "
-                                   "link %s of a lower one; --rootfs extracts it" % (what, key))
-        raise _hostile(layer, "%r is below %r, which is not a directory" % (what[:200], key[:200]))
+        raise UnsupportedError("--tar cannot flatten this image yet: a layer writes %s through the symbolic "
+                               "link %s of a lower one; --rootfs extracts it"
+                               % (below[0] if below is not None else key + "/...", key))
 
     def _nothing_written_below(self, key: str, rel: str) -> None:
         """A layer replaces ``key`` (a directory it wrote below) by a file or a link: what it put
@@ -5114,8 +5113,10 @@ class _Flattener:
 
     def _write_links(self, pending: Dict[str, Any]) -> None:
         """Write the links left for the end, each after the link it names when that is one of
-        them too (tar -x links to what is already there); a link whose chain ends at no file
-        (nothing of that name, a directory, or a ring of links) is hostile, as --rootfs has it."""
+        them too (tar -x links to what is already there). A link whose chain ends at no file
+        (nothing of that name in the tree, a directory, or a ring of links) is refused: its
+        inode is one an upper layer hid or replaced in a way --tar cannot carry (or none at all,
+        which --rootfs refuses as hostile)."""
         done: Set[str] = set()
         for name in pending:
             chain: List[str] = []
@@ -5126,9 +5127,9 @@ class _Flattener:
                 on_chain.add(end)
                 end = pending[end].linkname
             if end in on_chain or (end not in done and self._seen(end) in (None, 1)):
-                raise IntegrityError("the image is hostile: hard link %r -> %r points at nothing in the image "
-                                     "(no file at the end of its links); nothing was written"
-                                     % (name[:100], pending[name].linkname[:100]))
+                raise UnsupportedError("--tar cannot flatten this image yet: hard link %s -> %s names no file of "
+                                       "the tree (one an upper layer hid or replaced, or none); --rootfs extracts "
+                                       "it or says what is wrong" % (name, pending[name].linkname))
             for link in reversed(chain):
                 self._add(pending[link])
                 done.add(link)
