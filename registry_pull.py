@@ -4784,14 +4784,19 @@ class _Flattener:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _entry_of(self, name: str) -> Optional[Tuple[int, int]]:
+        """(kind: 0 a file or other, 1 a directory, 2 a symbolic link; the layer it is from, 1
+        the top) of the entry ``name`` has in the tree, or None."""
+        return self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (name,)).fetchone()
+
     def _seen(self, name: str) -> Optional[int]:
-        row = self.db.execute("SELECT isdir FROM seen WHERE name = ?", (name,)).fetchone()
+        row = self._entry_of(name)
         return None if row is None else row[0]
 
     def _seen_in(self, name: str) -> Optional[int]:
         """The layer whose entry ``name`` is in the tree (1 the top), or None."""
-        row = self.db.execute("SELECT layer FROM seen WHERE name = ?", (name,)).fetchone()
-        return None if row is None else row[0]
+        row = self._entry_of(name)
+        return None if row is None else row[1]
 
     def _visible(self, name: str) -> bool:
         """Is a lower layer's ``name`` still in the tree the layers above made?"""
@@ -4808,7 +4813,7 @@ class _Flattener:
             if row[0] is not None and (row[0] == 0 or below):
                 return False  # whited out (itself or a directory above it), or below an opaque directory
             if below:
-                found = self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (here,)).fetchone()
+                found = self._entry_of(here)
                 if found is not None and found[0] == 2 and found[1] == self.layer:
                     raise UnsupportedError("--tar cannot flatten this image yet: a layer writes %s through its "
                                            "own symbolic link %s; --rootfs extracts it" % (name, here))
@@ -4849,7 +4854,7 @@ class _Flattener:
                     self.db.execute("UPDATE hidden SET children = 0 WHERE name = ? AND layer = ?", (gone, self.layer))
                 continue
             key = rel or "."
-            row = self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (key,)).fetchone()
+            row = self._entry_of(key)
             seen = None if row is None else row[0]
             again = False
             if row is not None and row[1] == self.layer and rel:
@@ -4914,9 +4919,9 @@ class _Flattener:
                 if kept is not None:  # its target's name now holds something else: this is the inode's name
                     self._unspill(info, kept)
                     continue
-                found = self.db.execute("SELECT isdir, layer FROM seen WHERE name = ?", (info.linkname,)).fetchone()
+                found = self._entry_of(info.linkname)
                 held_by = None if found is None else found[1]
-                if held_by == self.layer and found[0] == 1:  # (--rootfs refuses it the same way)
+                if found == (1, self.layer):  # (--rootfs refuses it the same way)
                     raise _hostile(name, "hard link %r -> %r points at a directory" % (key[:100], info.linkname[:100]))
                 later = held_by == self.layer and info.linkname in self.waiting
                 if held_by is None or later:  # its target comes from a lower layer (or is a link that
